@@ -1,0 +1,168 @@
+//! The `edgefn` command: run the daemon, invoke or precompile a function, check a config.
+//!
+//! Every failure ends with one line on stderr naming the cause and a non-zero exit code.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edgefn::config::{self, Config};
+use edgefn::ingress::http::{self, Api};
+use edgefn::metrics::Metrics;
+use edgefn::runtime::{Runtime, aot};
+
+/// Runs ahead-of-time compiled WebAssembly functions on camera frames.
+///
+/// Functions are WASI command modules: the frame on stdin, the result on stdout. Each call runs
+/// in a fresh sandbox with memory, time and output limits, and sees nothing of the host that
+/// its config does not grant.
+#[derive(Parser)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    /// Configuration file (TOML). Environment variables EDGEFN__SECTION__KEY override it.
+    #[arg(long, short, global = true, env = "EDGEFN_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: load the functions and serve the HTTP API until SIGTERM or Ctrl-C.
+    Run,
+    /// Run one function locally with its configured limits: stdin in, stdout out.
+    ///
+    /// Example: edgefn invoke grayscale < cat.jpg > gray.png
+    Invoke {
+        /// Function name, as served at /v1/functions/NAME.
+        name: String,
+        /// Extra environment variable for the function (repeatable).
+        #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+    },
+    /// Precompile a .wasm module to native code (.cwasm), for this host or another board.
+    Compile {
+        /// The .wasm module.
+        input: PathBuf,
+        /// Where to write the .cwasm.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Target triple, e.g. aarch64-unknown-linux-gnu or x86_64-unknown-linux-gnu. Default: this host.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Validate the configuration and print the effective result.
+    CheckConfig,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    edgefn::logging::init();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // `{:#}` keeps the whole cause chain on one line.
+            eprintln!("edgefn: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let load_config = || match &cli.config {
+        Some(path) => Config::load(path, true),
+        None => Config::load(config::DEFAULT_PATH.as_ref(), false),
+    };
+    match cli.command {
+        Command::Run => {
+            let cfg = load_config()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(run(cfg))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Invoke { ref name, ref env } => {
+            let cfg = load_config()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(invoke(cfg, name, env))
+        }
+        Command::Compile {
+            input,
+            output,
+            target,
+        } => {
+            aot::precompile(&input, &output, target.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig => {
+            let cfg = load_config()?;
+            print!("{}", cfg.to_toml());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let runtime = {
+        let cfg = cfg.clone();
+        let metrics = metrics.clone();
+        // Compiling is CPU work; keep it off the async workers.
+        tokio::task::spawn_blocking(move || Runtime::load(&cfg, metrics, None)).await??
+    };
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.server.listen))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        functions = runtime.functions().count(),
+        failed = runtime.failed().len(),
+        version = env!("CARGO_PKG_VERSION"),
+        "edgefn ready"
+    );
+    let api = Arc::new(Api {
+        runtime: Arc::new(runtime),
+        max_body: cfg.server.max_body.as_u64() as usize,
+    });
+    http::serve(listener, api, shutdown_signal(), cfg.server.shutdown_grace).await;
+    tracing::info!("edgefn stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+async fn invoke(cfg: Config, name: &str, env: &[(String, String)]) -> anyhow::Result<ExitCode> {
+    let runtime = Runtime::load(&cfg, Arc::new(Metrics::new()), Some(name))?;
+    let mut input = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut input)
+        .context("reading stdin")?;
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let out = runtime.invoke(name, input.into(), &env).await?;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(&out.stdout).context("writing stdout")?;
+    stdout.flush().context("writing stdout")?;
+    Ok(ExitCode::SUCCESS)
+}
