@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::service::service_fn;
@@ -170,34 +170,64 @@ fn status_of(e: &InvokeError) -> StatusCode {
     }
 }
 
-/// Reads the whole body, refusing more than `max` bytes (by Content-Length up front, else while reading).
+/// Reads the whole body, refusing more than `max` bytes with a 413.
+///
+/// An oversized body is still read and discarded (up to [`DRAIN_CAP`] and [`DRAIN_TIME`]), so a
+/// client that sends before it listens gets the 413 instead of a broken pipe. A client that
+/// sends `Expect: 100-continue` (curl does, for large bodies) gets the 413 before sending.
 async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Response<Body>> {
     let too_large = || {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("request body over the limit of {max} bytes"),
-            None,
-            "body_too_large",
-        )
+        let msg = format!("request body over the limit of {max} bytes");
+        error(StatusCode::PAYLOAD_TOO_LARGE, msg, None, "body_too_large")
     };
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let expects_continue = req.headers().contains_key(hyper::header::EXPECT);
+    let mut body = req.into_body();
     if declared.is_some_and(|n| n > max as u64) {
+        if !expects_continue {
+            drain(body).await;
+        }
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("reading request body: {e}"),
-            None,
-            "body",
-        )),
+    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("reading request body: {e}"),
+                None,
+                "body",
+            )
+        })?;
+        if let Some(data) = frame.data_ref() {
+            if buf.len() + data.len() > max {
+                drain(body).await;
+                return Err(too_large());
+            }
+            buf.extend_from_slice(data);
+        }
     }
+    Ok(buf.freeze())
+}
+
+const DRAIN_CAP: usize = 256 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+async fn drain(mut body: Incoming) {
+    let discard = async {
+        let mut seen = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > DRAIN_CAP {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
 }
 
 fn health(api: &Api) -> Response<Body> {

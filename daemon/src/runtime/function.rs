@@ -286,7 +286,8 @@ fn last_line(bytes: &[u8]) -> String {
     let line = text
         .lines()
         .rev()
-        .find(|l| !l.trim().is_empty())
+        // Rust's panic hook ends with a hint about RUST_BACKTRACE; the line before says what happened.
+        .find(|l| !l.trim().is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
         .unwrap_or("");
     line.chars().take(300).collect()
 }

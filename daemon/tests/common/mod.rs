@@ -1,0 +1,241 @@
+//! Helpers shared by the integration tests: the built functions, the test images, and a real
+//! `edgefn run` process on a free loopback port.
+#![allow(dead_code)]
+
+use std::io::Cursor;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_edgefn");
+
+/// The .wasm files from functions/build.sh.
+pub fn functions_dir() -> PathBuf {
+    let dir = std::env::var_os("EDGEFN_FUNCTIONS_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/out"));
+    assert!(
+        dir.join("grayscale.wasm").exists(),
+        "{} has no grayscale.wasm: run functions/build.sh first (tests/run.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn wasm(name: &str) -> PathBuf {
+    functions_dir().join(format!("{name}.wasm"))
+}
+
+/// A CC0 test image fetched by scripts/setup.sh from the scikit-image wheel.
+pub fn asset(name: &str) -> Vec<u8> {
+    let dir = std::env::var_os("EDGEFN_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or("/var/cache/edgefn/assets".into());
+    let path = dir.join(name);
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", path.display()))
+}
+
+pub fn encode(img: &image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), format)
+        .expect("encode");
+    out
+}
+
+/// chelsea.png as a 640×480 JPEG, like a camera frame.
+pub fn camera_jpeg() -> Vec<u8> {
+    let img = image::load_from_memory(&asset("chelsea.png")).unwrap();
+    let img = img
+        .resize_exact(640, 480, image::imageops::FilterType::Triangle)
+        .to_rgb8();
+    encode(
+        &image::DynamicImage::ImageRgb8(img),
+        image::ImageFormat::Jpeg,
+    )
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An HTTP agent that returns 4xx/5xx responses instead of erroring on them.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+pub struct Response {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// A running `edgefn run` with its own config, cache and state in a temp dir.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    /// Starts with `functions_dir` set to the built functions, plus `extra` TOML.
+    pub fn start(extra: &str) -> Daemon {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut d = Daemon::start_in(&dir, extra);
+        d._tmp = Some(tmp);
+        d
+    }
+
+    /// Starts in `dir` (kept by the caller, so a restart finds the same cache).
+    pub fn start_in(dir: &Path, extra: &str) -> Daemon {
+        let port = free_port();
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[runtime]\nfunctions_dir = {:?}\ncache_dir = {:?}\n\n{extra}\n",
+            functions_dir(),
+            dir.join("cache"),
+        );
+        let config_path = dir.join("edgefn.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["--config", config_path.to_str().unwrap(), "run"])
+            .env("RUST_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn edgefn");
+        let mut d = Daemon {
+            child,
+            addr: ([127, 0, 0, 1], port).into(),
+            dir: dir.to_path_buf(),
+            _tmp: None,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let until = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < until {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("edgefn exited early ({status}):\n{}", self.log());
+            }
+            if std::net::TcpStream::connect(self.addr).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("edgefn not listening after 60 s:\n{}", self.log());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        read(agent().get(&self.url(path)).call().expect("GET"))
+    }
+
+    pub fn post(&self, path: &str, body: &[u8]) -> Response {
+        read(agent().post(&self.url(path)).send(body).expect("POST"))
+    }
+
+    pub fn post_with(&self, path: &str, header: (&str, &str), body: &[u8]) -> Response {
+        read(
+            agent()
+                .post(&self.url(path))
+                .header(header.0, header.1)
+                .send(body)
+                .expect("POST"),
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The value of one un-labelled or fully labelled sample in /metrics, 0 if absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let text = String::from_utf8(self.get("/metrics").body).unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+
+    pub fn assert_alive(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "daemon died:\n{}",
+            self.log()
+        );
+        assert_eq!(self.get("/healthz").status, 200);
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read(mut resp: ureq::http::Response<ureq::Body>) -> Response {
+    let status = resp.status().as_u16();
+    let content_type = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_to_vec()
+        .expect("body");
+    Response {
+        status,
+        content_type,
+        body,
+    }
+}
+
+/// Decodes an image and asserts every pixel has R = G = B.
+pub fn assert_gray(bytes: &[u8]) -> image::RgbImage {
+    let img = image::load_from_memory(bytes)
+        .expect("output decodes")
+        .to_rgb8();
+    for p in img.pixels() {
+        assert!(p[0] == p[1] && p[1] == p[2], "pixel {p:?} is not gray");
+    }
+    img
+}
