@@ -72,7 +72,7 @@ impl Default for Runtime {
 
 /// Resource limits of one function. Each broken limit has its own error.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Cap on the function's linear memory.
     pub memory: ByteSize,

@@ -106,10 +106,14 @@ impl Daemon {
 
     /// Starts in `dir` (kept by the caller, so a restart finds the same cache).
     pub fn start_in(dir: &Path, extra: &str) -> Daemon {
+        Daemon::start_with_functions(dir, &functions_dir(), extra)
+    }
+
+    /// Starts in `dir` serving the functions in `functions`.
+    pub fn start_with_functions(dir: &Path, functions: &Path, extra: &str) -> Daemon {
         let port = free_port();
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[runtime]\nfunctions_dir = {:?}\ncache_dir = {:?}\n\n{extra}\n",
-            functions_dir(),
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[runtime]\nfunctions_dir = {functions:?}\ncache_dir = {:?}\n\n{extra}\n",
             dir.join("cache"),
         );
         let config_path = dir.join("edgefn.toml");
