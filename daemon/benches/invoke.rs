@@ -1,1 +1,145 @@
-fn main() {}
+//! P1 and P2, side by side in one run, printed as ratios (run: `cargo bench --bench invoke`).
+//!
+//! - P1: one invocation of a no-op WASI function (echo 64 bytes: instantiate, stdin, stdout,
+//!   teardown) in the daemon, against the seed's design of one process per request
+//!   (`edgefn invoke echo`, warm AOT cache, so the process only maps native code).
+//! - P2: grayscale of a 640×480 JPEG as AOT-compiled wasm, against the same Rust code native.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgefn::config::Config;
+use edgefn::metrics::Metrics;
+use edgefn::runtime::Runtime;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+fn main() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config_path = tmp.path().join("edgefn.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[runtime]\nfunctions_dir = {:?}\ncache_dir = {:?}\n",
+            common::functions_dir(),
+            std::env::temp_dir().join("edgefn-bench-aot")
+        ),
+    )
+    .unwrap();
+    let cfg = Config::load(&config_path, true).unwrap();
+    let rt = Runtime::load(&cfg, Arc::new(Metrics::new()), None).unwrap();
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // P1: in-process invocation.
+    let input = bytes::Bytes::from(vec![b'x'; 64]);
+    let mut samples = Vec::new();
+    tokio.block_on(async {
+        for i in 0..21_000 {
+            let t = Instant::now();
+            let out = rt.invoke("echo", input.clone(), &[]).await.unwrap();
+            let dt = t.elapsed();
+            assert_eq!(out.stdout.len(), 64);
+            if i >= 1000 {
+                samples.push(dt);
+            }
+        }
+    });
+    let p1_daemon = median(samples.clone());
+    let p1_daemon_p99 = p99(samples);
+
+    if std::env::var("EDGEFN_BENCH").as_deref() == Ok("p1-only") {
+        println!(
+            "P1 no-op invocation, in-process : median {:.1} µs",
+            p1_daemon.as_secs_f64() * 1e6
+        );
+        return;
+    }
+
+    // P1: a process per request, as the seed did.
+    let mut spawn = Vec::new();
+    for i in 0..105 {
+        let t = Instant::now();
+        let mut child = Command::new(common::BIN)
+            .args(["--config", config_path.to_str().unwrap(), "invoke", "echo"])
+            .env("RUST_LOG", "off")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let dt = t.elapsed();
+        assert_eq!(out.stdout.len(), 64);
+        if i >= 5 {
+            spawn.push(dt);
+        }
+    }
+    let p1_spawn = median(spawn);
+
+    // P2: grayscale, wasm vs native, interleaved so drift hits both alike.
+    let jpeg = common::camera_jpeg();
+    let (mut wasm, mut native) = (Vec::new(), Vec::new());
+    tokio.block_on(async {
+        for i in 0..65 {
+            let t = Instant::now();
+            let a = rt
+                .invoke("grayscale", jpeg.clone().into(), &[])
+                .await
+                .unwrap()
+                .stdout;
+            let dw = t.elapsed();
+            let t = Instant::now();
+            let b = grayscale::grayscale(&jpeg).unwrap();
+            let dn = t.elapsed();
+            assert_eq!(a.as_ref(), b.as_slice(), "wasm and native outputs differ");
+            if i >= 5 {
+                wasm.push(dw);
+                native.push(dn);
+            }
+        }
+    });
+    let (p2_wasm, p2_native) = (median(wasm), median(native));
+
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "P1 no-op invocation, in-process : median {:8.1} µs  (p99 {:.1} µs)",
+        us(p1_daemon),
+        us(p1_daemon_p99)
+    );
+    println!(
+        "P1 no-op invocation, spawn/req  : median {:8.1} µs",
+        us(p1_spawn)
+    );
+    println!(
+        "P1 ratio spawn / in-process     : {:8.0}×   (goal ≥ 200×, in-process ≤ 20 µs)",
+        us(p1_spawn) / us(p1_daemon)
+    );
+    println!(
+        "P2 grayscale 640×480 JPEG, wasm : median {:8.2} ms",
+        us(p2_wasm) / 1e3
+    );
+    println!(
+        "P2 grayscale 640×480 JPEG, native: median {:7.2} ms",
+        us(p2_native) / 1e3
+    );
+    println!(
+        "P2 ratio wasm / native          : {:8.2}×   (goal ≤ 1.25×)",
+        us(p2_wasm) / us(p2_native)
+    );
+}

@@ -52,12 +52,23 @@ pub fn host_engine(pool: &PoolSize) -> anyhow::Result<Engine> {
         .max_memories_per_module(1)
         .max_tables_per_module(1)
         .max_memory_size(usize::try_from(pool.max_memory)?);
+    if kernel_at_least(6, 7) {
+        // Reset a slot by memset-ing only its dirty pages (found with PAGEMAP_SCAN) instead of
+        // madvise + page faults + TLB shootdowns: a no-op call drops from ~21 µs to ~8 µs.
+        // Without PAGEMAP_SCAN, keep-resident memsets the whole range and is slower than madvise.
+        pooling
+            .pagemap_scan(wasmtime::Enabled::Auto)
+            .linear_memory_keep_resident(2 << 20)
+            .table_keep_resident(64 << 10)
+            .async_stack_keep_resident(64 << 10);
+    }
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     Engine::new(&config).map_err(|e| anyhow::anyhow!("creating the wasm engine: {e}"))
 }
 
-/// Advances the engine's epoch every [`TICK`] while at least one invocation runs, and sleeps
-/// otherwise, so an idle board is not woken 500 times a second.
+/// Advances the engine's epoch every [`TICK`] while invocations run, and parks after a second
+/// without any, so an idle board is not woken 500 times a second. A call only pays a wake-up
+/// (a syscall) when the ticker is parked, not on every invocation.
 pub struct EpochTicker {
     shared: Arc<Shared>,
     thread: thread::Thread,
@@ -65,23 +76,39 @@ pub struct EpochTicker {
 
 struct Shared {
     running: AtomicUsize,
+    parked: AtomicBool,
     stop: AtomicBool,
 }
+
+/// Idle ticks before the ticker parks.
+const IDLE_TICKS: u32 = 500;
 
 impl EpochTicker {
     pub fn start(engine: Engine) -> EpochTicker {
         let shared = Arc::new(Shared {
             running: AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
-        let ticker_shared = shared.clone();
+        let s = shared.clone();
         let handle = thread::Builder::new()
             .name("edgefn-epoch".into())
             .spawn(move || {
-                while !ticker_shared.stop.load(Ordering::Acquire) {
-                    if ticker_shared.running.load(Ordering::Acquire) == 0 {
-                        thread::park();
+                let mut idle = 0;
+                while !s.stop.load(Ordering::Acquire) {
+                    if s.running.load(Ordering::Acquire) > 0 {
+                        idle = 0;
+                    } else if idle >= IDLE_TICKS {
+                        s.parked.store(true, Ordering::Release);
+                        // Re-check after announcing: an `enter` in between saw `parked` and unparks us.
+                        if s.running.load(Ordering::Acquire) == 0 {
+                            thread::park();
+                        }
+                        s.parked.store(false, Ordering::Release);
+                        idle = 0;
                         continue;
+                    } else {
+                        idle += 1;
                     }
                     thread::sleep(TICK);
                     engine.increment_epoch();
@@ -96,7 +123,8 @@ impl EpochTicker {
 
     /// Keeps the ticker running until the guard drops.
     pub fn enter(&self) -> TickGuard<'_> {
-        if self.shared.running.fetch_add(1, Ordering::AcqRel) == 0 {
+        self.shared.running.fetch_add(1, Ordering::AcqRel);
+        if self.shared.parked.load(Ordering::Acquire) {
             self.thread.unpark();
         }
         TickGuard(self)
@@ -116,4 +144,15 @@ impl Drop for TickGuard<'_> {
     fn drop(&mut self) {
         self.0.shared.running.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Whether the running Linux kernel is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    found >= (major, minor)
 }
