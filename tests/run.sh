@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every edgefn test on a fresh Debian bookworm machine: set-up (idempotent), the wasm
+# functions, then the Rust tests, which start real daemons on loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+scripts/setup.sh
+functions/build.sh
+
+echo "== grayscale, native unit tests"
+(cd functions/grayscale && cargo test --release --quiet --target "$(rustc -vV | sed -n 's/^host: //p')")
+
+echo "== daemon tests"
+cargo test --release --workspace
