@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 need_apt=()
-for p in rustc-web cargo-web rust-web-src wasi-libc lld python3-pip curl; do
+for p in rustc-web cargo-web rust-web-src wasi-libc lld python3-pip curl mosquitto mosquitto-clients; do
   dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -15,6 +15,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
+# The tests start their own brokers on free ports; the packaged one is not needed.
+if systemctl is-active --quiet mosquitto 2>/dev/null; then $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
 
 # Test assets (CC0 images from scikit-image's wheel), fetched from PyPI and cached.
 ASSETS=${EDGEFN_ASSETS:-/var/cache/edgefn/assets}

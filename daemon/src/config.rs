@@ -24,6 +24,151 @@ pub struct Config {
     pub limits: Limits,
     /// Functions by name. Functions found in `runtime.functions_dir` need no entry here.
     pub functions: BTreeMap<String, FunctionConfig>,
+    /// The broker cameras publish to; also where MQTT sinks publish.
+    pub mqtt: Option<Mqtt>,
+    pub dapr: Dapr,
+    pub outbox: Outbox,
+    #[serde(rename = "pipeline")]
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mqtt {
+    /// `mqtt://host:1883` or `mqtts://host:8883`.
+    pub url: String,
+    /// 4 (MQTT 3.1.1) or 5.
+    pub version: u8,
+    /// Stable, so the broker keeps our session (and queued frames) across restarts.
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM files for TLS: the broker's CA, and our certificate and key for client auth.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Frames larger than this are refused with a warning naming the topic.
+    pub max_frame: ByteSize,
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        Mqtt {
+            url: "mqtt://127.0.0.1:1883".into(),
+            version: 4,
+            client_id: "edgefn".into(),
+            username: None,
+            password: None,
+            ca: None,
+            cert: None,
+            key: None,
+            keep_alive: Duration::from_secs(30),
+            max_frame: ByteSize::mib(8),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dapr {
+    /// The sidecar's HTTP API. `DAPR_HTTP_PORT` (set by `dapr run`) overrides the port.
+    pub url: String,
+    /// How long to wait for the sidecar's outbound health at start before going on without it.
+    #[serde(with = "humantime_serde")]
+    pub startup_wait: Duration,
+}
+
+impl Default for Dapr {
+    fn default() -> Self {
+        Dapr {
+            url: "http://127.0.0.1:3500".into(),
+            startup_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Outbox {
+    /// Oldest results are evicted (and counted) beyond this size.
+    pub max_bytes: ByteSize,
+    /// Results older than this are evicted (and counted) instead of delivered.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            max_bytes: ByteSize::mib(512),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub name: String,
+    #[serde(default)]
+    pub source: Source,
+    /// A chain: each function's output is the next one's input.
+    pub functions: Vec<String>,
+    #[serde(default)]
+    pub sinks: Vec<SinkConfig>,
+    /// Frames waiting per camera before the policy applies.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+fn default_queue() -> usize {
+    2
+}
+
+/// Where a pipeline's frames come from. HTTP can always feed a pipeline too.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// An MQTT topic filter; the camera id is the first wildcard level.
+    pub mqtt: Option<String>,
+    /// A Dapr pub/sub subscription (edgefn as a Dapr app).
+    pub dapr: Option<DaprTopic>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaprTopic {
+    pub pubsub: String,
+    pub topic: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+pub enum SinkConfig {
+    Dapr(DaprTopic),
+    /// Topic template with `{camera}` and `{pipeline}`.
+    Mqtt {
+        topic: String,
+    },
+    /// JSON lines appended to a file.
+    File {
+        path: PathBuf,
+    },
+}
+
+/// What a full camera queue does with a new frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Drop the oldest waiting frame (counted): a live view wants the newest frame.
+    #[default]
+    Latest,
+    /// Stop reading from the broker until there is room: nothing dropped here.
+    Block,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +200,8 @@ pub struct Runtime {
     pub functions_dir: PathBuf,
     /// Native code compiled from `.wasm` files, so a restart compiles nothing.
     pub cache_dir: PathBuf,
+    /// Durable state: the outbox.
+    pub state_dir: PathBuf,
 }
 
 impl Default for Runtime {
@@ -63,9 +210,13 @@ impl Default for Runtime {
         let cache = std::env::var_os("CACHE_DIRECTORY")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/cache/edgefn"));
+        let state = std::env::var_os("STATE_DIRECTORY")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/lib/edgefn"));
         Runtime {
             functions_dir: PathBuf::from("/usr/lib/edgefn/functions"),
             cache_dir: cache.join("aot"),
+            state_dir: state,
         }
     }
 }
@@ -164,6 +315,42 @@ impl Config {
             Ok(())
         };
         check("limits", &self.limits)?;
+        let mut names = std::collections::BTreeSet::new();
+        for p in &self.pipelines {
+            let at = format!("pipeline `{}`", p.name);
+            anyhow::ensure!(is_valid_name(&p.name), "{at}: names are [a-z0-9_-]+");
+            anyhow::ensure!(names.insert(&p.name), "{at}: defined twice");
+            anyhow::ensure!(!p.functions.is_empty(), "{at}: `functions` is empty");
+            anyhow::ensure!(p.queue > 0, "{at}: `queue` must be at least 1");
+            if let Some(filter) = &p.source.mqtt {
+                anyhow::ensure!(
+                    self.mqtt.is_some(),
+                    "{at}: source.mqtt needs an [mqtt] section"
+                );
+                anyhow::ensure!(
+                    filter.split('/').any(|l| l == "+"),
+                    "{at}: source.mqtt `{filter}` needs a `+` level for the camera id"
+                );
+            }
+            for s in &p.sinks {
+                if let SinkConfig::Mqtt { .. } = s {
+                    anyhow::ensure!(
+                        self.mqtt.is_some(),
+                        "{at}: an mqtt sink needs an [mqtt] section"
+                    );
+                }
+            }
+        }
+        if let Some(m) = &self.mqtt {
+            anyhow::ensure!(
+                matches!(m.version, 4 | 5),
+                "mqtt.version must be 4 (3.1.1) or 5"
+            );
+            anyhow::ensure!(
+                m.url.starts_with("mqtt://") || m.url.starts_with("mqtts://"),
+                "mqtt.url must start with mqtt:// or mqtts://"
+            );
+        }
         for (name, f) in &self.functions {
             anyhow::ensure!(
                 is_valid_name(name),

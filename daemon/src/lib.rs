@@ -12,7 +12,13 @@
 //! Imports point one way: ingress → runtime. The runtime knows nothing of HTTP.
 
 pub mod config;
+pub mod content_type;
 pub mod ingress;
 pub mod logging;
 pub mod metrics;
+pub mod mqtt;
+pub mod pipeline;
+pub mod publish;
 pub mod runtime;
+pub mod server;
+pub mod sinks;

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgefn::config::{self, Config};
-use edgefn::ingress::http::{self, Api};
 use edgefn::metrics::Metrics;
 use edgefn::runtime::{Runtime, aot};
 
@@ -57,6 +56,27 @@ enum Command {
     },
     /// Validate the configuration and print the effective result.
     CheckConfig,
+    /// Camera simulator: publish image files round-robin to an MQTT topic at a frame rate.
+    ///
+    /// The broker comes from --broker, else the config's [mqtt] section (with its TLS and
+    /// credentials). Example: edgefn publish --topic cameras/demo/frames --fps 5 a.jpg b.jpg
+    Publish {
+        /// Topic to publish to, e.g. cameras/demo/frames.
+        #[arg(long)]
+        topic: String,
+        /// Frames per second; 0 sends as fast as the broker takes them.
+        #[arg(long, default_value_t = 5.0)]
+        fps: f64,
+        /// Frames to send; 0 sends until interrupted. Default: each image once.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Broker URL (mqtt:// or mqtts://), overriding the config.
+        #[arg(long)]
+        broker: Option<String>,
+        /// Image files (JPEG, PNG, GIF...).
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -89,7 +109,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(run(cfg))?;
+            rt.block_on(edgefn::server::run(cfg, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Invoke { ref name, ref env } => {
@@ -107,39 +127,38 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             aot::precompile(&input, &output, target.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Publish {
+            topic,
+            fps,
+            count,
+            broker,
+            images,
+        } => {
+            let cfg = load_config()?;
+            let mut mqtt = cfg.mqtt.unwrap_or_default();
+            if let Some(url) = broker {
+                mqtt.url = url;
+            }
+            let count = count.unwrap_or(images.len() as u64);
+            let opts = edgefn::publish::Options {
+                topic,
+                fps,
+                count,
+                images,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let sent = rt.block_on(edgefn::publish::run(&mqtt, opts))?;
+            eprintln!("edgefn: published {sent} frames");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig => {
             let cfg = load_config()?;
             print!("{}", cfg.to_toml());
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-async fn run(cfg: Config) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
-    let runtime = {
-        let cfg = cfg.clone();
-        let metrics = metrics.clone();
-        // Compiling is CPU work; keep it off the async workers.
-        tokio::task::spawn_blocking(move || Runtime::load(&cfg, metrics, None)).await??
-    };
-    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
-        .await
-        .with_context(|| format!("binding {}", cfg.server.listen))?;
-    tracing::info!(
-        listen = %listener.local_addr()?,
-        functions = runtime.functions().count(),
-        failed = runtime.failed().len(),
-        version = env!("CARGO_PKG_VERSION"),
-        "edgefn ready"
-    );
-    let api = Arc::new(Api {
-        runtime: Arc::new(runtime),
-        max_body: cfg.server.max_body.as_u64() as usize,
-    });
-    http::serve(listener, api, shutdown_signal(), cfg.server.shutdown_grace).await;
-    tracing::info!("edgefn stopped");
-    Ok(())
 }
 
 /// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).

@@ -5,7 +5,10 @@
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -17,6 +20,23 @@ pub struct FunctionLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabel {
     pub function: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    pub sink: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CameraLabel {
+    pub pipeline: String,
+    pub camera: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PipelineError {
+    pub pipeline: String,
     pub kind: &'static str,
 }
 
@@ -38,6 +58,28 @@ pub struct Metrics {
     pub aot_compiles: Counter,
     /// Native code loaded from the AOT cache or a `.cwasm` file.
     pub aot_loads: Counter,
+
+    /// Frames accepted into a pipeline, per camera.
+    pub frames: Family<CameraLabel, Counter>,
+    /// Frames dropped by the latest-frame-wins policy, per camera.
+    pub drops: Family<CameraLabel, Counter>,
+    /// Frames that produced a committed result.
+    pub results: Family<CameraLabel, Counter>,
+    /// Frames that failed, by kind (function error kinds, `oversized`, `outbox`).
+    pub pipeline_errors: Family<PipelineError, Counter>,
+
+    pub outbox_depth: Family<SinkLabel, Gauge>,
+    pub outbox_oldest_age: Family<SinkLabel, Gauge<f64, AtomicU64>>,
+    pub outbox_delivered: Family<SinkLabel, Counter>,
+    pub outbox_retried: Family<SinkLabel, Counter>,
+    pub outbox_dead: Family<SinkLabel, Counter>,
+    pub outbox_evicted: Family<SinkLabel, Counter>,
+
+    /// 1 while connected to the MQTT broker.
+    pub mqtt_connected: Gauge,
+    pub mqtt_reconnects: Counter,
+    /// 1 while the Dapr sidecar answers.
+    pub dapr_reachable: Gauge,
 }
 
 impl Metrics {
@@ -65,14 +107,98 @@ impl Metrics {
             aot_compiles.clone(),
         );
         registry.register("aot_loads", "Modules loaded precompiled", aot_loads.clone());
-        Metrics {
+        let m = Metrics {
             registry,
             invocations,
             errors,
             latency,
             aot_compiles,
             aot_loads,
-        }
+            frames: Default::default(),
+            drops: Default::default(),
+            results: Default::default(),
+            pipeline_errors: Default::default(),
+            outbox_depth: Default::default(),
+            outbox_oldest_age: Default::default(),
+            outbox_delivered: Default::default(),
+            outbox_retried: Default::default(),
+            outbox_dead: Default::default(),
+            outbox_evicted: Default::default(),
+            mqtt_connected: Default::default(),
+            mqtt_reconnects: Default::default(),
+            dapr_reachable: Default::default(),
+        };
+        m.register_rest()
+    }
+
+    fn register_rest(mut self) -> Metrics {
+        let r = &mut self.registry;
+        r.register(
+            "frames",
+            "Frames accepted into a pipeline",
+            self.frames.clone(),
+        );
+        r.register(
+            "frames_dropped",
+            "Frames dropped by latest-frame-wins",
+            self.drops.clone(),
+        );
+        r.register(
+            "results",
+            "Frames whose result is committed to the outbox",
+            self.results.clone(),
+        );
+        r.register(
+            "pipeline_errors",
+            "Frames that failed, by kind",
+            self.pipeline_errors.clone(),
+        );
+        r.register(
+            "outbox_depth",
+            "Results waiting for their sink",
+            self.outbox_depth.clone(),
+        );
+        r.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest waiting result",
+            self.outbox_oldest_age.clone(),
+        );
+        r.register(
+            "outbox_delivered",
+            "Results delivered",
+            self.outbox_delivered.clone(),
+        );
+        r.register(
+            "outbox_retried",
+            "Delivery attempts that will be retried",
+            self.outbox_retried.clone(),
+        );
+        r.register(
+            "outbox_dead",
+            "Results moved to the dead letters",
+            self.outbox_dead.clone(),
+        );
+        r.register(
+            "outbox_evicted",
+            "Results evicted by the outbox caps",
+            self.outbox_evicted.clone(),
+        );
+        r.register(
+            "mqtt_connected",
+            "1 while connected to the broker",
+            self.mqtt_connected.clone(),
+        );
+        r.register(
+            "mqtt_reconnects",
+            "Broker connections lost",
+            self.mqtt_reconnects.clone(),
+        );
+        r.register(
+            "dapr_reachable",
+            "1 while the Dapr sidecar answers",
+            self.dapr_reachable.clone(),
+        );
+        self
     }
 
     /// The registry in the OpenMetrics text format.

@@ -21,8 +21,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use super::content_type;
-use crate::metrics::FunctionLabel;
+use super::dapr;
+use crate::content_type;
+use crate::metrics::{FunctionLabel, SinkLabel};
+use crate::pipeline::{PipelineError, Pipelines};
 use crate::runtime::{InvokeError, Runtime};
 
 type Body = Full<Bytes>;
@@ -30,7 +32,10 @@ type Body = Full<Bytes>;
 /// What the HTTP handlers share.
 pub struct Api {
     pub runtime: Arc<Runtime>,
+    pub pipelines: Option<Arc<Pipelines>>,
     pub max_body: usize,
+    /// `APP_API_TOKEN`: when set, every call but `/healthz` must carry it as `dapr-api-token`.
+    pub app_token: Option<String>,
 }
 
 /// Serves `listener` until `shutdown` resolves, then gives open requests `grace` to finish.
@@ -83,9 +88,24 @@ pub async fn serve(
 async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    if let Some(token) = &api.app_token {
+        let given = req.headers().get("dapr-api-token").map(|v| v.as_bytes());
+        if path != "/healthz" && given != Some(token.as_bytes()) {
+            tracing::warn!(%method, %path, "refused: missing or wrong dapr-api-token (APP_API_TOKEN is set)");
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong dapr-api-token".into(),
+                None,
+                "unauthorized",
+            );
+        }
+    }
     match (&method, path.as_str()) {
         (&Method::GET, "/healthz") => health(api),
         (&Method::GET, "/metrics") => {
+            if let Some(p) = &api.pipelines {
+                refresh_outbox_metrics(p);
+            }
             let mut resp = Response::new(Full::from(api.runtime.metrics().encode()));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
@@ -96,6 +116,12 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
             resp
         }
         (&Method::GET, "/v1/functions") => list_functions(api),
+        (&Method::GET, "/v1/pipelines") => list_pipelines(api),
+        (&Method::GET, "/v1/outbox/dead") => dead_letters(api),
+        (&Method::GET, "/dapr/subscribe") => json_response(
+            StatusCode::OK,
+            &dapr::subscriptions(api.pipelines.as_deref()),
+        ),
         (&Method::POST, "/api/image") => invoke(api, "grayscale", req).await,
         (&Method::POST, "/api/hello") => {
             // The seed's page picks the function with an `api` header: `go` meant classify.
@@ -109,13 +135,26 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
             let name = p["/v1/functions/".len()..].to_owned();
             invoke(api, &name, req).await
         }
-        (_, "/healthz" | "/metrics" | "/v1/functions" | "/api/image" | "/api/hello") => error(
+        (&Method::POST, p) if p.starts_with("/v1/pipelines/") => {
+            let name = p["/v1/pipelines/".len()..].to_owned();
+            run_pipeline(api, &name, req).await
+        }
+        (&Method::POST, p) if p.starts_with("/v1/dapr/events/") => {
+            let name = p["/v1/dapr/events/".len()..].to_owned();
+            dapr_event(api, &name, req).await
+        }
+        (
+            _,
+            "/healthz" | "/metrics" | "/v1/functions" | "/v1/pipelines" | "/v1/outbox/dead"
+            | "/dapr/subscribe",
+        )
+        | (_, "/api/image" | "/api/hello") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} not allowed on {path}"),
             None,
             "method",
         ),
-        (_, p) if p.starts_with("/v1/functions/") => error(
+        (_, p) if p.starts_with("/v1/functions/") || p.starts_with("/v1/pipelines/") => error(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} not allowed on {path}"),
             None,
@@ -127,6 +166,145 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
             None,
             "route",
         ),
+    }
+}
+
+/// `POST /v1/pipelines/{name}?camera=ID`: runs the pipeline, commits the result for its sinks,
+/// and returns the output with its id.
+async fn run_pipeline(api: &Api, name: &str, req: Request<Incoming>) -> Response<Body> {
+    let Some(pipelines) = &api.pipelines else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("unknown pipeline `{name}`"),
+            None,
+            "unknown_pipeline",
+        );
+    };
+    let Some(p) = pipelines.get(name).cloned() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("unknown pipeline `{name}`"),
+            None,
+            "unknown_pipeline",
+        );
+    };
+    let camera = req
+        .uri()
+        .query()
+        .and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "camera")
+                .map(|(_, v)| v.into_owned())
+        })
+        .unwrap_or_else(|| "http".to_string());
+    if camera.is_empty() || camera.contains('/') || camera.len() > 128 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("bad camera id `{camera}`"),
+            None,
+            "camera",
+        );
+    }
+    let input = match read_body(req, api.max_body).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let topic = format!("http/{camera}");
+    match pipelines.run(&p, &camera, &topic, input).await {
+        Ok(done) => {
+            let mut resp = Response::new(Full::from(done.output));
+            let h = resp.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static(done.content_type));
+            h.insert(
+                "x-edgefn-id",
+                HeaderValue::from_str(&done.id).expect("ids are ASCII"),
+            );
+            h.insert("x-edgefn-seq", HeaderValue::from(done.seq));
+            resp
+        }
+        Err(PipelineError::Function(e)) => {
+            tracing::warn!(pipeline = name, camera = %camera, "{e}");
+            error(status_of(&e), e.to_string(), Some(e.function()), e.kind())
+        }
+        Err(e) => {
+            tracing::error!(pipeline = name, camera = %camera, "{e}");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                e.to_string(),
+                None,
+                e.kind(),
+            )
+        }
+    }
+}
+
+async fn dapr_event(api: &Api, name: &str, req: Request<Incoming>) -> Response<Body> {
+    let body = match read_body(req, api.max_body).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let status = match &api.pipelines {
+        Some(p) => dapr::event(p, name, &body).await,
+        None => "DROP",
+    };
+    json_response(StatusCode::OK, &json!({ "status": status }))
+}
+
+fn list_pipelines(api: &Api) -> Response<Body> {
+    let list: Vec<_> = api
+        .pipelines
+        .iter()
+        .flat_map(|ps| ps.iter())
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "source": p.source,
+                "functions": p.functions,
+                "sinks": p.sinks.iter().map(|s| s.key.to_string()).collect::<Vec<_>>(),
+                "queue": p.queue,
+                "policy": p.policy,
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!({ "pipelines": list }))
+}
+
+fn dead_letters(api: &Api) -> Response<Body> {
+    let Some(p) = &api.pipelines else {
+        return json_response(StatusCode::OK, &json!({ "dead": [] }));
+    };
+    match p.outbox().dead_letters(1000) {
+        Ok(list) => {
+            let dead: Vec<_> = list
+                .into_iter()
+                .map(|(sink, r)| json!({ "sink": sink, "record": r }))
+                .collect();
+            json_response(StatusCode::OK, &json!({ "dead": dead }))
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading dead letters: {e:#}"),
+            None,
+            "outbox",
+        ),
+    }
+}
+
+fn refresh_outbox_metrics(p: &Pipelines) {
+    let Ok(sinks) = p.outbox().sinks_with_pending() else {
+        return;
+    };
+    let metrics = p.runtime().metrics();
+    for sink in p
+        .iter()
+        .flat_map(|p| p.sinks.iter().map(|s| s.key.to_string()))
+        .chain(sinks)
+    {
+        if let Ok((depth, age)) = p.outbox().depth(&sink) {
+            let label = SinkLabel { sink };
+            metrics.outbox_depth.get_or_create(&label).set(depth as i64);
+            metrics.outbox_oldest_age.get_or_create(&label).set(age);
+        }
     }
 }
 
@@ -232,7 +410,20 @@ async fn drain(mut body: Incoming) {
 
 fn health(api: &Api) -> Response<Body> {
     let rt = &api.runtime;
-    let status = if rt.failed().is_empty() {
+    let metrics = rt.metrics();
+    let mut problems: Vec<String> = rt
+        .failed()
+        .keys()
+        .map(|f| format!("function {f} not loaded"))
+        .collect();
+    let outbox = api.pipelines.as_ref().map(|p| {
+        let ob = p.outbox();
+        if let Some(e) = ob.error() {
+            problems.push(format!("outbox: {e}"));
+        }
+        json!({ "pending": ob.total().unwrap_or(0), "error": ob.error() })
+    });
+    let status = if problems.is_empty() {
         "ok"
     } else {
         "degraded"
@@ -241,8 +432,14 @@ fn health(api: &Api) -> Response<Body> {
         StatusCode::OK,
         &json!({
             "status": status,
+            "problems": problems,
             "functions": rt.functions().count(),
             "failed": rt.failed(),
+            "pipelines": api.pipelines.as_ref().map_or(0, |p| p.iter().count()),
+            "queued_frames": api.pipelines.as_ref().map_or(0, |p| p.queued()),
+            "outbox": outbox,
+            "mqtt_connected": metrics.mqtt_connected.get() == 1,
+            "dapr_reachable": metrics.dapr_reachable.get() == 1,
         }),
     )
 }

@@ -1,5 +1,6 @@
 //! Ingress: where frames enter the daemon. Each ingress hands bytes to the runtime and
 //! answers its caller; none of them knows how functions run.
 
-pub mod content_type;
+pub mod dapr;
 pub mod http;
+pub mod mqtt;

@@ -2,6 +2,9 @@
 //! `edgefn run` process on a free loopback port.
 #![allow(dead_code)]
 
+pub mod broker;
+pub mod fake_dapr;
+
 use std::io::Cursor;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -111,18 +114,43 @@ impl Daemon {
 
     /// Starts in `dir` serving the functions in `functions`.
     pub fn start_with_functions(dir: &Path, functions: &Path, extra: &str) -> Daemon {
+        Daemon::start_full(dir, functions, extra, &[])
+    }
+
+    /// Starts in `dir` with `envs` set (e.g. DAPR_HTTP_PORT, tokens).
+    pub fn start_env(dir: &Path, extra: &str, envs: &[(&str, String)]) -> Daemon {
+        Daemon::start_full(dir, &functions_dir(), extra, envs)
+    }
+
+    pub fn start_full(
+        dir: &Path,
+        functions: &Path,
+        extra: &str,
+        envs: &[(&str, String)],
+    ) -> Daemon {
         let port = free_port();
         let config = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n\n[runtime]\nfunctions_dir = {functions:?}\ncache_dir = {:?}\n\n{extra}\n",
+            "[runtime]\nfunctions_dir = {functions:?}\ncache_dir = {:?}\nstate_dir = {:?}\n\n{extra}\n",
             dir.join("cache"),
+            dir.join("state"),
         );
         let config_path = dir.join("edgefn.toml");
         std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))
+            .unwrap();
         let child = Command::new(BIN)
             .args(["--config", config_path.to_str().unwrap(), "run"])
             .env("RUST_LOG", "info")
             .env_remove("JOURNAL_STREAM")
+            .env_remove("DAPR_HTTP_PORT")
+            .env_remove("DAPR_API_TOKEN")
+            .env_remove("APP_API_TOKEN")
+            // The port is per start; the file may carry its own [server] section.
+            .env("EDGEFN__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stderr(log)
             .spawn()
@@ -196,6 +224,29 @@ impl Daemon {
             self.log()
         );
         assert_eq!(self.get("/healthz").status, 200);
+    }
+
+    /// SIGKILL: no chance to flush or acknowledge anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Polls `metric` until `pred` holds, up to `secs`.
+    pub fn wait_metric(&self, series: &str, secs: u64, pred: impl Fn(f64) -> bool) -> f64 {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = self.metric(series);
+            if pred(v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < until,
+                "{series} = {v} after {secs} s\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGTERM and wait; returns the exit status.

@@ -1,0 +1,190 @@
+//! MQTT camera ingress: frames published by cameras become pipeline frames.
+//!
+//! Each pipeline's `source.mqtt` filter is subscribed at QoS 1 on every (re)connect; the camera
+//! id is the topic level under the filter's first `+`. A message is acknowledged only when
+//! every pipeline it feeds has made its result durable or deliberately dropped it, so a crash
+//! before that means the broker redelivers it to our persistent session.
+//!
+//! Bad frames (empty, over `mqtt.max_frame`) are refused with a warning naming the topic, and
+//! acknowledged: the same bytes would be refused again.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::metrics::{Metrics, PipelineError as ErrorLabel};
+use crate::mqtt::{self, Client, Connection, Event, Message};
+use crate::pipeline::frame::{Ack, Frame};
+use crate::pipeline::{Pipeline, Pipelines};
+
+/// A subscription feeding a pipeline.
+pub struct Route {
+    pub filter: String,
+    pub pipeline: Arc<Pipeline>,
+}
+
+pub struct Ingress {
+    pub client: Client,
+    pub routes: Vec<Route>,
+    pub pipelines: Arc<Pipelines>,
+    pub metrics: Arc<Metrics>,
+    pub max_frame: usize,
+}
+
+impl Ingress {
+    /// Polls the connection until `stop_connection`; stops taking frames at `stop_intake`
+    /// (later frames stay unacknowledged for redelivery), while results can still be published.
+    pub async fn run(
+        self,
+        mut conn: Connection,
+        mut stop_intake: watch::Receiver<bool>,
+        mut stop_connection: watch::Receiver<bool>,
+    ) {
+        let mut attempt = 0u32;
+        let mut intake = true;
+        loop {
+            let event = tokio::select! {
+                biased;
+                _ = stop_connection.changed() => break,
+                _ = stop_intake.changed(), if intake => {
+                    intake = false;
+                    continue;
+                }
+                e = conn.poll() => e,
+            };
+            match event {
+                Ok(Event::Connected { session_present }) => {
+                    attempt = 0;
+                    self.metrics.mqtt_connected.set(1);
+                    tracing::info!(session_present, "connected to the MQTT broker");
+                    let mut filters: Vec<&str> =
+                        self.routes.iter().map(|r| r.filter.as_str()).collect();
+                    filters.dedup();
+                    for f in filters {
+                        if let Err(e) = self.client.subscribe(f).await {
+                            tracing::error!(filter = f, "cannot subscribe: {e:#}");
+                        }
+                    }
+                }
+                Ok(Event::Message(m)) if intake => self.dispatch(m).await,
+                Ok(_) => {}
+                Err(e) => {
+                    if self.metrics.mqtt_connected.get() == 1 {
+                        self.metrics.mqtt_reconnects.inc();
+                    }
+                    self.metrics.mqtt_connected.set(0);
+                    let wait = mqtt::backoff(attempt);
+                    attempt += 1;
+                    tracing::warn!(retry_in = ?wait, "MQTT broker connection: {e}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop_connection.changed() => break,
+                    }
+                }
+            }
+        }
+        self.client.disconnect().await;
+        // Let the DISCONNECT go out.
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), conn.poll()).await;
+        self.metrics.mqtt_connected.set(0);
+    }
+
+    async fn dispatch(&self, m: Message) {
+        let topic = m.topic();
+        let targets: Vec<(&Arc<Pipeline>, String)> = self
+            .routes
+            .iter()
+            .filter_map(|r| camera_of(&r.filter, &topic).map(|c| (&r.pipeline, c.to_string())))
+            .collect();
+        let size = m.payload().len();
+        let refused = if size == 0 {
+            Some(("empty", "frame refused: empty payload".to_string()))
+        } else if size > self.max_frame {
+            Some((
+                "oversized",
+                format!(
+                    "frame refused: {size} bytes is over mqtt.max_frame ({} bytes)",
+                    self.max_frame
+                ),
+            ))
+        } else {
+            None
+        };
+        if let Some((kind, why)) = refused {
+            tracing::warn!(topic = %topic, "{why}");
+            for (p, _) in &targets {
+                self.metrics
+                    .pipeline_errors
+                    .get_or_create(&ErrorLabel {
+                        pipeline: p.name.clone(),
+                        kind,
+                    })
+                    .inc();
+            }
+            self.client.ack(&m);
+            return;
+        }
+        if targets.is_empty() {
+            self.client.ack(&m);
+            return;
+        }
+        let payload = m.payload().clone();
+        let client = self.client.clone();
+        let acks = Ack::split(targets.len(), move || client.ack(&m));
+        for ((p, camera), ack) in targets.into_iter().zip(acks) {
+            let frame = Frame {
+                camera,
+                topic: topic.clone(),
+                payload: payload.clone(),
+                received: std::time::Instant::now(),
+                ack: Some(ack),
+            };
+            self.pipelines.submit(p, frame).await;
+        }
+    }
+}
+
+/// If `topic` matches `filter`, the topic level under the filter's first `+`.
+pub fn camera_of<'t>(filter: &str, topic: &'t str) -> Option<&'t str> {
+    let mut camera = None;
+    let mut levels = topic.split('/');
+    for f in filter.split('/') {
+        if f == "#" {
+            return camera.or(Some(""));
+        }
+        let level = levels.next()?;
+        match f {
+            "+" => {
+                camera.get_or_insert(level);
+            }
+            _ if f == level => {}
+            _ => return None,
+        }
+    }
+    if levels.next().is_some() {
+        None
+    } else {
+        camera
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::camera_of;
+
+    #[test]
+    fn camera_is_the_first_wildcard_level() {
+        assert_eq!(
+            camera_of("cameras/+/frames", "cameras/door/frames"),
+            Some("door")
+        );
+        assert_eq!(camera_of("cameras/+/frames", "cameras/door/frames/x"), None);
+        assert_eq!(camera_of("cameras/+/frames", "cameras/door"), None);
+        assert_eq!(camera_of("cameras/+/frames", "other/door/frames"), None);
+        assert_eq!(
+            camera_of("site/+/+/jpeg", "site/north/gate/jpeg"),
+            Some("north")
+        );
+        assert_eq!(camera_of("cams/+/#", "cams/yard/a/b"), Some("yard"));
+    }
+}

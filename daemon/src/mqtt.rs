@@ -1,0 +1,241 @@
+//! The MQTT connection, 3.1.1 or 5, shared by camera ingress and MQTT sinks.
+//!
+//! rumqttc has one client per protocol version; this module hides the difference behind
+//! [`Client`], [`Connection`] and [`Message`]. The session is persistent (clean session off,
+//! a stable client id, and on MQTT 5 a session expiry), acknowledgements are manual, and TLS
+//! uses rustls with the ring provider.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5 as v5b;
+use rumqttc::{QoS, TlsConfiguration, Transport};
+
+use crate::config;
+
+/// How long a broker keeps an MQTT 5 session (and its queued frames) while we are away.
+const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
+
+#[derive(Clone)]
+pub enum Client {
+    V4(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+pub enum Connection {
+    V4(rumqttc::EventLoop),
+    V5(rumqttc::v5::EventLoop),
+}
+
+/// A received PUBLISH, kept whole so it can be acknowledged later.
+pub enum Message {
+    V4(rumqttc::Publish),
+    V5(v5b::Publish),
+}
+
+pub enum Event {
+    Connected {
+        session_present: bool,
+    },
+    Message(Message),
+    /// The broker acknowledged one of our QoS 1 publishes.
+    Published,
+    Other,
+}
+
+impl Message {
+    pub fn topic(&self) -> String {
+        match self {
+            Message::V4(p) => p.topic.clone(),
+            Message::V5(p) => String::from_utf8_lossy(&p.topic).into_owned(),
+        }
+    }
+
+    pub fn payload(&self) -> &Bytes {
+        match self {
+            Message::V4(p) => &p.payload,
+            Message::V5(p) => &p.payload,
+        }
+    }
+}
+
+/// Builds the client and its connection; nothing touches the network until the first poll.
+/// `suffix` makes a distinct client id (e.g. for `edgefn publish`).
+pub fn connect(
+    cfg: &config::Mqtt,
+    suffix: &str,
+    max_packet: usize,
+) -> anyhow::Result<(Client, Connection)> {
+    let url = url::Url::parse(&cfg.url).with_context(|| format!("mqtt.url `{}`", cfg.url))?;
+    let tls = url.scheme() == "mqtts";
+    let host = url
+        .host_str()
+        .ok_or_else(|| anyhow::anyhow!("mqtt.url `{}` has no host", cfg.url))?
+        .to_string();
+    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+    let id = format!("{}{suffix}", cfg.client_id);
+    let transport = if tls {
+        Transport::tls_with_config(tls_config(cfg)?)
+    } else {
+        Transport::tcp()
+    };
+    let credentials = match (&cfg.username, &cfg.password) {
+        (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
+        (None, _) => None,
+    };
+    // Acks go through the request channel; it must hold a broker's whole in-flight window.
+    let cap = 1024;
+    Ok(match cfg.version {
+        5 => {
+            let mut o = rumqttc::v5::MqttOptions::new(id, host, port);
+            o.set_keep_alive(cfg.keep_alive)
+                .set_clean_start(false)
+                .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
+                .set_manual_acks(true)
+                .set_max_packet_size(Some(max_packet as u32))
+                .set_transport(transport);
+            if let Some((u, p)) = credentials {
+                o.set_credentials(u, p);
+            }
+            let (c, e) = rumqttc::v5::AsyncClient::new(o, cap);
+            (Client::V5(c), Connection::V5(e))
+        }
+        _ => {
+            let mut o = rumqttc::MqttOptions::new(id, host, port);
+            o.set_keep_alive(cfg.keep_alive)
+                .set_clean_session(false)
+                .set_manual_acks(true)
+                .set_max_packet_size(max_packet, max_packet)
+                .set_transport(transport);
+            if let Some((u, p)) = credentials {
+                o.set_credentials(u, p);
+            }
+            let (c, e) = rumqttc::AsyncClient::new(o, cap);
+            (Client::V4(c), Connection::V4(e))
+        }
+    })
+}
+
+fn tls_config(cfg: &config::Mqtt) -> anyhow::Result<TlsConfiguration> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = cfg
+        .ca
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("mqtts:// needs mqtt.ca (the broker's CA, PEM)"))?;
+    for cert in
+        CertificateDer::pem_file_iter(ca).with_context(|| format!("mqtt.ca {}", ca.display()))?
+    {
+        roots.add(cert.with_context(|| format!("mqtt.ca {}", ca.display()))?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let config = match (&cfg.cert, &cfg.key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .with_context(|| format!("mqtt.cert {}", cert.display()))?
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(|| format!("mqtt.cert {}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .with_context(|| format!("mqtt.key {}", key.display()))?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => anyhow::bail!("mqtt.cert and mqtt.key go together"),
+    };
+    Ok(TlsConfiguration::Rustls(Arc::new(config)))
+}
+
+impl Client {
+    pub async fn subscribe(&self, filter: &str) -> anyhow::Result<()> {
+        match self {
+            Client::V4(c) => c.subscribe(filter, QoS::AtLeastOnce).await?,
+            Client::V5(c) => {
+                c.subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a QoS 1 publish to the connection, which retransmits it until the broker acks.
+    pub async fn publish(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
+        match self {
+            Client::V4(c) => {
+                c.publish_bytes(topic, QoS::AtLeastOnce, false, payload)
+                    .await?
+            }
+            Client::V5(c) => {
+                c.publish_bytes(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Acknowledges a received message (a no-op for QoS 0).
+    pub fn ack(&self, m: &Message) {
+        let sent = match (self, m) {
+            (Client::V4(c), Message::V4(p)) => c.try_ack(p).map_err(|e| e.to_string()),
+            (Client::V5(c), Message::V5(p)) => c.try_ack(p).map_err(|e| e.to_string()),
+            _ => Err("message from another protocol version".into()),
+        };
+        if let Err(e) = sent {
+            // The broker redelivers an unacknowledged message; nothing is lost.
+            tracing::warn!(topic = %m.topic(), "cannot acknowledge: {e}");
+        }
+    }
+
+    pub async fn disconnect(&self) {
+        let _ = match self {
+            Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
+        };
+    }
+}
+
+impl Connection {
+    /// The next event; an error means the connection dropped (the next poll reconnects).
+    pub async fn poll(&mut self) -> Result<Event, String> {
+        match self {
+            Connection::V4(e) => match e.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => Ok(Event::Connected {
+                    session_present: a.session_present,
+                }),
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    Ok(Event::Message(Message::V4(p)))
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => Ok(Event::Published),
+                Ok(_) => Ok(Event::Other),
+                Err(e) => Err(e.to_string()),
+            },
+            Connection::V5(e) => match e.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(v5b::Packet::ConnAck(a))) => Ok(Event::Connected {
+                    session_present: a.session_present,
+                }),
+                Ok(rumqttc::v5::Event::Incoming(v5b::Packet::Publish(p))) => {
+                    Ok(Event::Message(Message::V5(p)))
+                }
+                Ok(rumqttc::v5::Event::Incoming(v5b::Packet::PubAck(_))) => Ok(Event::Published),
+                Ok(_) => Ok(Event::Other),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
+/// Backoff between reconnect attempts: 0.5 s doubling to 30 s.
+pub fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(500u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(30))
+}

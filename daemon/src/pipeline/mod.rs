@@ -1,0 +1,325 @@
+//! Pipelines: a frame runs through a chain of functions, and the result is committed to the
+//! outbox for each of the pipeline's sinks before the frame is acknowledged.
+//!
+//! Frames from MQTT go through a bounded queue per camera ([`queue`]) with one worker each, so
+//! a camera's frames stay in order and a flood from one camera costs bounded memory. HTTP and
+//! Dapr events call [`Pipelines::run`] directly and get the result back.
+
+pub mod frame;
+pub mod queue;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::task::JoinSet;
+
+use self::frame::Frame;
+use self::queue::{CameraQueue, Pushed};
+use crate::config::{PipelineConfig, Policy, Source};
+use crate::content_type;
+use crate::metrics::{CameraLabel, Metrics, PipelineError as ErrorLabel};
+use crate::runtime::{InvokeError, Runtime};
+use crate::sinks::Sink;
+use crate::sinks::outbox::{Item, Outbox, Record, now_ms};
+
+/// Cameras one pipeline tracks at most, so a publisher inventing ids cannot grow memory.
+const MAX_CAMERAS: usize = 256;
+
+pub struct Pipeline {
+    pub name: String,
+    pub source: Source,
+    pub functions: Vec<String>,
+    pub sinks: Vec<Arc<Sink>>,
+    pub queue: usize,
+    pub policy: Policy,
+}
+
+/// A frame's result, committed.
+pub struct Processed {
+    pub id: String,
+    pub seq: u64,
+    pub output: Bytes,
+    pub content_type: &'static str,
+}
+
+#[derive(Debug)]
+pub enum PipelineError {
+    Function(InvokeError),
+    /// The result could not be made durable; the frame must not be acknowledged.
+    Outbox(String),
+    /// Shutting down.
+    Closed,
+}
+
+impl PipelineError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PipelineError::Function(e) => e.kind(),
+            PipelineError::Outbox(_) => "outbox",
+            PipelineError::Closed => "closed",
+        }
+    }
+}
+
+impl std::fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PipelineError::Function(e) => e.fmt(f),
+            PipelineError::Outbox(e) => write!(f, "result not stored: {e}"),
+            PipelineError::Closed => f.write_str("shutting down"),
+        }
+    }
+}
+
+pub struct Pipelines {
+    list: BTreeMap<String, Arc<Pipeline>>,
+    runtime: Arc<Runtime>,
+    outbox: Arc<Outbox>,
+    metrics: Arc<Metrics>,
+    queues: Mutex<HashMap<(String, String), Arc<CameraQueue>>>,
+    workers: Mutex<JoinSet<()>>,
+}
+
+impl Pipelines {
+    pub fn new(
+        configs: &[PipelineConfig],
+        sink: impl Fn(&crate::config::SinkConfig) -> Arc<Sink>,
+        runtime: Arc<Runtime>,
+        outbox: Arc<Outbox>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Pipelines> {
+        let list = configs
+            .iter()
+            .map(|c| {
+                for f in &c.functions {
+                    if runtime.get(f).is_none() {
+                        tracing::warn!(pipeline = %c.name, function = %f, "pipeline uses a function that is not loaded");
+                    }
+                }
+                let p = Pipeline {
+                    name: c.name.clone(),
+                    source: c.source.clone(),
+                    functions: c.functions.clone(),
+                    sinks: c.sinks.iter().map(&sink).collect(),
+                    queue: c.queue,
+                    policy: c.policy,
+                };
+                (c.name.clone(), Arc::new(p))
+            })
+            .collect();
+        Arc::new(Pipelines {
+            list,
+            runtime,
+            outbox,
+            metrics,
+            queues: Mutex::new(HashMap::new()),
+            workers: Mutex::new(JoinSet::new()),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Pipeline>> {
+        self.list.get(name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Pipeline>> {
+        self.list.values()
+    }
+
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Runs `payload` through `p` and commits the result for every sink.
+    pub async fn run(
+        &self,
+        p: &Pipeline,
+        camera: &str,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<Processed, PipelineError> {
+        let seq = self.outbox.next_seq(camera);
+        let seq_text = seq.to_string();
+        let env = [
+            ("EDGEFN_PIPELINE", p.name.as_str()),
+            ("EDGEFN_TOPIC", topic),
+            ("EDGEFN_CAMERA", camera),
+            ("EDGEFN_SEQ", seq_text.as_str()),
+        ];
+        let label = CameraLabel {
+            pipeline: p.name.clone(),
+            camera: camera.to_string(),
+        };
+        self.metrics.frames.get_or_create(&label).inc();
+        let mut data = payload;
+        for f in &p.functions {
+            match self.runtime.invoke(f, data, &env).await {
+                Ok(out) => data = out.stdout,
+                Err(e) => {
+                    self.count_error(p, e.kind());
+                    return Err(PipelineError::Function(e));
+                }
+            }
+        }
+        let content_type = content_type::sniff(&data);
+        let id = format!("{}/{camera}/{seq}", p.name);
+        let created_ms = now_ms();
+        let items: Vec<Item> = p
+            .sinks
+            .iter()
+            .map(|s| Item {
+                sink: s.key.clone(),
+                record: Record {
+                    id: id.clone(),
+                    pipeline: p.name.clone(),
+                    camera: camera.to_string(),
+                    seq,
+                    topic: s.destination(&p.name, camera),
+                    content_type: content_type.to_string(),
+                    created_ms,
+                    error: None,
+                },
+                payload: data.clone(),
+            })
+            .collect();
+        if !items.is_empty() {
+            if let Err(e) = self.outbox.commit(items).await {
+                self.count_error(p, "outbox");
+                return Err(PipelineError::Outbox(format!("{e:#}")));
+            }
+        }
+        self.metrics.results.get_or_create(&label).inc();
+        Ok(Processed {
+            id,
+            seq,
+            output: data,
+            content_type,
+        })
+    }
+
+    fn count_error(&self, p: &Pipeline, kind: &'static str) {
+        self.metrics
+            .pipeline_errors
+            .get_or_create(&ErrorLabel {
+                pipeline: p.name.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Queues an MQTT frame for its camera; waits only under the `block` policy when full.
+    pub async fn submit(self: &Arc<Self>, p: &Arc<Pipeline>, frame: Frame) {
+        let key = (p.name.clone(), frame.camera.clone());
+        let queue = {
+            let mut queues = self.queues.lock().expect("queues lock");
+            match queues.get(&key) {
+                Some(q) => q.clone(),
+                None => {
+                    let cameras = queues.keys().filter(|(name, _)| *name == p.name).count();
+                    if cameras >= MAX_CAMERAS {
+                        tracing::warn!(pipeline = %p.name, camera = %frame.camera, topic = %frame.topic,
+                            "frame refused: pipeline already tracks {MAX_CAMERAS} cameras");
+                        self.count_error(p, "too_many_cameras");
+                        if let Some(ack) = frame.ack {
+                            ack.done();
+                        }
+                        return;
+                    }
+                    let q = Arc::new(CameraQueue::new(p.queue, p.policy));
+                    queues.insert(key, q.clone());
+                    let (this, p, camera, q2) =
+                        (self.clone(), p.clone(), frame.camera.clone(), q.clone());
+                    self.workers
+                        .lock()
+                        .expect("workers lock")
+                        .spawn(async move {
+                            this.camera_worker(p, camera, q2).await;
+                        });
+                    q
+                }
+            }
+        };
+        match queue.push(frame).await {
+            Pushed::Queued => {}
+            Pushed::Displaced(old) => {
+                let label = CameraLabel {
+                    pipeline: p.name.clone(),
+                    camera: old.camera.clone(),
+                };
+                self.metrics.drops.get_or_create(&label).inc();
+                // A deliberate, counted drop is settled: acknowledge it.
+                if let Some(ack) = old.ack {
+                    ack.done();
+                }
+            }
+            // Not acknowledged: the broker redelivers it after the restart.
+            Pushed::Closed(_) => {}
+        }
+    }
+
+    async fn camera_worker(
+        self: Arc<Self>,
+        p: Arc<Pipeline>,
+        camera: String,
+        queue: Arc<CameraQueue>,
+    ) {
+        while let Some(frame) = queue.pop().await {
+            match self.run(&p, &camera, &frame.topic, frame.payload).await {
+                Ok(_) => {
+                    if let Some(ack) = frame.ack {
+                        ack.done();
+                    }
+                }
+                Err(PipelineError::Function(e)) => {
+                    tracing::warn!(pipeline = %p.name, camera = %camera, topic = %frame.topic, "frame failed: {e}");
+                    // Retrying the same bytes gives the same failure: settle the frame.
+                    if let Some(ack) = frame.ack {
+                        ack.done();
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(pipeline = %p.name, camera = %camera, topic = %frame.topic,
+                        "frame not acknowledged, the broker will redeliver it: {e}");
+                }
+            }
+        }
+    }
+
+    /// Frames waiting in camera queues.
+    pub fn queued(&self) -> usize {
+        self.queues
+            .lock()
+            .expect("queues lock")
+            .values()
+            .map(|q| q.len())
+            .sum()
+    }
+
+    /// Stops taking frames, lets each worker finish the frame in hand, and waits for them.
+    /// Waiting frames are left unacknowledged for the broker to redeliver.
+    pub async fn shutdown(&self) {
+        let queues: Vec<Arc<CameraQueue>> = self
+            .queues
+            .lock()
+            .expect("queues lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut returned = 0;
+        for q in queues {
+            returned += q.close().len();
+        }
+        if returned > 0 {
+            tracing::info!(
+                frames = returned,
+                "returned queued frames to the broker (unacknowledged)"
+            );
+        }
+        let mut workers = std::mem::take(&mut *self.workers.lock().expect("workers lock"));
+        while workers.join_next().await.is_some() {}
+    }
+}

@@ -1,0 +1,100 @@
+//! Delivery workers: one per sink, draining its outbox queue in order.
+//!
+//! A worker takes the oldest results, hands them to the sink, and settles each outcome in one
+//! transaction: delivered ones leave the outbox, dead ones move to the dead letters, and on any
+//! retry the worker backs off exponentially (0.2 s doubling to 30 s) before trying again, so a
+//! downed sidecar is polled gently and never skipped past.
+//!
+//! On shutdown a worker keeps delivering until its queue is empty, a retry is needed, or the
+//! grace period ends; whatever is left stays on disk for the next start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::outbox::Outbox;
+use super::{Outcome, Sink};
+use crate::metrics::{Metrics, SinkLabel};
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+pub async fn run(
+    sink: Arc<Sink>,
+    outbox: Arc<Outbox>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let key = sink.key.clone();
+    let label = SinkLabel {
+        sink: key.to_string(),
+    };
+    let waker = outbox.waker(&key);
+    let mut backoff = FIRST_BACKOFF;
+    let mut stop_at: Option<tokio::time::Instant> = None;
+    loop {
+        if stop_at.is_none() && *shutdown.borrow() {
+            stop_at = Some(tokio::time::Instant::now() + grace);
+        }
+        if stop_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
+            break;
+        }
+        let batch = match outbox.peek(&key, sink.batch()) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(sink = %key, "reading the outbox: {e:#}");
+                tokio::time::sleep(MAX_BACKOFF).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            if stop_at.is_some() {
+                break;
+            }
+            tokio::select! {
+                _ = waker.notified() => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+
+        let outcomes = sink.deliver(&batch).await;
+        let mut delivered = Vec::new();
+        let mut dead = Vec::new();
+        let mut retry: Option<String> = None;
+        for (p, outcome) in batch.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Delivered => delivered.push(p.key),
+                Outcome::Dead(why) => {
+                    tracing::error!(sink = %key, id = %p.record.id, "dead letter: {why}");
+                    dead.push((p.key, why));
+                }
+                Outcome::Retry(why) => {
+                    metrics.outbox_retried.get_or_create(&label).inc();
+                    retry.get_or_insert(why);
+                }
+            }
+        }
+        if let Err(e) = outbox.settle(&key, &delivered, &dead) {
+            // Not settled means delivered again later: a duplicate with the same id, never a loss.
+            tracing::error!(sink = %key, "settling deliveries: {e:#}");
+        }
+        match retry {
+            None => backoff = FIRST_BACKOFF,
+            Some(why) => {
+                if stop_at.is_some() {
+                    break;
+                }
+                tracing::warn!(sink = %key, retry_in = ?backoff, "delivery failed: {why}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+    tracing::debug!(sink = %key, "delivery worker stopped");
+}

@@ -1,0 +1,99 @@
+//! Sinks: where results go upstream. Results reach a sink only through the durable
+//! [`outbox`]; a [`delivery`] worker per sink drains it in order.
+//!
+//! A sink answers each result with an [`Outcome`]: delivered, retry later, or dead (a
+//! permanent refusal that no retry can fix, kept in the dead letters).
+
+pub mod dapr;
+pub mod delivery;
+pub mod event;
+pub mod file;
+pub mod mqtt;
+pub mod outbox;
+
+use std::sync::Arc;
+
+use self::outbox::Pending;
+use crate::config::SinkConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Worth retrying: the sink or the network is down, or overloaded.
+    Retry(String),
+    /// Permanently refused.
+    Dead(String),
+}
+
+pub enum Kind {
+    Dapr(dapr::DaprSink),
+    Mqtt(mqtt::MqttSink),
+    File(file::FileSink),
+}
+
+/// A configured sink: its outbox key and its transport.
+pub struct Sink {
+    /// The outbox queue name, stable across restarts and config reordering.
+    pub key: Arc<str>,
+    pub kind: Kind,
+}
+
+/// The outbox queue name of a sink: stable across restarts and config reordering.
+pub fn key(cfg: &SinkConfig) -> Arc<str> {
+    match cfg {
+        SinkConfig::Dapr(t) => format!("dapr:{}/{}", t.pubsub, t.topic).into(),
+        SinkConfig::Mqtt { topic } => format!("mqtt:{topic}").into(),
+        SinkConfig::File { path } => format!("file:{}", path.display()).into(),
+    }
+}
+
+impl Sink {
+    pub fn new(
+        cfg: &SinkConfig,
+        dapr: &Arc<dapr::DaprClient>,
+        mqtt: Option<&mqtt::Publisher>,
+    ) -> anyhow::Result<Sink> {
+        let kind = match cfg {
+            SinkConfig::Dapr(t) => {
+                Kind::Dapr(dapr::DaprSink::new(dapr.clone(), &t.pubsub, &t.topic))
+            }
+            SinkConfig::Mqtt { topic } => {
+                let client =
+                    mqtt.ok_or_else(|| anyhow::anyhow!("an mqtt sink needs an [mqtt] section"))?;
+                Kind::Mqtt(mqtt::MqttSink::new(client.clone(), topic))
+            }
+            SinkConfig::File { path } => Kind::File(file::FileSink::new(path.clone())),
+        };
+        Ok(Sink {
+            key: key(cfg),
+            kind,
+        })
+    }
+
+    /// Where a result of `pipeline` from `camera` goes (recorded with it in the outbox).
+    pub fn destination(&self, pipeline: &str, camera: &str) -> String {
+        match &self.kind {
+            Kind::Dapr(d) => d.topic.clone(),
+            Kind::Mqtt(m) => m.topic_for(pipeline, camera),
+            Kind::File(f) => f.path.display().to_string(),
+        }
+    }
+
+    /// How many results one delivery attempt takes.
+    pub fn batch(&self) -> usize {
+        match &self.kind {
+            Kind::Dapr(_) => 32,
+            Kind::Mqtt(_) => 16,
+            Kind::File(_) => 64,
+        }
+    }
+
+    /// Delivers `batch`; one outcome per result, in order.
+    pub async fn deliver(&self, batch: &[Pending]) -> Vec<Outcome> {
+        match &self.kind {
+            Kind::Dapr(d) => d.deliver(batch).await,
+            Kind::Mqtt(m) => m.deliver(batch).await,
+            Kind::File(f) => f.deliver(batch).await,
+        }
+    }
+}
