@@ -41,10 +41,7 @@ fn main() {
     .unwrap();
     let cfg = Config::load(&config_path, true).unwrap();
     let rt = Runtime::load(&cfg, Arc::new(Metrics::new()), None).unwrap();
-    let tokio = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 
     // P1: in-process invocation.
     let input = bytes::Bytes::from(vec![b'x'; 64]);
@@ -64,10 +61,7 @@ fn main() {
     let p1_daemon_p99 = p99(samples);
 
     if std::env::var("EDGEFN_BENCH").as_deref() == Ok("p1-only") {
-        println!(
-            "P1 no-op invocation, in-process : median {:.1} µs",
-            p1_daemon.as_secs_f64() * 1e6
-        );
+        println!("P1 no-op invocation, in-process : median {:.1} µs", p1_daemon.as_secs_f64() * 1e6);
         return;
     }
 
@@ -98,11 +92,7 @@ fn main() {
     tokio.block_on(async {
         for i in 0..65 {
             let t = Instant::now();
-            let a = rt
-                .invoke("grayscale", jpeg.clone().into(), &[])
-                .await
-                .unwrap()
-                .stdout;
+            let a = rt.invoke("grayscale", jpeg.clone().into(), &[]).await.unwrap().stdout;
             let dw = t.elapsed();
             let t = Instant::now();
             let b = grayscale::grayscale(&jpeg).unwrap();
@@ -117,29 +107,13 @@ fn main() {
     let (p2_wasm, p2_native) = (median(wasm), median(native));
 
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    println!(
-        "P1 no-op invocation, in-process : median {:8.1} µs  (p99 {:.1} µs)",
-        us(p1_daemon),
-        us(p1_daemon_p99)
-    );
-    println!(
-        "P1 no-op invocation, spawn/req  : median {:8.1} µs",
-        us(p1_spawn)
-    );
+    println!("P1 no-op invocation, in-process : median {:8.1} µs  (p99 {:.1} µs)", us(p1_daemon), us(p1_daemon_p99));
+    println!("P1 no-op invocation, spawn/req  : median {:8.1} µs", us(p1_spawn));
     println!(
         "P1 ratio spawn / in-process     : {:8.0}×   (goal ≥ 200×, in-process ≤ 20 µs)",
         us(p1_spawn) / us(p1_daemon)
     );
-    println!(
-        "P2 grayscale 640×480 JPEG, wasm : median {:8.2} ms",
-        us(p2_wasm) / 1e3
-    );
-    println!(
-        "P2 grayscale 640×480 JPEG, native: median {:7.2} ms",
-        us(p2_native) / 1e3
-    );
-    println!(
-        "P2 ratio wasm / native          : {:8.2}×   (goal ≤ 1.25×)",
-        us(p2_wasm) / us(p2_native)
-    );
+    println!("P2 grayscale 640×480 JPEG, wasm : median {:8.2} ms", us(p2_wasm) / 1e3);
+    println!("P2 grayscale 640×480 JPEG, native: median {:7.2} ms", us(p2_native) / 1e3);
+    println!("P2 ratio wasm / native          : {:8.2}×   (goal ≤ 1.25×)", us(p2_wasm) / us(p2_native));
 }

@@ -82,10 +82,7 @@ pub struct Dapr {
 
 impl Default for Dapr {
     fn default() -> Self {
-        Dapr {
-            url: "http://127.0.0.1:3500".into(),
-            startup_wait: Duration::from_secs(10),
-        }
+        Dapr { url: "http://127.0.0.1:3500".into(), startup_wait: Duration::from_secs(10) }
     }
 }
 
@@ -101,10 +98,7 @@ pub struct Outbox {
 
 impl Default for Outbox {
     fn default() -> Self {
-        Outbox {
-            max_bytes: ByteSize::mib(512),
-            max_age: Duration::from_secs(7 * 24 * 3600),
-        }
+        Outbox { max_bytes: ByteSize::mib(512), max_age: Duration::from_secs(7 * 24 * 3600) }
     }
 }
 
@@ -210,9 +204,8 @@ impl Default for Runtime {
         let cache = std::env::var_os("CACHE_DIRECTORY")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/var/cache/edgefn"));
-        let state = std::env::var_os("STATE_DIRECTORY")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/var/lib/edgefn"));
+        let state =
+            std::env::var_os("STATE_DIRECTORY").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib/edgefn"));
         Runtime {
             functions_dir: PathBuf::from("/usr/lib/edgefn/functions"),
             cache_dir: cache.join("aot"),
@@ -281,37 +274,22 @@ impl Config {
     /// Loads `path` (it must exist when `required`) and applies `EDGEFN__*` overrides.
     pub fn load(path: &Path, required: bool) -> anyhow::Result<Config> {
         let built = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml).required(required))
             .add_source(
-                config::File::from(path)
-                    .format(config::FileFormat::Toml)
-                    .required(required),
-            )
-            .add_source(
-                config::Environment::with_prefix("EDGEFN")
-                    .prefix_separator("__")
-                    .separator("__")
-                    .try_parsing(true),
+                config::Environment::with_prefix("EDGEFN").prefix_separator("__").separator("__").try_parsing(true),
             )
             .build()
             .with_context(|| format!("reading config {}", path.display()))?;
-        let cfg: Config = built
-            .try_deserialize()
-            .with_context(|| format!("invalid config {}", path.display()))?;
+        let cfg: Config = built.try_deserialize().with_context(|| format!("invalid config {}", path.display()))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     fn validate(&self) -> anyhow::Result<()> {
         let check = |name: &str, l: &Limits| -> anyhow::Result<()> {
-            anyhow::ensure!(
-                l.max_instances > 0,
-                "{name}: max_instances must be at least 1"
-            );
+            anyhow::ensure!(l.max_instances > 0, "{name}: max_instances must be at least 1");
             anyhow::ensure!(!l.deadline.is_zero(), "{name}: deadline must be positive");
-            anyhow::ensure!(
-                l.memory.as_u64() >= 65536,
-                "{name}: memory must be at least 64 KiB"
-            );
+            anyhow::ensure!(l.memory.as_u64() >= 65536, "{name}: memory must be at least 64 KiB");
             Ok(())
         };
         check("limits", &self.limits)?;
@@ -323,10 +301,7 @@ impl Config {
             anyhow::ensure!(!p.functions.is_empty(), "{at}: `functions` is empty");
             anyhow::ensure!(p.queue > 0, "{at}: `queue` must be at least 1");
             if let Some(filter) = &p.source.mqtt {
-                anyhow::ensure!(
-                    self.mqtt.is_some(),
-                    "{at}: source.mqtt needs an [mqtt] section"
-                );
+                anyhow::ensure!(self.mqtt.is_some(), "{at}: source.mqtt needs an [mqtt] section");
                 anyhow::ensure!(
                     filter.split('/').any(|l| l == "+"),
                     "{at}: source.mqtt `{filter}` needs a `+` level for the camera id"
@@ -334,28 +309,19 @@ impl Config {
             }
             for s in &p.sinks {
                 if let SinkConfig::Mqtt { .. } = s {
-                    anyhow::ensure!(
-                        self.mqtt.is_some(),
-                        "{at}: an mqtt sink needs an [mqtt] section"
-                    );
+                    anyhow::ensure!(self.mqtt.is_some(), "{at}: an mqtt sink needs an [mqtt] section");
                 }
             }
         }
         if let Some(m) = &self.mqtt {
-            anyhow::ensure!(
-                matches!(m.version, 4 | 5),
-                "mqtt.version must be 4 (3.1.1) or 5"
-            );
+            anyhow::ensure!(matches!(m.version, 4 | 5), "mqtt.version must be 4 (3.1.1) or 5");
             anyhow::ensure!(
                 m.url.starts_with("mqtt://") || m.url.starts_with("mqtts://"),
                 "mqtt.url must start with mqtt:// or mqtts://"
             );
         }
         for (name, f) in &self.functions {
-            anyhow::ensure!(
-                is_valid_name(name),
-                "functions.{name}: names are [a-z0-9_-]+"
-            );
+            anyhow::ensure!(is_valid_name(name), "functions.{name}: names are [a-z0-9_-]+");
             check(&format!("functions.{name}"), &f.limits(&self.limits))?;
         }
         Ok(())
@@ -371,7 +337,5 @@ impl Config {
 pub fn is_valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }

@@ -19,8 +19,7 @@ pub fn sniff(body: &[u8]) -> &'static str {
 
 fn looks_like_json(body: &[u8]) -> bool {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    matches!(first, Some(b'{' | b'['))
-        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+    matches!(first, Some(b'{' | b'[')) && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
 }
 
 #[cfg(test)]
@@ -33,10 +32,7 @@ mod tests {
         assert_eq!(sniff(b"GIF89a..."), "image/gif");
         assert_eq!(sniff(b" {\"label\": \"cat\"}\n"), "application/json");
         assert_eq!(sniff(b"{not json"), "text/plain; charset=utf-8");
-        assert_eq!(
-            sniff(b"It is very likely a cat"),
-            "text/plain; charset=utf-8"
-        );
+        assert_eq!(sniff(b"It is very likely a cat"), "text/plain; charset=utf-8");
         assert_eq!(sniff(&[0xff, 0xfe, 0x00, 0x80]), "application/octet-stream");
     }
 }

@@ -18,19 +18,13 @@ pub fn init() {
     if std::env::var_os("JOURNAL_STREAM").is_some() && Path::new(JOURNAL_SOCKET).exists() {
         match tracing_journald::layer() {
             Ok(journald) => {
-                registry
-                    .with(journald.with_syslog_identifier("edgefn".into()))
-                    .init();
+                registry.with(journald.with_syslog_identifier("edgefn".into())).init();
                 return;
             }
             Err(e) => eprintln!("edgefn: journald unavailable ({e}); logging to stderr"),
         }
     }
     registry
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal()),
-        )
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()))
         .init();
 }

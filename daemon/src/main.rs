@@ -80,9 +80,7 @@ enum Command {
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
 }
 
 fn main() -> ExitCode {
@@ -106,49 +104,28 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run => {
             let cfg = load_config()?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(edgefn::server::run(cfg, shutdown_signal()))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Invoke { ref name, ref env } => {
             let cfg = load_config()?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(invoke(cfg, name, env))
         }
-        Command::Compile {
-            input,
-            output,
-            target,
-        } => {
+        Command::Compile { input, output, target } => {
             aot::precompile(&input, &output, target.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Publish {
-            topic,
-            fps,
-            count,
-            broker,
-            images,
-        } => {
+        Command::Publish { topic, fps, count, broker, images } => {
             let cfg = load_config()?;
             let mut mqtt = cfg.mqtt.unwrap_or_default();
             if let Some(url) = broker {
                 mqtt.url = url;
             }
             let count = count.unwrap_or(images.len() as u64);
-            let opts = edgefn::publish::Options {
-                topic,
-                fps,
-                count,
-                images,
-            };
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let opts = edgefn::publish::Options { topic, fps, count, images };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let sent = rt.block_on(edgefn::publish::run(&mqtt, opts))?;
             eprintln!("edgefn: published {sent} frames");
             Ok(ExitCode::SUCCESS)
@@ -175,9 +152,7 @@ async fn shutdown_signal() {
 async fn invoke(cfg: Config, name: &str, env: &[(String, String)]) -> anyhow::Result<ExitCode> {
     let runtime = Runtime::load(&cfg, Arc::new(Metrics::new()), Some(name))?;
     let mut input = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut input)
-        .context("reading stdin")?;
+    std::io::stdin().read_to_end(&mut input).context("reading stdin")?;
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let out = runtime.invoke(name, input.into(), &env).await?;
     let mut stdout = std::io::stdout().lock();

@@ -44,9 +44,7 @@ type LatencyFamily = Family<FunctionLabel, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~26 s: a no-op call sits at the bottom, a slow classify near the top.
-    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        50e-6, 2.0, 20,
-    ))
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 20))
 }
 
 pub struct Metrics {
@@ -91,21 +89,13 @@ impl Metrics {
         let aot_compiles = Counter::default();
         let aot_loads = Counter::default();
         registry.register("invocations", "Function invocations", invocations.clone());
-        registry.register(
-            "errors",
-            "Failed function invocations by kind",
-            errors.clone(),
-        );
+        registry.register("errors", "Failed function invocations by kind", errors.clone());
         registry.register(
             "invocation_duration_seconds",
             "Function invocation latency, queueing included",
             latency.clone(),
         );
-        registry.register(
-            "aot_compiles",
-            "Modules compiled to native code",
-            aot_compiles.clone(),
-        );
+        registry.register("aot_compiles", "Modules compiled to native code", aot_compiles.clone());
         registry.register("aot_loads", "Modules loaded precompiled", aot_loads.clone());
         let m = Metrics {
             registry,
@@ -133,79 +123,26 @@ impl Metrics {
 
     fn register_rest(mut self) -> Metrics {
         let r = &mut self.registry;
-        r.register(
-            "frames",
-            "Frames accepted into a pipeline",
-            self.frames.clone(),
-        );
-        r.register(
-            "frames_dropped",
-            "Frames dropped by latest-frame-wins",
-            self.drops.clone(),
-        );
-        r.register(
-            "results",
-            "Frames whose result is committed to the outbox",
-            self.results.clone(),
-        );
-        r.register(
-            "pipeline_errors",
-            "Frames that failed, by kind",
-            self.pipeline_errors.clone(),
-        );
-        r.register(
-            "outbox_depth",
-            "Results waiting for their sink",
-            self.outbox_depth.clone(),
-        );
-        r.register(
-            "outbox_oldest_age_seconds",
-            "Age of the oldest waiting result",
-            self.outbox_oldest_age.clone(),
-        );
-        r.register(
-            "outbox_delivered",
-            "Results delivered",
-            self.outbox_delivered.clone(),
-        );
-        r.register(
-            "outbox_retried",
-            "Delivery attempts that will be retried",
-            self.outbox_retried.clone(),
-        );
-        r.register(
-            "outbox_dead",
-            "Results moved to the dead letters",
-            self.outbox_dead.clone(),
-        );
-        r.register(
-            "outbox_evicted",
-            "Results evicted by the outbox caps",
-            self.outbox_evicted.clone(),
-        );
-        r.register(
-            "mqtt_connected",
-            "1 while connected to the broker",
-            self.mqtt_connected.clone(),
-        );
-        r.register(
-            "mqtt_reconnects",
-            "Broker connections lost",
-            self.mqtt_reconnects.clone(),
-        );
-        r.register(
-            "dapr_reachable",
-            "1 while the Dapr sidecar answers",
-            self.dapr_reachable.clone(),
-        );
+        r.register("frames", "Frames accepted into a pipeline", self.frames.clone());
+        r.register("frames_dropped", "Frames dropped by latest-frame-wins", self.drops.clone());
+        r.register("results", "Frames whose result is committed to the outbox", self.results.clone());
+        r.register("pipeline_errors", "Frames that failed, by kind", self.pipeline_errors.clone());
+        r.register("outbox_depth", "Results waiting for their sink", self.outbox_depth.clone());
+        r.register("outbox_oldest_age_seconds", "Age of the oldest waiting result", self.outbox_oldest_age.clone());
+        r.register("outbox_delivered", "Results delivered", self.outbox_delivered.clone());
+        r.register("outbox_retried", "Delivery attempts that will be retried", self.outbox_retried.clone());
+        r.register("outbox_dead", "Results moved to the dead letters", self.outbox_dead.clone());
+        r.register("outbox_evicted", "Results evicted by the outbox caps", self.outbox_evicted.clone());
+        r.register("mqtt_connected", "1 while connected to the broker", self.mqtt_connected.clone());
+        r.register("mqtt_reconnects", "Broker connections lost", self.mqtt_reconnects.clone());
+        r.register("dapr_reachable", "1 while the Dapr sidecar answers", self.dapr_reachable.clone());
         self
     }
 
     /// The registry in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
     }
 }

@@ -63,24 +63,13 @@ impl Message {
 
 /// Builds the client and its connection; nothing touches the network until the first poll.
 /// `suffix` makes a distinct client id (e.g. for `edgefn publish`).
-pub fn connect(
-    cfg: &config::Mqtt,
-    suffix: &str,
-    max_packet: usize,
-) -> anyhow::Result<(Client, Connection)> {
+pub fn connect(cfg: &config::Mqtt, suffix: &str, max_packet: usize) -> anyhow::Result<(Client, Connection)> {
     let url = url::Url::parse(&cfg.url).with_context(|| format!("mqtt.url `{}`", cfg.url))?;
     let tls = url.scheme() == "mqtts";
-    let host = url
-        .host_str()
-        .ok_or_else(|| anyhow::anyhow!("mqtt.url `{}` has no host", cfg.url))?
-        .to_string();
+    let host = url.host_str().ok_or_else(|| anyhow::anyhow!("mqtt.url `{}` has no host", cfg.url))?.to_string();
     let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
     let id = format!("{}{suffix}", cfg.client_id);
-    let transport = if tls {
-        Transport::tls_with_config(tls_config(cfg)?)
-    } else {
-        Transport::tcp()
-    };
+    let transport = if tls { Transport::tls_with_config(tls_config(cfg)?) } else { Transport::tcp() };
     let credentials = match (&cfg.username, &cfg.password) {
         (Some(u), p) => Some((u.clone(), p.clone().unwrap_or_default())),
         (None, _) => None,
@@ -123,13 +112,8 @@ fn tls_config(cfg: &config::Mqtt) -> anyhow::Result<TlsConfiguration> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
     let mut roots = rustls::RootCertStore::empty();
-    let ca = cfg
-        .ca
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("mqtts:// needs mqtt.ca (the broker's CA, PEM)"))?;
-    for cert in
-        CertificateDer::pem_file_iter(ca).with_context(|| format!("mqtt.ca {}", ca.display()))?
-    {
+    let ca = cfg.ca.as_ref().ok_or_else(|| anyhow::anyhow!("mqtts:// needs mqtt.ca (the broker's CA, PEM)"))?;
+    for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("mqtt.ca {}", ca.display()))? {
         roots.add(cert.with_context(|| format!("mqtt.ca {}", ca.display()))?)?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -142,8 +126,7 @@ fn tls_config(cfg: &config::Mqtt) -> anyhow::Result<TlsConfiguration> {
                 .with_context(|| format!("mqtt.cert {}", cert.display()))?
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| format!("mqtt.cert {}", cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .with_context(|| format!("mqtt.key {}", key.display()))?;
+            let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("mqtt.key {}", key.display()))?;
             builder.with_client_auth_cert(chain, key)?
         }
         (None, None) => builder.with_no_client_auth(),
@@ -156,10 +139,7 @@ impl Client {
     pub async fn subscribe(&self, filter: &str) -> anyhow::Result<()> {
         match self {
             Client::V4(c) => c.subscribe(filter, QoS::AtLeastOnce).await?,
-            Client::V5(c) => {
-                c.subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
-                    .await?
-            }
+            Client::V5(c) => c.subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await?,
         }
         Ok(())
     }
@@ -167,19 +147,8 @@ impl Client {
     /// Hands a QoS 1 publish to the connection, which retransmits it until the broker acks.
     pub async fn publish(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
         match self {
-            Client::V4(c) => {
-                c.publish_bytes(topic, QoS::AtLeastOnce, false, payload)
-                    .await?
-            }
-            Client::V5(c) => {
-                c.publish_bytes(
-                    topic,
-                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    false,
-                    payload,
-                )
-                .await?
-            }
+            Client::V4(c) => c.publish_bytes(topic, QoS::AtLeastOnce, false, payload).await?,
+            Client::V5(c) => c.publish_bytes(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload).await?,
         }
         Ok(())
     }
@@ -210,23 +179,19 @@ impl Connection {
     pub async fn poll(&mut self) -> Result<Event, String> {
         match self {
             Connection::V4(e) => match e.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => Ok(Event::Connected {
-                    session_present: a.session_present,
-                }),
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                    Ok(Event::Message(Message::V4(p)))
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                    Ok(Event::Connected { session_present: a.session_present })
                 }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => Ok(Event::Message(Message::V4(p))),
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => Ok(Event::Published),
                 Ok(_) => Ok(Event::Other),
                 Err(e) => Err(e.to_string()),
             },
             Connection::V5(e) => match e.poll().await {
-                Ok(rumqttc::v5::Event::Incoming(v5b::Packet::ConnAck(a))) => Ok(Event::Connected {
-                    session_present: a.session_present,
-                }),
-                Ok(rumqttc::v5::Event::Incoming(v5b::Packet::Publish(p))) => {
-                    Ok(Event::Message(Message::V5(p)))
+                Ok(rumqttc::v5::Event::Incoming(v5b::Packet::ConnAck(a))) => {
+                    Ok(Event::Connected { session_present: a.session_present })
                 }
+                Ok(rumqttc::v5::Event::Incoming(v5b::Packet::Publish(p))) => Ok(Event::Message(Message::V5(p))),
                 Ok(rumqttc::v5::Event::Incoming(v5b::Packet::PubAck(_))) => Ok(Event::Published),
                 Ok(_) => Ok(Event::Other),
                 Err(e) => Err(e.to_string()),

@@ -25,11 +25,7 @@ pub async fn run(broker: &config::Mqtt, opts: Options) -> anyhow::Result<u64> {
     let frames: Vec<Bytes> = opts
         .images
         .iter()
-        .map(|p| {
-            std::fs::read(p)
-                .map(Bytes::from)
-                .with_context(|| format!("reading {}", p.display()))
-        })
+        .map(|p| std::fs::read(p).map(Bytes::from).with_context(|| format!("reading {}", p.display())))
         .collect::<anyhow::Result<_>>()?;
     let largest = frames.iter().map(|f| f.len()).max().unwrap_or(0);
     let suffix = format!("-publish-{}", std::process::id());

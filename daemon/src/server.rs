@@ -45,16 +45,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let pipelines = if cfg.pipelines.is_empty() {
         None
     } else {
-        let outbox = Outbox::open(
-            &cfg.runtime.state_dir.join("outbox.redb"),
-            &cfg.outbox,
-            metrics.clone(),
-        )?;
+        let outbox = Outbox::open(&cfg.runtime.state_dir.join("outbox.redb"), &cfg.outbox, metrics.clone())?;
         let dapr = Arc::new(DaprClient::new(&cfg.dapr.url, metrics.clone())?);
-        let max_frame = cfg
-            .mqtt
-            .as_ref()
-            .map_or(0, |m| m.max_frame.as_u64() as usize);
+        let max_frame = cfg.mqtt.as_ref().map_or(0, |m| m.max_frame.as_u64() as usize);
         let mqtt = match &cfg.mqtt {
             // Room above max_frame, so an oversized frame is received and refused, not a
             // protocol error that would redeliver it forever.
@@ -65,9 +58,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         let mut sinks: BTreeMap<Arc<str>, Arc<Sink>> = BTreeMap::new();
         for sc in cfg.pipelines.iter().flat_map(|p| &p.sinks) {
             let sink = Sink::new(sc, &dapr, mqtt.as_ref().map(|(c, _)| c))?;
-            sinks
-                .entry(sink.key.clone())
-                .or_insert_with(|| Arc::new(sink));
+            sinks.entry(sink.key.clone()).or_insert_with(|| Arc::new(sink));
         }
         for stale in outbox.sinks_with_pending()? {
             if !sinks.contains_key(stale.as_str()) {
@@ -88,36 +79,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
             ));
         }
         let resolve = |sc: &SinkConfig| sinks[&crate::sinks::key(sc)].clone();
-        let pipelines = Pipelines::new(
-            &cfg.pipelines,
-            resolve,
-            runtime.clone(),
-            outbox,
-            metrics.clone(),
-        );
+        let pipelines = Pipelines::new(&cfg.pipelines, resolve, runtime.clone(), outbox, metrics.clone());
 
         if let Some((client, conn)) = mqtt {
             let routes: Vec<Route> = pipelines
                 .iter()
-                .filter_map(|p| {
-                    p.source.mqtt.clone().map(|filter| Route {
-                        filter,
-                        pipeline: p.clone(),
-                    })
-                })
+                .filter_map(|p| p.source.mqtt.clone().map(|filter| Route { filter, pipeline: p.clone() }))
                 .collect();
-            let ingress = Ingress {
-                client,
-                routes,
-                pipelines: pipelines.clone(),
-                metrics: metrics.clone(),
-                max_frame,
-            };
-            ingress_task = Some(tokio::spawn(ingress.run(
-                conn,
-                intake_rx.clone(),
-                connection_rx,
-            )));
+            let ingress = Ingress { client, routes, pipelines: pipelines.clone(), metrics: metrics.clone(), max_frame };
+            ingress_task = Some(tokio::spawn(ingress.run(conn, intake_rx.clone(), connection_rx)));
         }
         Some(pipelines)
     };
@@ -137,9 +107,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         runtime: runtime.clone(),
         pipelines: pipelines.clone(),
         max_body: cfg.server.max_body.as_u64() as usize,
-        app_token: std::env::var("APP_API_TOKEN")
-            .ok()
-            .filter(|t| !t.is_empty()),
+        app_token: std::env::var("APP_API_TOKEN").ok().filter(|t| !t.is_empty()),
     });
     let mut intake_closed = intake_rx.clone();
     let http = tokio::spawn(http::serve(

@@ -25,11 +25,8 @@ fn edgefn(args: &[&str], envs: &[(&str, &str)], stdin: &[u8]) -> Output {
 fn write_config(body: &str) -> (tempfile::TempDir, String) {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("edgefn.toml");
-    let text = format!(
-        "[runtime]\nfunctions_dir = {:?}\ncache_dir = {:?}\n{body}",
-        functions_dir(),
-        tmp.path().join("cache")
-    );
+    let text =
+        format!("[runtime]\nfunctions_dir = {:?}\ncache_dir = {:?}\n{body}", functions_dir(), tmp.path().join("cache"));
     std::fs::write(&path, text).unwrap();
     (tmp, path.to_str().unwrap().to_string())
 }
@@ -39,31 +36,17 @@ fn help_names_every_command() {
     let out = edgefn(&["--help"], &[], b"");
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    for cmd in [
-        "run",
-        "invoke",
-        "compile",
-        "check-config",
-        "--config",
-        "EDGEFN__SECTION__KEY",
-    ] {
+    for cmd in ["run", "invoke", "compile", "check-config", "--config", "EDGEFN__SECTION__KEY"] {
         assert!(text.contains(cmd), "--help lacks {cmd}:\n{text}");
     }
     let out = edgefn(&["compile", "--help"], &[], b"");
-    assert!(
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .contains("aarch64-unknown-linux-gnu")
-    );
+    assert!(String::from_utf8(out.stdout).unwrap().contains("aarch64-unknown-linux-gnu"));
 }
 
 #[test]
 fn unknown_keys_are_rejected_by_name() {
     for (body, key) in [
-        (
-            "[server]\nlisten = \"127.0.0.1:1\"\nlisen_typo = 1\n",
-            "lisen_typo",
-        ),
+        ("[server]\nlisten = \"127.0.0.1:1\"\nlisen_typo = 1\n", "lisen_typo"),
         ("[limits]\nmemroy = \"1 MiB\"\n", "memroy"),
         ("[functions.grayscale]\ndeadlin = \"1s\"\n", "deadlin"),
         ("[nosuchsection]\nx = 1\n", "nosuchsection"),
@@ -77,11 +60,7 @@ fn unknown_keys_are_rejected_by_name() {
     }
     let (_tmp, path) = write_config("[limits]\nmax_instances = 0\n");
     let out = edgefn(&["--config", &path, "check-config"], &[], b"");
-    assert!(
-        String::from_utf8(out.stderr)
-            .unwrap()
-            .contains("max_instances")
-    );
+    assert!(String::from_utf8(out.stderr).unwrap().contains("max_instances"));
 }
 
 #[test]
@@ -89,68 +68,36 @@ fn check_config_prints_effective_values_with_env_overrides() {
     let (_tmp, path) = write_config("[functions.grayscale]\ndeadline = \"750ms\"\n");
     let out = edgefn(
         &["--config", &path, "check-config"],
-        &[
-            ("EDGEFN__SERVER__LISTEN", "127.0.0.1:9999"),
-            ("EDGEFN__LIMITS__MAX_INSTANCES", "7"),
-        ],
+        &[("EDGEFN__SERVER__LISTEN", "127.0.0.1:9999"), ("EDGEFN__LIMITS__MAX_INSTANCES", "7")],
         b"",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     let parsed: toml::Value = toml::from_str(&text).unwrap();
     assert_eq!(parsed["server"]["listen"].as_str(), Some("127.0.0.1:9999"));
     assert_eq!(parsed["limits"]["max_instances"].as_integer(), Some(7));
-    assert_eq!(
-        parsed["functions"]["grayscale"]["deadline"].as_str(),
-        Some("750ms")
-    );
+    assert_eq!(parsed["functions"]["grayscale"]["deadline"].as_str(), Some("750ms"));
     assert_eq!(parsed["server"]["max_body"].as_str(), Some("16.0 MiB"));
 }
 
 #[test]
 fn invoke_runs_locally_and_fails_in_one_line() {
     let (_tmp, path) = write_config("");
-    let out = edgefn(
-        &["--config", &path, "invoke", "grayscale"],
-        &[],
-        &asset("coffee.png"),
-    );
+    let out = edgefn(&["--config", &path, "invoke", "grayscale"], &[], &asset("coffee.png"));
     assert!(out.status.success());
     common::assert_gray(&out.stdout);
 
-    let out = edgefn(
-        &["--config", &path, "invoke", "grayscale"],
-        &[],
-        b"definitely not an image",
-    );
+    let out = edgefn(&["--config", &path, "invoke", "grayscale"], &[], b"definitely not an image");
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(
-        err.starts_with("edgefn: function `grayscale` rejected its input"),
-        "{err}"
-    );
+    assert!(err.starts_with("edgefn: function `grayscale` rejected its input"), "{err}");
 
     let out = edgefn(&["--config", &path, "invoke", "nosuch"], &[], b"");
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8(out.stderr)
-            .unwrap()
-            .contains("unknown function `nosuch`")
-    );
+    assert!(String::from_utf8(out.stderr).unwrap().contains("unknown function `nosuch`"));
 
-    let out = edgefn(
-        &["--config", &path, "invoke", "printenv", "-e", "A=b"],
-        &[],
-        b"",
-    );
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap(),
-        "A=b\narg:printenv\n"
-    );
+    let out = edgefn(&["--config", &path, "invoke", "printenv", "-e", "A=b"], &[], b"");
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "A=b\narg:printenv\n");
 }

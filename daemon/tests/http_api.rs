@@ -31,12 +31,7 @@ fn photo_round_trip_is_gray_and_same_everywhere() {
 
     // `edgefn invoke` gives the same bytes too.
     let mut child = Command::new(common::BIN)
-        .args([
-            "--config",
-            d.dir.join("edgefn.toml").to_str().unwrap(),
-            "invoke",
-            "grayscale",
-        ])
+        .args(["--config", d.dir.join("edgefn.toml").to_str().unwrap(), "invoke", "grayscale"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -51,9 +46,7 @@ fn photo_round_trip_is_gray_and_same_everywhere() {
 #[test]
 fn gif_in_gives_gif_out() {
     let d = Daemon::start("");
-    let img = image::load_from_memory(&asset("coffee.png"))
-        .unwrap()
-        .thumbnail(64, 64);
+    let img = image::load_from_memory(&asset("coffee.png")).unwrap().thumbnail(64, 64);
     let gif = common::encode(&img, image::ImageFormat::Gif);
     let resp = d.post("/v1/functions/grayscale", &gif);
     assert_eq!(resp.status, 200);
@@ -85,29 +78,16 @@ fn bad_input_gets_its_status_and_json_error() {
     }
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         ("empty body", vec![], 422, "rejected"),
-        (
-            "truncated JPEG",
-            jpeg[..jpeg.len() / 3].to_vec(),
-            422,
-            "rejected",
-        ),
+        ("truncated JPEG", jpeg[..jpeg.len() / 3].to_vec(), 422, "rejected"),
         ("random bytes", random, 422, "rejected"),
     ];
     for (what, body, status, kind) in cases {
         let resp = d.post("/v1/functions/grayscale", &body);
-        assert_eq!(
-            resp.status,
-            status,
-            "{what}: {}",
-            String::from_utf8_lossy(&resp.body)
-        );
+        assert_eq!(resp.status, status, "{what}: {}", String::from_utf8_lossy(&resp.body));
         let j = resp.json();
         assert_eq!(j["kind"], kind, "{what}");
         assert_eq!(j["function"], "grayscale", "{what}");
-        assert!(
-            j["error"].as_str().unwrap().contains("grayscale"),
-            "{what}: {j}"
-        );
+        assert!(j["error"].as_str().unwrap().contains("grayscale"), "{what}: {j}");
         d.assert_alive();
     }
 
@@ -145,12 +125,7 @@ fn listing_health_and_metrics() {
     d.post("/v1/functions/grayscale", b"not an image");
 
     let list = d.get("/v1/functions").json();
-    let gray = list["functions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["name"] == "grayscale")
-        .unwrap();
+    let gray = list["functions"].as_array().unwrap().iter().find(|f| f["name"] == "grayscale").unwrap();
     assert_eq!(gray["sha256"].as_str().unwrap().len(), 64);
     assert_eq!(gray["limits"]["deadline_ms"], 3000);
     assert_eq!(gray["limits"]["max_instances"], 2);
@@ -163,47 +138,22 @@ fn listing_health_and_metrics() {
 
     let metrics = d.get("/metrics");
     assert!(metrics.content_type.contains("openmetrics"));
-    assert_eq!(
-        d.metric("edgefn_invocations_total{function=\"grayscale\"}"),
-        2.0
-    );
-    assert_eq!(
-        d.metric("edgefn_errors_total{function=\"grayscale\",kind=\"rejected\"}"),
-        1.0
-    );
-    assert_eq!(
-        d.metric("edgefn_invocation_duration_seconds_count{function=\"grayscale\"}"),
-        2.0
-    );
+    assert_eq!(d.metric("edgefn_invocations_total{function=\"grayscale\"}"), 2.0);
+    assert_eq!(d.metric("edgefn_errors_total{function=\"grayscale\",kind=\"rejected\"}"), 1.0);
+    assert_eq!(d.metric("edgefn_invocation_duration_seconds_count{function=\"grayscale\"}"), 2.0);
     let text = String::from_utf8(metrics.body).unwrap();
-    assert!(
-        text.contains("edgefn_invocation_duration_seconds_bucket{le=\""),
-        "{text}"
-    );
+    assert!(text.contains("edgefn_invocation_duration_seconds_bucket{le=\""), "{text}");
 }
 
 #[test]
 fn listens_on_loopback_by_default_and_stops_on_sigterm() {
-    let out = Command::new(common::BIN)
-        .args(["--config", "/nonexistent/edgefn.toml", "check-config"])
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "an explicit missing config is an error"
-    );
+    let out =
+        Command::new(common::BIN).args(["--config", "/nonexistent/edgefn.toml", "check-config"]).output().unwrap();
+    assert!(!out.status.success(), "an explicit missing config is an error");
 
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(common::BIN)
-        .current_dir(tmp.path())
-        .arg("check-config")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(common::BIN).current_dir(tmp.path()).arg("check-config").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("listen = \"127.0.0.1:8080\""), "{text}");
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::broker::Broker;
+use common::broker::{Broker, Tls};
 use common::fake_dapr::{FakeDapr, Mode};
 use common::{BIN, Daemon};
 
@@ -16,28 +16,14 @@ const SINK: &str = "dapr:upstream/frames/gray";
 
 /// A small camera frame, so counting tests spend their time on the plumbing.
 fn small_jpeg(dir: &Path) -> PathBuf {
-    let img = image::load_from_memory(&common::asset("chelsea.png"))
-        .unwrap()
-        .thumbnail(160, 120);
+    let img = image::load_from_memory(&common::asset("chelsea.png")).unwrap().thumbnail(160, 120);
     let path = dir.join("frame.jpg");
-    std::fs::write(
-        &path,
-        common::encode(
-            &image::DynamicImage::ImageRgb8(img.to_rgb8()),
-            image::ImageFormat::Jpeg,
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, common::encode(&image::DynamicImage::ImageRgb8(img.to_rgb8()), image::ImageFormat::Jpeg))
+        .unwrap();
     path
 }
 
-fn config(
-    broker: &Broker,
-    dapr: &FakeDapr,
-    policy: &str,
-    version: u8,
-    extra_sinks: &str,
-) -> String {
+fn config(broker: &Broker, dapr: &FakeDapr, policy: &str, version: u8, extra_sinks: &str) -> String {
     format!(
         r#"
 [mqtt]
@@ -68,20 +54,8 @@ policy = "{policy}"
 
 fn publisher(broker: &Broker, camera: &str, frame: &Path, count: u32, fps: u32) -> Child {
     Command::new(BIN)
-        .args([
-            "publish",
-            "--broker",
-            &broker.url(),
-            "--topic",
-            &format!("cameras/{camera}/frames"),
-        ])
-        .args([
-            "--fps",
-            &fps.to_string(),
-            "--count",
-            &count.to_string(),
-            frame.to_str().unwrap(),
-        ])
+        .args(["publish", "--broker", &broker.url(), "--topic", &format!("cameras/{camera}/frames")])
+        .args(["--fps", &fps.to_string(), "--count", &count.to_string(), frame.to_str().unwrap()])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -95,10 +69,7 @@ fn finish(mut c: Child) {
 /// Sum of every sample of a metric family whose line starts with `prefix`.
 fn metric_sum(d: &Daemon, prefix: &str) -> f64 {
     let text = String::from_utf8(d.get("/metrics").body).unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
 /// (camera → seqs) of the distinct event ids the sidecar got.
@@ -124,47 +95,25 @@ fn count_through(policy: &str) -> (usize, f64) {
     let d = Daemon::start_in(tmp.path(), &config(&broker, &dapr, policy, 4, ""));
     d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
     let frame = small_jpeg(tmp.path());
-    let pubs: Vec<Child> = ["cam1", "cam2", "cam3"]
-        .iter()
-        .map(|c| publisher(&broker, c, &frame, 200, 0))
-        .collect();
+    let pubs: Vec<Child> = ["cam1", "cam2", "cam3"].iter().map(|c| publisher(&broker, c, &frame, 200, 0)).collect();
     pubs.into_iter().for_each(finish);
 
     let until = Instant::now() + Duration::from_secs(120);
     loop {
         let drops = metric_sum(&d, "edgefn_frames_dropped_total");
         let delivered = distinct(&dapr);
-        if delivered as f64 + drops >= 600.0
-            && d.metric(&format!("edgefn_outbox_depth{{sink=\"{SINK}\"}}")) == 0.0
-        {
+        if delivered as f64 + drops >= 600.0 && d.metric(&format!("edgefn_outbox_depth{{sink=\"{SINK}\"}}")) == 0.0 {
             break;
         }
-        assert!(
-            Instant::now() < until,
-            "delivered {delivered} + dropped {drops} of 600:\n{}",
-            d.log()
-        );
+        assert!(Instant::now() < until, "delivered {delivered} + dropped {drops} of 600:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));
     let drops = metric_sum(&d, "edgefn_frames_dropped_total");
     let delivered = distinct(&dapr);
-    assert_eq!(
-        dapr.ids().len(),
-        delivered,
-        "a result was published twice in a fault-free run"
-    );
-    assert_eq!(
-        metric_sum(&d, "edgefn_pipeline_errors_total"),
-        0.0,
-        "{}",
-        d.log()
-    );
-    assert_eq!(
-        delivered as f64 + drops,
-        600.0,
-        "published 600: delivered {delivered}, dropped {drops}"
-    );
+    assert_eq!(dapr.ids().len(), delivered, "a result was published twice in a fault-free run");
+    assert_eq!(metric_sum(&d, "edgefn_pipeline_errors_total"), 0.0, "{}", d.log());
+    assert_eq!(delivered as f64 + drops, 600.0, "published 600: delivered {delivered}, dropped {drops}");
     // The envelope is the contract's: our id, our subject, a PNG as base64.
     let ev = &dapr.events()[0].event;
     assert_eq!(ev["datacontenttype"], "image/png");
@@ -198,16 +147,9 @@ fn sidecar_outage_delays_but_loses_nothing() {
     finish(publisher(&broker, "cam1", &small_jpeg(tmp.path()), 60, 0));
 
     // Every result is committed while the sidecar fails; the outbox holds them.
-    d.wait_metric(
-        "edgefn_results_total{pipeline=\"doorcam-gray\",camera=\"cam1\"}",
-        60,
-        |v| v == 60.0,
-    );
+    d.wait_metric("edgefn_results_total{pipeline=\"doorcam-gray\",camera=\"cam1\"}", 60, |v| v == 60.0);
     let depth = d.metric(&format!("edgefn_outbox_depth{{sink=\"{SINK}\"}}"));
-    assert!(
-        depth >= 50.0,
-        "outbox depth {depth} while the sidecar fails"
-    );
+    assert!(depth >= 50.0, "outbox depth {depth} while the sidecar fails");
     assert!(d.metric(&format!("edgefn_outbox_retried_total{{sink=\"{SINK}\"}}")) > 0.0);
     assert_eq!(d.get("/healthz").json()["outbox"]["pending"], depth as u64);
 
@@ -220,15 +162,8 @@ fn sidecar_outage_delays_but_loses_nothing() {
 
     let seqs = seqs_by_camera(&dapr);
     assert_eq!(seqs["cam1"], (1..=60).collect::<BTreeSet<u64>>());
-    assert!(
-        dapr.events().iter().any(|e| e.bulk),
-        "queued results go out in bulk"
-    );
-    d.wait_metric(
-        &format!("edgefn_outbox_depth{{sink=\"{SINK}\"}}"),
-        10,
-        |v| v == 0.0,
-    );
+    assert!(dapr.events().iter().any(|e| e.bulk), "queued results go out in bulk");
+    d.wait_metric(&format!("edgefn_outbox_depth{{sink=\"{SINK}\"}}"), 10, |v| v == 0.0);
 }
 
 #[test]
@@ -260,11 +195,7 @@ fn sigkill_mid_stream_loses_no_result() {
         } else if n >= 400 && depth == 0.0 && last.1.elapsed() > Duration::from_secs(2) {
             break;
         }
-        assert!(
-            Instant::now() < until,
-            "{n} distinct results after the kills:\n{}",
-            d.log()
-        );
+        assert!(Instant::now() < until, "{n} distinct results after the kills:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(100));
     }
     // Every committed result (seqs are contiguous per camera) reached the sidecar: no gaps.
@@ -276,10 +207,7 @@ fn sigkill_mid_stream_loses_no_result() {
         "results produced (1..={max}) vs delivered {}: a gap is a lost result",
         seqs.len()
     );
-    assert!(
-        max >= 400,
-        "400 frames published, {max} results: a frame was lost"
-    );
+    assert!(max >= 400, "400 frames published, {max} results: a frame was lost");
 }
 
 #[test]
@@ -293,48 +221,22 @@ fn permanent_refusals_go_to_dead_letters_and_401_is_retried() {
 
     dapr.set_mode(Mode::Status(403));
     finish(publisher(&broker, "cam1", &frame, 3, 0));
-    d.wait_metric(
-        &format!("edgefn_outbox_dead_total{{sink=\"{SINK}\"}}"),
-        30,
-        |v| v == 3.0,
-    );
+    d.wait_metric(&format!("edgefn_outbox_dead_total{{sink=\"{SINK}\"}}"), 30, |v| v == 3.0);
     dapr.set_mode(Mode::Status(404));
     finish(publisher(&broker, "cam2", &frame, 2, 0));
-    d.wait_metric(
-        &format!("edgefn_outbox_dead_total{{sink=\"{SINK}\"}}"),
-        30,
-        |v| v == 5.0,
-    );
-    assert_eq!(
-        d.metric(&format!("edgefn_outbox_retried_total{{sink=\"{SINK}\"}}")),
-        0.0,
-        "no endless retries"
-    );
+    d.wait_metric(&format!("edgefn_outbox_dead_total{{sink=\"{SINK}\"}}"), 30, |v| v == 5.0);
+    assert_eq!(d.metric(&format!("edgefn_outbox_retried_total{{sink=\"{SINK}\"}}")), 0.0, "no endless retries");
     let dead = d.get("/v1/outbox/dead").json();
     let dead = dead["dead"].as_array().unwrap();
     assert_eq!(dead.len(), 5);
+    assert_eq!(dead.iter().filter(|e| e["record"]["error"].as_str().unwrap().contains("403")).count(), 3);
     assert_eq!(
-        dead.iter()
-            .filter(|e| e["record"]["error"].as_str().unwrap().contains("403"))
-            .count(),
-        3
-    );
-    assert_eq!(
-        dead.iter()
-            .filter(|e| e["record"]["error"]
-                .as_str()
-                .unwrap()
-                .contains("ERR_PUBSUB_NOT_FOUND"))
-            .count(),
+        dead.iter().filter(|e| e["record"]["error"].as_str().unwrap().contains("ERR_PUBSUB_NOT_FOUND")).count(),
         2
     );
-    assert!(dead.iter().all(|e| {
-        e["sink"] == SINK
-            && e["record"]["id"]
-                .as_str()
-                .unwrap()
-                .starts_with("doorcam-gray/")
-    }));
+    assert!(
+        dead.iter().all(|e| { e["sink"] == SINK && e["record"]["id"].as_str().unwrap().starts_with("doorcam-gray/") })
+    );
     drop(d);
 
     // A sidecar that wants a token we lack: kept and retried, with a clear error, never dead.
@@ -344,26 +246,14 @@ fn permanent_refusals_go_to_dead_letters_and_401_is_retried() {
     let mut d = Daemon::start_in(tmp.path(), &cfg);
     d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
     finish(publisher(&broker, "cam3", &frame, 2, 0));
-    d.wait_metric(
-        &format!("edgefn_outbox_retried_total{{sink=\"{SINK}\"}}"),
-        30,
-        |v| v >= 2.0,
-    );
-    assert_eq!(
-        d.metric(&format!("edgefn_outbox_depth{{sink=\"{SINK}\"}}")),
-        2.0
-    );
-    assert_eq!(
-        d.metric(&format!("edgefn_outbox_dead_total{{sink=\"{SINK}\"}}")),
-        0.0
-    );
+    d.wait_metric(&format!("edgefn_outbox_retried_total{{sink=\"{SINK}\"}}"), 30, |v| v >= 2.0);
+    assert_eq!(d.metric(&format!("edgefn_outbox_depth{{sink=\"{SINK}\"}}")), 2.0);
+    assert_eq!(d.metric(&format!("edgefn_outbox_dead_total{{sink=\"{SINK}\"}}")), 0.0);
     assert!(dapr.unauthorized() > 0);
     assert!(d.log().contains("set DAPR_API_TOKEN"), "{}", d.log());
     assert!(d.stop().success());
     let d = Daemon::start_env(tmp.path(), &cfg, &[("DAPR_API_TOKEN", "s3cret".into())]);
-    dapr.wait_for(30, "2 results after the token is set", |_| {
-        distinct(&dapr) == 2
-    });
+    dapr.wait_for(30, "2 results after the token is set", |_| distinct(&dapr) == 2);
     drop(d);
 }
 
@@ -390,13 +280,8 @@ fn broker_restart_resumes_the_session(version: u8) {
     finish(publisher(&broker, "cam1", &frame, 10, 0));
     broker.restart();
     let d = Daemon::start_in(tmp.path(), &cfg);
-    dapr.wait_for(30, "30 results from the resumed session", |_| {
-        distinct(&dapr) == 30
-    });
-    assert_eq!(
-        seqs_by_camera(&dapr)["cam1"],
-        (1..=30).collect::<BTreeSet<u64>>()
-    );
+    dapr.wait_for(30, "30 results from the resumed session", |_| distinct(&dapr) == 30);
+    assert_eq!(seqs_by_camera(&dapr)["cam1"], (1..=30).collect::<BTreeSet<u64>>());
     drop(d);
 }
 
@@ -435,38 +320,19 @@ fn bad_payloads_are_refused_and_the_next_frame_flows() {
 
     // The MQTT sink's result, read back from the broker.
     let sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &broker.port.to_string(),
-            "-q",
-            "1",
-            "-C",
-            "1",
-            "-W",
-            "30",
-        ])
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1", "-C", "1", "-W", "30"])
         .args(["-t", "results/good/doorcam-gray"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let frame = small_jpeg(tmp.path());
-    broker.publish_raw(
-        "cameras/good/frames",
-        &["-f", frame.to_str().unwrap()],
-        None,
-    );
+    broker.publish_raw("cameras/good/frames", &["-f", frame.to_str().unwrap()], None);
 
     dapr.wait_for(30, "the good frame", |_| distinct(&dapr) == 1);
     assert_eq!(dapr.ids(), ["doorcam-gray/good/1"]);
     let out = sub.wait_with_output().unwrap();
-    assert!(
-        out.stdout.starts_with(b"\x89PNG"),
-        "mqtt sink result: {} bytes",
-        out.stdout.len()
-    );
+    assert!(out.stdout.starts_with(b"\x89PNG"), "mqtt sink result: {} bytes", out.stdout.len());
 
     let log = d.log();
     for needle in [
@@ -479,18 +345,9 @@ fn bad_payloads_are_refused_and_the_next_frame_flows() {
     ] {
         assert!(log.contains(needle), "log lacks `{needle}`:\n{log}");
     }
-    assert_eq!(
-        d.metric("edgefn_pipeline_errors_total{pipeline=\"doorcam-gray\",kind=\"empty\"}"),
-        1.0
-    );
-    assert_eq!(
-        d.metric("edgefn_pipeline_errors_total{pipeline=\"doorcam-gray\",kind=\"oversized\"}"),
-        1.0
-    );
-    assert_eq!(
-        d.metric("edgefn_pipeline_errors_total{pipeline=\"doorcam-gray\",kind=\"rejected\"}"),
-        1.0
-    );
+    assert_eq!(d.metric("edgefn_pipeline_errors_total{pipeline=\"doorcam-gray\",kind=\"empty\"}"), 1.0);
+    assert_eq!(d.metric("edgefn_pipeline_errors_total{pipeline=\"doorcam-gray\",kind=\"oversized\"}"), 1.0);
+    assert_eq!(d.metric("edgefn_pipeline_errors_total{pipeline=\"doorcam-gray\",kind=\"rejected\"}"), 1.0);
     d.assert_alive();
 }
 
@@ -510,18 +367,10 @@ sinks = [{{ file = {{ path = {results:?} }} }}]
     let d = Daemon::start_env(tmp.path(), &cfg, &[("APP_API_TOKEN", "apptok".into())]);
     let token = ("dapr-api-token", "apptok");
 
-    assert_eq!(
-        d.get("/healthz").status,
-        200,
-        "health stays open for probes"
-    );
+    assert_eq!(d.get("/healthz").status, 200, "health stays open for probes");
     assert_eq!(d.get("/dapr/subscribe").status, 401);
     assert_eq!(d.post("/v1/functions/grayscale", b"x").status, 401);
-    let subs = common::agent()
-        .get(&d.url("/dapr/subscribe"))
-        .header(token.0, token.1)
-        .call()
-        .unwrap();
+    let subs = common::agent().get(&d.url("/dapr/subscribe")).header(token.0, token.1).call().unwrap();
     let subs: serde_json::Value = serde_json::from_reader(subs.into_body().into_reader()).unwrap();
     assert_eq!(
         subs,
@@ -536,31 +385,16 @@ sinks = [{{ file = {{ path = {results:?} }} }}]
         "data_base64": base64::engine::general_purpose::STANDARD.encode(common::asset("chelsea.png")),
     });
     let post = |body: &serde_json::Value| {
-        d.post_with(
-            "/v1/dapr/events/cloud-gray",
-            token,
-            body.to_string().as_bytes(),
-        )
-        .json()["status"]
-            .clone()
+        d.post_with("/v1/dapr/events/cloud-gray", token, body.to_string().as_bytes()).json()["status"].clone()
     };
     assert_eq!(post(&event), "SUCCESS");
     let mut garbage = event.clone();
-    garbage["data_base64"] =
-        serde_json::json!(base64::engine::general_purpose::STANDARD.encode(b"not an image"));
+    garbage["data_base64"] = serde_json::json!(base64::engine::general_purpose::STANDARD.encode(b"not an image"));
     assert_eq!(post(&garbage), "DROP");
-    assert_eq!(
-        d.post_with("/v1/dapr/events/cloud-gray", token, b"{not json")
-            .json()["status"],
-        "DROP"
-    );
+    assert_eq!(d.post_with("/v1/dapr/events/cloud-gray", token, b"{not json").json()["status"], "DROP");
 
     // HTTP feeds the same pipeline.
-    let resp = d.post_with(
-        "/v1/pipelines/cloud-gray?camera=desk",
-        token,
-        &common::asset("coffee.png"),
-    );
+    let resp = d.post_with("/v1/pipelines/cloud-gray?camera=desk", token, &common::asset("coffee.png"));
     assert_eq!(resp.status, 200);
     common::assert_gray(&resp.body);
 
@@ -572,15 +406,48 @@ sinks = [{{ file = {{ path = {results:?} }} }}]
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let events: Vec<serde_json::Value> = lines
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(events.len(), 2, "{lines}");
     assert_eq!(events[0]["id"], "cloud-gray/cloudcam/1");
     assert_eq!(events[1]["id"], "cloud-gray/desk/1");
     assert_eq!(events[1]["subject"], "desk");
     assert_eq!(events[0]["datacontenttype"], "image/png");
+}
+
+#[test]
+fn tls_with_client_certificate_and_password() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = Tls::generate(&tmp.path().join("pki"));
+    let broker = Broker::start_tls(&tmp.path().join("broker"), &tls, "cam-user", "cam-pass");
+    let dapr = FakeDapr::start(&["upstream"], None);
+    let cfg = |password: &str| {
+        let section = format!(
+            "url = \"mqtts://127.0.0.1:{}\"\nusername = \"cam-user\"\npassword = \"{password}\"\n\
+             ca = {:?}\ncert = {:?}\nkey = {:?}\n",
+            broker.port, tls.ca, tls.client_cert, tls.client_key
+        );
+        config(&broker, &dapr, "block", 4, "").replace(&format!("url = \"{}\"\n", broker.url()), &section)
+    };
+
+    // A wrong password never connects, and says why.
+    let d = Daemon::start_in(&tmp.path().join("bad"), &cfg("wrong"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(d.metric("edgefn_mqtt_connected"), 0.0);
+    assert!(d.log().contains("MQTT broker connection"), "{}", d.log());
+    drop(d);
+
+    let d = Daemon::start_in(&tmp.path().join("good"), &cfg("cam-pass"));
+    d.wait_metric("edgefn_mqtt_connected", 15, |v| v == 1.0);
+    // The camera side over TLS too: `edgefn publish` reads the same [mqtt] section.
+    let frame = small_jpeg(tmp.path());
+    let st = Command::new(BIN)
+        .args(["--config", d.dir.join("edgefn.toml").to_str().unwrap(), "publish", "--topic", "cameras/tls/frames"])
+        .args(["--fps", "0", "--count", "3", frame.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    dapr.wait_for(30, "3 results over TLS", |_| distinct(&dapr) == 3);
 }
 
 /// A real daprd, when one is at hand: `DAPRD_BIN=/path/to/daprd cargo test -- --ignored real_daprd`.
@@ -593,47 +460,20 @@ fn real_daprd_round_trip() {
     // config/dapr's pubsub.mqtt3, pointed at this test's broker.
     let resources = tmp.path().join("resources");
     std::fs::create_dir_all(&resources).unwrap();
-    let component = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/dapr/pubsub-mqtt3.yaml"),
-    )
-    .unwrap()
-    .replace(
-        "tcp://127.0.0.1:1883",
-        &format!("tcp://127.0.0.1:{}", broker.port),
-    );
+    let component =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/dapr/pubsub-mqtt3.yaml"))
+            .unwrap()
+            .replace("tcp://127.0.0.1:1883", &format!("tcp://127.0.0.1:{}", broker.port));
     std::fs::write(resources.join("pubsub.yaml"), component).unwrap();
     let http_port = common::free_port();
     let app_port = common::free_port();
     let mut sidecar = Command::new(daprd)
-        .args([
-            "--app-id",
-            "edgefn",
-            "--app-port",
-            &app_port.to_string(),
-            "--dapr-http-port",
-            &http_port.to_string(),
-        ])
-        .args([
-            "--dapr-grpc-port",
-            &common::free_port().to_string(),
-            "--resources-path",
-            resources.to_str().unwrap(),
-        ])
+        .args(["--app-id", "edgefn", "--app-port", &app_port.to_string(), "--dapr-http-port", &http_port.to_string()])
+        .args(["--dapr-grpc-port", &common::free_port().to_string(), "--resources-path", resources.to_str().unwrap()])
         .spawn()
         .unwrap();
     let sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &broker.port.to_string(),
-            "-C",
-            "1",
-            "-W",
-            "60",
-            "-t",
-            "frames/gray",
-        ])
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-C", "1", "-W", "60", "-t", "frames/gray"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -643,14 +483,10 @@ fn real_daprd_round_trip() {
     )
     .replace("[server]\n", "");
     let d = Daemon::start_in(tmp.path(), &cfg);
-    let resp = d.post(
-        "/v1/pipelines/doorcam-gray?camera=real",
-        &common::asset("chelsea.png"),
-    );
+    let resp = d.post("/v1/pipelines/doorcam-gray?camera=real", &common::asset("chelsea.png"));
     assert_eq!(resp.status, 200);
     let out = sub.wait_with_output().unwrap();
-    let ev: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("a CloudEvent on the upstream broker");
+    let ev: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a CloudEvent on the upstream broker");
     assert_eq!(ev["id"], "doorcam-gray/real/1");
     let _ = sidecar.kill();
     drop(d);

@@ -16,46 +16,24 @@ async fn same_pixels_as_the_seed() {
     let path = tmp.path().join("edgefn.toml");
     std::fs::write(
         &path,
-        format!(
-            "[runtime]\nfunctions_dir = {:?}\ncache_dir = {:?}\n",
-            functions_dir(),
-            tmp.path().join("c")
-        ),
+        format!("[runtime]\nfunctions_dir = {:?}\ncache_dir = {:?}\n", functions_dir(), tmp.path().join("c")),
     )
     .unwrap();
-    let rt = Runtime::load(
-        &Config::load(&path, true).unwrap(),
-        Arc::new(Metrics::new()),
-        None,
-    )
-    .unwrap();
+    let rt = Runtime::load(&Config::load(&path, true).unwrap(), Arc::new(Metrics::new()), None).unwrap();
 
     let coffee = image::load_from_memory(&asset("coffee.png")).unwrap();
     let inputs = [
         ("chelsea.png", asset("chelsea.png")),
         ("coffee.png", asset("coffee.png")),
         ("camera.jpg", common::camera_jpeg()),
-        (
-            "coffee.gif",
-            encode(&coffee.thumbnail(120, 120), image::ImageFormat::Gif),
-        ),
+        ("coffee.gif", encode(&coffee.thumbnail(120, 120), image::ImageFormat::Gif)),
     ];
     for (what, input) in inputs {
-        let ours = rt
-            .invoke("grayscale", input.clone().into(), &[])
-            .await
-            .unwrap_or_else(|e| panic!("{what}: {e}"))
-            .stdout;
-        let seed = rt
-            .invoke("seed_grayscale", input.into(), &[])
-            .await
-            .unwrap_or_else(|e| panic!("{what}: {e}"))
-            .stdout;
-        assert_eq!(
-            image::guess_format(&ours).unwrap(),
-            image::guess_format(&seed).unwrap(),
-            "{what}"
-        );
+        let ours =
+            rt.invoke("grayscale", input.clone().into(), &[]).await.unwrap_or_else(|e| panic!("{what}: {e}")).stdout;
+        let seed =
+            rt.invoke("seed_grayscale", input.into(), &[]).await.unwrap_or_else(|e| panic!("{what}: {e}")).stdout;
+        assert_eq!(image::guess_format(&ours).unwrap(), image::guess_format(&seed).unwrap(), "{what}");
         let ours = image::load_from_memory(&ours).unwrap().to_rgba8();
         let seed = image::load_from_memory(&seed).unwrap().to_rgba8();
         assert_eq!(ours.dimensions(), seed.dimensions(), "{what}");

@@ -21,9 +21,7 @@ pub fn subscriptions(pipelines: Option<&Pipelines>) -> Value {
         .into_iter()
         .flat_map(|ps| ps.iter())
         .filter_map(|p| {
-            p.source.dapr.as_ref().map(
-                |d| json!({ "pubsubname": d.pubsub, "topic": d.topic, "route": route(&p.name) }),
-            )
+            p.source.dapr.as_ref().map(|d| json!({ "pubsubname": d.pubsub, "topic": d.topic, "route": route(&p.name) }))
         })
         .collect();
     Value::Array(subs)
@@ -45,9 +43,7 @@ pub async fn event(pipelines: &Pipelines, name: &str, body: &[u8]) -> &'static s
     match pipelines.run(p, &camera, &topic, data).await {
         Ok(_) => "SUCCESS",
         Err(PipelineError::Function(
-            e @ (InvokeError::Saturated { .. }
-            | InvokeError::Unavailable { .. }
-            | InvokeError::UnknownFunction { .. }),
+            e @ (InvokeError::Saturated { .. } | InvokeError::Unavailable { .. } | InvokeError::UnknownFunction { .. }),
         )) => {
             tracing::warn!(pipeline = name, camera = %camera, topic = %topic, "event to retry: {e}");
             "RETRY"
@@ -67,17 +63,10 @@ pub async fn event(pipelines: &Pipelines, name: &str, body: &[u8]) -> &'static s
 /// bytes, other JSON `data` re-serialised. The camera is the event's `subject`, else `dapr`.
 fn unwrap_event(body: &[u8]) -> Result<(String, String, Bytes), String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    let camera = v["subject"]
-        .as_str()
-        .filter(|s| !s.is_empty())
-        .unwrap_or("dapr")
-        .to_string();
+    let camera = v["subject"].as_str().filter(|s| !s.is_empty()).unwrap_or("dapr").to_string();
     let topic = v["topic"].as_str().unwrap_or_default().to_string();
     let data = if let Some(b64) = v["data_base64"].as_str() {
-        base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|e| format!("data_base64: {e}"))?
-            .into()
+        base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| format!("data_base64: {e}"))?.into()
     } else {
         match &v["data"] {
             Value::Null => return Err("no data".into()),

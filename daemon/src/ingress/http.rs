@@ -39,12 +39,7 @@ pub struct Api {
 }
 
 /// Serves `listener` until `shutdown` resolves, then gives open requests `grace` to finish.
-pub async fn serve(
-    listener: TcpListener,
-    api: Arc<Api>,
-    shutdown: impl Future<Output = ()>,
-    grace: Duration,
-) {
+pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<Output = ()>, grace: Duration) {
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -77,10 +72,7 @@ pub async fn serve(
         }
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("shutdown grace of {grace:?} over; closing open connections");
     }
 }
@@ -92,12 +84,7 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
         let given = req.headers().get("dapr-api-token").map(|v| v.as_bytes());
         if path != "/healthz" && given != Some(token.as_bytes()) {
             tracing::warn!(%method, %path, "refused: missing or wrong dapr-api-token (APP_API_TOKEN is set)");
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong dapr-api-token".into(),
-                None,
-                "unauthorized",
-            );
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong dapr-api-token".into(), None, "unauthorized");
         }
     }
     match (&method, path.as_str()) {
@@ -109,19 +96,16 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
             let mut resp = Response::new(Full::from(api.runtime.metrics().encode()));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
-                HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
             );
             resp
         }
         (&Method::GET, "/v1/functions") => list_functions(api),
         (&Method::GET, "/v1/pipelines") => list_pipelines(api),
         (&Method::GET, "/v1/outbox/dead") => dead_letters(api),
-        (&Method::GET, "/dapr/subscribe") => json_response(
-            StatusCode::OK,
-            &dapr::subscriptions(api.pipelines.as_deref()),
-        ),
+        (&Method::GET, "/dapr/subscribe") => {
+            json_response(StatusCode::OK, &dapr::subscriptions(api.pipelines.as_deref()))
+        }
         (&Method::POST, "/api/image") => invoke(api, "grayscale", req).await,
         (&Method::POST, "/api/hello") => {
             // The seed's page picks the function with an `api` header: `go` meant classify.
@@ -143,29 +127,14 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
             let name = p["/v1/dapr/events/".len()..].to_owned();
             dapr_event(api, &name, req).await
         }
-        (
-            _,
-            "/healthz" | "/metrics" | "/v1/functions" | "/v1/pipelines" | "/v1/outbox/dead"
-            | "/dapr/subscribe",
-        )
-        | (_, "/api/image" | "/api/hello") => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} not allowed on {path}"),
-            None,
-            "method",
-        ),
-        (_, p) if p.starts_with("/v1/functions/") || p.starts_with("/v1/pipelines/") => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} not allowed on {path}"),
-            None,
-            "method",
-        ),
-        _ => error(
-            StatusCode::NOT_FOUND,
-            format!("no route for {method} {path}"),
-            None,
-            "route",
-        ),
+        (_, "/healthz" | "/metrics" | "/v1/functions" | "/v1/pipelines" | "/v1/outbox/dead" | "/dapr/subscribe")
+        | (_, "/api/image" | "/api/hello") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed on {path}"), None, "method")
+        }
+        (_, p) if p.starts_with("/v1/functions/") || p.starts_with("/v1/pipelines/") => {
+            error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed on {path}"), None, "method")
+        }
+        _ => error(StatusCode::NOT_FOUND, format!("no route for {method} {path}"), None, "route"),
     }
 }
 
@@ -173,37 +142,20 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
 /// and returns the output with its id.
 async fn run_pipeline(api: &Api, name: &str, req: Request<Incoming>) -> Response<Body> {
     let Some(pipelines) = &api.pipelines else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("unknown pipeline `{name}`"),
-            None,
-            "unknown_pipeline",
-        );
+        return error(StatusCode::NOT_FOUND, format!("unknown pipeline `{name}`"), None, "unknown_pipeline");
     };
     let Some(p) = pipelines.get(name).cloned() else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("unknown pipeline `{name}`"),
-            None,
-            "unknown_pipeline",
-        );
+        return error(StatusCode::NOT_FOUND, format!("unknown pipeline `{name}`"), None, "unknown_pipeline");
     };
     let camera = req
         .uri()
         .query()
         .and_then(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "camera")
-                .map(|(_, v)| v.into_owned())
+            url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "camera").map(|(_, v)| v.into_owned())
         })
         .unwrap_or_else(|| "http".to_string());
     if camera.is_empty() || camera.contains('/') || camera.len() > 128 {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("bad camera id `{camera}`"),
-            None,
-            "camera",
-        );
+        return error(StatusCode::BAD_REQUEST, format!("bad camera id `{camera}`"), None, "camera");
     }
     let input = match read_body(req, api.max_body).await {
         Ok(b) => b,
@@ -215,10 +167,7 @@ async fn run_pipeline(api: &Api, name: &str, req: Request<Incoming>) -> Response
             let mut resp = Response::new(Full::from(done.output));
             let h = resp.headers_mut();
             h.insert(CONTENT_TYPE, HeaderValue::from_static(done.content_type));
-            h.insert(
-                "x-edgefn-id",
-                HeaderValue::from_str(&done.id).expect("ids are ASCII"),
-            );
+            h.insert("x-edgefn-id", HeaderValue::from_str(&done.id).expect("ids are ASCII"));
             h.insert("x-edgefn-seq", HeaderValue::from(done.seq));
             resp
         }
@@ -228,12 +177,7 @@ async fn run_pipeline(api: &Api, name: &str, req: Request<Incoming>) -> Response
         }
         Err(e) => {
             tracing::error!(pipeline = name, camera = %camera, "{e}");
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                e.to_string(),
-                None,
-                e.kind(),
-            )
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), None, e.kind())
         }
     }
 }
@@ -275,18 +219,10 @@ fn dead_letters(api: &Api) -> Response<Body> {
     };
     match p.outbox().dead_letters(1000) {
         Ok(list) => {
-            let dead: Vec<_> = list
-                .into_iter()
-                .map(|(sink, r)| json!({ "sink": sink, "record": r }))
-                .collect();
+            let dead: Vec<_> = list.into_iter().map(|(sink, r)| json!({ "sink": sink, "record": r })).collect();
             json_response(StatusCode::OK, &json!({ "dead": dead }))
         }
-        Err(e) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("reading dead letters: {e:#}"),
-            None,
-            "outbox",
-        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("reading dead letters: {e:#}"), None, "outbox"),
     }
 }
 
@@ -295,11 +231,7 @@ fn refresh_outbox_metrics(p: &Pipelines) {
         return;
     };
     let metrics = p.runtime().metrics();
-    for sink in p
-        .iter()
-        .flat_map(|p| p.sinks.iter().map(|s| s.key.to_string()))
-        .chain(sinks)
-    {
+    for sink in p.iter().flat_map(|p| p.sinks.iter().map(|s| s.key.to_string())).chain(sinks) {
         if let Ok((depth, age)) = p.outbox().depth(&sink) {
             let label = SinkLabel { sink };
             metrics.outbox_depth.get_or_create(&label).set(depth as i64);
@@ -316,10 +248,7 @@ async fn invoke(api: &Api, name: &str, req: Request<Incoming>) -> Response<Body>
     match api.runtime.invoke(name, input, &[]).await {
         Ok(out) => {
             let mut resp = Response::new(Full::from(out.stdout.clone()));
-            resp.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static(content_type::sniff(&out.stdout)),
-            );
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type::sniff(&out.stdout)));
             resp
         }
         Err(e) => {
@@ -338,13 +267,11 @@ fn status_of(e: &InvokeError) -> StatusCode {
     match e {
         InvokeError::UnknownFunction { .. } => StatusCode::NOT_FOUND,
         InvokeError::Rejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-        InvokeError::Saturated { .. } | InvokeError::Unavailable { .. } => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        InvokeError::Saturated { .. } | InvokeError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         InvokeError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
-        InvokeError::MemoryLimit { .. }
-        | InvokeError::OutputTooLarge { .. }
-        | InvokeError::Trap { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        InvokeError::MemoryLimit { .. } | InvokeError::OutputTooLarge { .. } | InvokeError::Trap { .. } => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     }
 }
 
@@ -358,11 +285,7 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Response
         let msg = format!("request body over the limit of {max} bytes");
         error(StatusCode::PAYLOAD_TOO_LARGE, msg, None, "body_too_large")
     };
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let expects_continue = req.headers().contains_key(hyper::header::EXPECT);
     let mut body = req.into_body();
     if declared.is_some_and(|n| n > max as u64) {
@@ -373,14 +296,8 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Response
     }
     let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                format!("reading request body: {e}"),
-                None,
-                "body",
-            )
-        })?;
+        let frame =
+            frame.map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading request body: {e}"), None, "body"))?;
         if let Some(data) = frame.data_ref() {
             if buf.len() + data.len() > max {
                 drain(body).await;
@@ -411,11 +328,7 @@ async fn drain(mut body: Incoming) {
 fn health(api: &Api) -> Response<Body> {
     let rt = &api.runtime;
     let metrics = rt.metrics();
-    let mut problems: Vec<String> = rt
-        .failed()
-        .keys()
-        .map(|f| format!("function {f} not loaded"))
-        .collect();
+    let mut problems: Vec<String> = rt.failed().keys().map(|f| format!("function {f} not loaded")).collect();
     let outbox = api.pipelines.as_ref().map(|p| {
         let ob = p.outbox();
         if let Some(e) = ob.error() {
@@ -423,11 +336,7 @@ fn health(api: &Api) -> Response<Body> {
         }
         json!({ "pending": ob.total().unwrap_or(0), "error": ob.error() })
     });
-    let status = if problems.is_empty() {
-        "ok"
-    } else {
-        "degraded"
-    };
+    let status = if problems.is_empty() { "ok" } else { "degraded" };
     json_response(
         StatusCode::OK,
         &json!({
@@ -450,9 +359,7 @@ fn list_functions(api: &Api) -> Response<Body> {
     let loaded: Vec<_> = rt
         .functions()
         .map(|f| {
-            let label = FunctionLabel {
-                function: f.name.clone(),
-            };
+            let label = FunctionLabel { function: f.name.clone() };
             json!({
                 "name": f.name,
                 "sha256": f.sha256,
@@ -470,33 +377,17 @@ fn list_functions(api: &Api) -> Response<Body> {
             })
         })
         .collect();
-    let failed: Vec<_> = rt
-        .failed()
-        .iter()
-        .map(|(n, c)| json!({"name": n, "error": c}))
-        .collect();
-    json_response(
-        StatusCode::OK,
-        &json!({ "functions": loaded, "failed": failed }),
-    )
+    let failed: Vec<_> = rt.failed().iter().map(|(n, c)| json!({"name": n, "error": c})).collect();
+    json_response(StatusCode::OK, &json!({ "functions": loaded, "failed": failed }))
 }
 
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(Full::from(value.to_string()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
-fn error(
-    status: StatusCode,
-    message: String,
-    function: Option<&str>,
-    kind: &str,
-) -> Response<Body> {
-    json_response(
-        status,
-        &json!({ "error": message, "function": function, "kind": kind }),
-    )
+fn error(status: StatusCode, message: String, function: Option<&str>, kind: &str) -> Response<Body> {
+    json_response(status, &json!({ "error": message, "function": function, "kind": kind }))
 }

@@ -57,8 +57,7 @@ impl Ingress {
                     attempt = 0;
                     self.metrics.mqtt_connected.set(1);
                     tracing::info!(session_present, "connected to the MQTT broker");
-                    let mut filters: Vec<&str> =
-                        self.routes.iter().map(|r| r.filter.as_str()).collect();
+                    let mut filters: Vec<&str> = self.routes.iter().map(|r| r.filter.as_str()).collect();
                     filters.dedup();
                     for f in filters {
                         if let Err(e) = self.client.subscribe(f).await {
@@ -102,10 +101,7 @@ impl Ingress {
         } else if size > self.max_frame {
             Some((
                 "oversized",
-                format!(
-                    "frame refused: {size} bytes is over mqtt.max_frame ({} bytes)",
-                    self.max_frame
-                ),
+                format!("frame refused: {size} bytes is over mqtt.max_frame ({} bytes)", self.max_frame),
             ))
         } else {
             None
@@ -113,13 +109,7 @@ impl Ingress {
         if let Some((kind, why)) = refused {
             tracing::warn!(topic = %topic, "{why}");
             for (p, _) in &targets {
-                self.metrics
-                    .pipeline_errors
-                    .get_or_create(&ErrorLabel {
-                        pipeline: p.name.clone(),
-                        kind,
-                    })
-                    .inc();
+                self.metrics.pipeline_errors.get_or_create(&ErrorLabel { pipeline: p.name.clone(), kind }).inc();
             }
             self.client.ack(&m);
             return;
@@ -161,11 +151,7 @@ pub fn camera_of<'t>(filter: &str, topic: &'t str) -> Option<&'t str> {
             _ => return None,
         }
     }
-    if levels.next().is_some() {
-        None
-    } else {
-        camera
-    }
+    if levels.next().is_some() { None } else { camera }
 }
 
 #[cfg(test)]
@@ -174,17 +160,11 @@ mod tests {
 
     #[test]
     fn camera_is_the_first_wildcard_level() {
-        assert_eq!(
-            camera_of("cameras/+/frames", "cameras/door/frames"),
-            Some("door")
-        );
+        assert_eq!(camera_of("cameras/+/frames", "cameras/door/frames"), Some("door"));
         assert_eq!(camera_of("cameras/+/frames", "cameras/door/frames/x"), None);
         assert_eq!(camera_of("cameras/+/frames", "cameras/door"), None);
         assert_eq!(camera_of("cameras/+/frames", "other/door/frames"), None);
-        assert_eq!(
-            camera_of("site/+/+/jpeg", "site/north/gate/jpeg"),
-            Some("north")
-        );
+        assert_eq!(camera_of("site/+/+/jpeg", "site/north/gate/jpeg"), Some("north"));
         assert_eq!(camera_of("cams/+/#", "cams/yard/a/b"), Some("yard"));
     }
 }

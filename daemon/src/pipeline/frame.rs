@@ -37,12 +37,7 @@ impl Ack {
             withheld: AtomicBool::new(false),
             send: Mutex::new(Some(Box::new(send))),
         });
-        (0..shares)
-            .map(|_| Ack {
-                state: state.clone(),
-                settled: false,
-            })
-            .collect()
+        (0..shares).map(|_| Ack { state: state.clone(), settled: false }).collect()
     }
 
     pub fn done(mut self) {

@@ -150,10 +150,7 @@ impl Pipelines {
             ("EDGEFN_CAMERA", camera),
             ("EDGEFN_SEQ", seq_text.as_str()),
         ];
-        let label = CameraLabel {
-            pipeline: p.name.clone(),
-            camera: camera.to_string(),
-        };
+        let label = CameraLabel { pipeline: p.name.clone(), camera: camera.to_string() };
         self.metrics.frames.get_or_create(&label).inc();
         let mut data = payload;
         for f in &p.functions {
@@ -193,22 +190,11 @@ impl Pipelines {
             }
         }
         self.metrics.results.get_or_create(&label).inc();
-        Ok(Processed {
-            id,
-            seq,
-            output: data,
-            content_type,
-        })
+        Ok(Processed { id, seq, output: data, content_type })
     }
 
     fn count_error(&self, p: &Pipeline, kind: &'static str) {
-        self.metrics
-            .pipeline_errors
-            .get_or_create(&ErrorLabel {
-                pipeline: p.name.clone(),
-                kind,
-            })
-            .inc();
+        self.metrics.pipeline_errors.get_or_create(&ErrorLabel { pipeline: p.name.clone(), kind }).inc();
     }
 
     /// Queues an MQTT frame for its camera; waits only under the `block` policy when full.
@@ -231,14 +217,10 @@ impl Pipelines {
                     }
                     let q = Arc::new(CameraQueue::new(p.queue, p.policy));
                     queues.insert(key, q.clone());
-                    let (this, p, camera, q2) =
-                        (self.clone(), p.clone(), frame.camera.clone(), q.clone());
-                    self.workers
-                        .lock()
-                        .expect("workers lock")
-                        .spawn(async move {
-                            this.camera_worker(p, camera, q2).await;
-                        });
+                    let (this, p, camera, q2) = (self.clone(), p.clone(), frame.camera.clone(), q.clone());
+                    self.workers.lock().expect("workers lock").spawn(async move {
+                        this.camera_worker(p, camera, q2).await;
+                    });
                     q
                 }
             }
@@ -246,10 +228,7 @@ impl Pipelines {
         match queue.push(frame).await {
             Pushed::Queued => {}
             Pushed::Displaced(old) => {
-                let label = CameraLabel {
-                    pipeline: p.name.clone(),
-                    camera: old.camera.clone(),
-                };
+                let label = CameraLabel { pipeline: p.name.clone(), camera: old.camera.clone() };
                 self.metrics.drops.get_or_create(&label).inc();
                 // A deliberate, counted drop is settled: acknowledge it.
                 if let Some(ack) = old.ack {
@@ -261,12 +240,7 @@ impl Pipelines {
         }
     }
 
-    async fn camera_worker(
-        self: Arc<Self>,
-        p: Arc<Pipeline>,
-        camera: String,
-        queue: Arc<CameraQueue>,
-    ) {
+    async fn camera_worker(self: Arc<Self>, p: Arc<Pipeline>, camera: String, queue: Arc<CameraQueue>) {
         while let Some(frame) = queue.pop().await {
             match self.run(&p, &camera, &frame.topic, frame.payload).await {
                 Ok(_) => {
@@ -291,33 +265,19 @@ impl Pipelines {
 
     /// Frames waiting in camera queues.
     pub fn queued(&self) -> usize {
-        self.queues
-            .lock()
-            .expect("queues lock")
-            .values()
-            .map(|q| q.len())
-            .sum()
+        self.queues.lock().expect("queues lock").values().map(|q| q.len()).sum()
     }
 
     /// Stops taking frames, lets each worker finish the frame in hand, and waits for them.
     /// Waiting frames are left unacknowledged for the broker to redeliver.
     pub async fn shutdown(&self) {
-        let queues: Vec<Arc<CameraQueue>> = self
-            .queues
-            .lock()
-            .expect("queues lock")
-            .values()
-            .cloned()
-            .collect();
+        let queues: Vec<Arc<CameraQueue>> = self.queues.lock().expect("queues lock").values().cloned().collect();
         let mut returned = 0;
         for q in queues {
             returned += q.close().len();
         }
         if returned > 0 {
-            tracing::info!(
-                frames = returned,
-                "returned queued frames to the broker (unacknowledged)"
-            );
+            tracing::info!(frames = returned, "returned queued frames to the broker (unacknowledged)");
         }
         let mut workers = std::mem::take(&mut *self.workers.lock().expect("workers lock"));
         while workers.join_next().await.is_some() {}

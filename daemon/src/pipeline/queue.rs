@@ -39,10 +39,7 @@ pub enum Pushed {
 impl CameraQueue {
     pub fn new(capacity: usize, policy: Policy) -> CameraQueue {
         CameraQueue {
-            frames: Mutex::new(Inner {
-                queue: VecDeque::with_capacity(capacity),
-                closed: false,
-            }),
+            frames: Mutex::new(Inner { queue: VecDeque::with_capacity(capacity), closed: false }),
             capacity,
             policy,
             arrived: Notify::new(),

@@ -40,11 +40,7 @@ pub fn load(engine: &Engine, path: &Path, cache_dir: &Path) -> anyhow::Result<Lo
 
     if Engine::detect_precompiled(&bytes).is_some() {
         let module = deserialize(engine, path, &bytes)?;
-        return Ok(LoadedModule {
-            module,
-            sha256,
-            origin: Origin::Precompiled,
-        });
+        return Ok(LoadedModule { module, sha256, origin: Origin::Precompiled });
     }
 
     let cached = cache_path(engine, cache_dir, &sha256);
@@ -53,11 +49,7 @@ pub fn load(engine: &Engine, path: &Path, cache_dir: &Path) -> anyhow::Result<Lo
         // compatibility hash; wasmtime still checks the header before mapping it.
         match unsafe { Module::deserialize_file(engine, &cached) } {
             Ok(module) => {
-                return Ok(LoadedModule {
-                    module,
-                    sha256,
-                    origin: Origin::Cached,
-                });
+                return Ok(LoadedModule { module, sha256, origin: Origin::Cached });
             }
             Err(e) => {
                 tracing::warn!(path = %cached.display(), "discarding unusable AOT cache entry: {e}")
@@ -65,9 +57,7 @@ pub fn load(engine: &Engine, path: &Path, cache_dir: &Path) -> anyhow::Result<Lo
         }
     }
 
-    let native = engine
-        .precompile_module(&bytes)
-        .map_err(|e| anyhow::anyhow!("compiling {}: {e}", path.display()))?;
+    let native = engine.precompile_module(&bytes).map_err(|e| anyhow::anyhow!("compiling {}: {e}", path.display()))?;
     if let Err(e) = store(&cached, &native) {
         // A read-only or full cache costs a compile at the next start, nothing more.
         tracing::warn!(path = %cached.display(), "cannot write AOT cache: {e:#}");
@@ -75,11 +65,7 @@ pub fn load(engine: &Engine, path: &Path, cache_dir: &Path) -> anyhow::Result<Lo
     // SAFETY: `native` was produced by this engine a moment ago.
     let module = unsafe { Module::deserialize(engine, &native) }
         .map_err(|e| anyhow::anyhow!("loading compiled {}: {e}", path.display()))?;
-    Ok(LoadedModule {
-        module,
-        sha256,
-        origin: Origin::Compiled,
-    })
+    Ok(LoadedModule { module, sha256, origin: Origin::Compiled })
 }
 
 /// `edgefn compile`: precompiles `input` for `target` (a target triple; None for this host).
@@ -87,9 +73,7 @@ pub fn precompile(input: &Path, output: &Path, target: Option<&str>) -> anyhow::
     let bytes = std::fs::read(input).with_context(|| format!("reading {}", input.display()))?;
     let engine = Engine::new(&compilation_config(target)?)
         .map_err(|e| anyhow::anyhow!("engine for {}: {e}", target.unwrap_or("host")))?;
-    let native = engine
-        .precompile_module(&bytes)
-        .map_err(|e| anyhow::anyhow!("compiling {}: {e}", input.display()))?;
+    let native = engine.precompile_module(&bytes).map_err(|e| anyhow::anyhow!("compiling {}: {e}", input.display()))?;
     store(output, &native)
 }
 

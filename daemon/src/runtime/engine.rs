@@ -21,9 +21,7 @@ pub fn compilation_config(target: Option<&str>) -> anyhow::Result<Config> {
     config.epoch_interruption(true);
     config.cranelift_opt_level(OptLevel::Speed);
     if let Some(triple) = target {
-        config
-            .target(triple)
-            .map_err(|e| anyhow::anyhow!("target {triple}: {e}"))?;
+        config.target(triple).map_err(|e| anyhow::anyhow!("target {triple}: {e}"))?;
     }
     Ok(config)
 }
@@ -115,10 +113,7 @@ impl EpochTicker {
                 }
             })
             .expect("spawning the epoch thread");
-        EpochTicker {
-            shared,
-            thread: handle.thread().clone(),
-        }
+        EpochTicker { shared, thread: handle.thread().clone() }
     }
 
     /// Keeps the ticker running until the guard drops.
@@ -149,10 +144,7 @@ impl Drop for TickGuard<'_> {
 /// Whether the running Linux kernel is at least `major.minor`.
 fn kernel_at_least(major: u32, minor: u32) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().unwrap_or(0));
     let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     found >= (major, minor)
 }

@@ -16,11 +16,7 @@ pub enum InvokeError {
     /// The function wrote more than its output cap.
     OutputTooLarge { function: String, limit: u64 },
     /// The function exited non-zero: it rejected its input. `reason` is its last stderr line.
-    Rejected {
-        function: String,
-        code: i32,
-        reason: String,
-    },
+    Rejected { function: String, code: i32, reason: String },
     /// The function trapped (a bug in the function, or a panic).
     Trap { function: String, cause: String },
     /// The host could not run the function at all.
@@ -73,51 +69,22 @@ impl fmt::Display for InvokeError {
         match self {
             InvokeError::UnknownFunction { function } => write!(f, "unknown function `{function}`"),
             InvokeError::Saturated { function } => {
-                write!(
-                    f,
-                    "function `{function}` is saturated: every instance stayed busy"
-                )
+                write!(f, "function `{function}` is saturated: every instance stayed busy")
             }
-            InvokeError::DeadlineExceeded {
-                function,
-                deadline_ms,
-            } => {
-                write!(
-                    f,
-                    "function `{function}`: deadline exceeded ({deadline_ms} ms)"
-                )
+            InvokeError::DeadlineExceeded { function, deadline_ms } => {
+                write!(f, "function `{function}`: deadline exceeded ({deadline_ms} ms)")
             }
             InvokeError::MemoryLimit { function, limit } => {
-                write!(
-                    f,
-                    "function `{function}`: memory limit of {limit} bytes reached"
-                )
+                write!(f, "function `{function}`: memory limit of {limit} bytes reached")
             }
             InvokeError::OutputTooLarge { function, limit } => {
-                write!(
-                    f,
-                    "function `{function}`: output too large (limit {limit} bytes)"
-                )
+                write!(f, "function `{function}`: output too large (limit {limit} bytes)")
             }
-            InvokeError::Rejected {
-                function,
-                code,
-                reason,
-            } if reason.is_empty() => {
-                write!(
-                    f,
-                    "function `{function}` rejected its input (exit code {code})"
-                )
+            InvokeError::Rejected { function, code, reason } if reason.is_empty() => {
+                write!(f, "function `{function}` rejected its input (exit code {code})")
             }
-            InvokeError::Rejected {
-                function,
-                code,
-                reason,
-            } => {
-                write!(
-                    f,
-                    "function `{function}` rejected its input (exit code {code}): {reason}"
-                )
+            InvokeError::Rejected { function, code, reason } => {
+                write!(f, "function `{function}` rejected its input (exit code {code}): {reason}")
             }
             InvokeError::Trap { function, cause } => {
                 write!(f, "function `{function}` trapped: {cause}")

@@ -64,24 +64,14 @@ struct MemoryCap {
 }
 
 impl ResourceLimiter for MemoryCap {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         // Refuse rather than trap: a function may handle a failed grow; if it doesn't, the
         // flag still names the cause.
         self.hit |= desired > self.limit;
         Ok(desired <= self.limit)
     }
 
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _max: Option<usize>,
-    ) -> wasmtime::Result<bool> {
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
     }
 }
@@ -114,16 +104,7 @@ impl Function {
             path.display()
         );
         let slots = Semaphore::new(limits.max_instances as usize);
-        Ok(Function {
-            name,
-            path,
-            sha256: loaded.sha256,
-            origin: loaded.origin,
-            limits,
-            grants,
-            pre,
-            slots,
-        })
+        Ok(Function { name, path, sha256: loaded.sha256, origin: loaded.origin, limits, grants, pre, slots })
     }
 
     /// Runs the function once on `input`. `env` adds per-call variables (e.g. the camera id).
@@ -139,9 +120,7 @@ impl Function {
             Ok(permit) => permit,
             Err(_) => tokio::time::timeout(self.limits.deadline, self.slots.acquire())
                 .await
-                .map_err(|_| InvokeError::Saturated {
-                    function: self.name.clone(),
-                })?
+                .map_err(|_| InvokeError::Saturated { function: self.name.clone() })?
                 .expect("slots are never closed"),
         };
         let _ticking = ticker.enter();
@@ -170,10 +149,7 @@ impl Function {
         let errlog = stderr.take();
         self.forward_stderr(&errlog);
         self.classify(result, &store, &stdout, &errlog)?;
-        Ok(Output {
-            stdout: stdout.take(),
-            elapsed: started.elapsed(),
-        })
+        Ok(Output { stdout: stdout.take(), elapsed: started.elapsed() })
     }
 
     fn store(
@@ -192,17 +168,13 @@ impl Function {
             .envs(&self.grants.env)
             .envs(env);
         for (guest, host) in &self.grants.dirs {
-            wasi.preopened_dir(host, guest, FsPerms::ReadOnly)
-                .map_err(|e| InvokeError::Unavailable {
-                    function: self.name.clone(),
-                    cause: format!("granted dir {}: {e}", host.display()),
-                })?;
+            wasi.preopened_dir(host, guest, FsPerms::ReadOnly).map_err(|e| InvokeError::Unavailable {
+                function: self.name.clone(),
+                cause: format!("granted dir {}: {e}", host.display()),
+            })?;
         }
         let limit = self.limits.memory.as_u64() as usize;
-        let host = Host {
-            wasi: wasi.build_p1(),
-            memory: MemoryCap { limit, hit: false },
-        };
+        let host = Host { wasi: wasi.build_p1(), memory: MemoryCap { limit, hit: false } };
         let mut store = Store::new(self.pre.module().engine(), host);
         store.limiter(|h| &mut h.memory);
         Ok(store)
@@ -219,33 +191,20 @@ impl Function {
     ) -> Result<(), InvokeError> {
         let function = self.name.clone();
         if stdout.overflowed() {
-            return Err(InvokeError::OutputTooLarge {
-                function,
-                limit: self.limits.max_output.as_u64(),
-            });
+            return Err(InvokeError::OutputTooLarge { function, limit: self.limits.max_output.as_u64() });
         }
         let Err(err) = result else { return Ok(()) };
         if err.downcast_ref::<DeadlineHit>().is_some() {
-            return Err(InvokeError::DeadlineExceeded {
-                function,
-                deadline_ms: self.limits.deadline.as_millis(),
-            });
+            return Err(InvokeError::DeadlineExceeded { function, deadline_ms: self.limits.deadline.as_millis() });
         }
         if store.data().memory.hit {
-            return Err(InvokeError::MemoryLimit {
-                function,
-                limit: self.limits.memory.as_u64(),
-            });
+            return Err(InvokeError::MemoryLimit { function, limit: self.limits.memory.as_u64() });
         }
         if let Some(exit) = err.downcast_ref::<I32Exit>() {
             if exit.0 == 0 {
                 return Ok(());
             }
-            return Err(InvokeError::Rejected {
-                function,
-                code: exit.0,
-                reason: last_line(errlog),
-            });
+            return Err(InvokeError::Rejected { function, code: exit.0, reason: last_line(errlog) });
         }
         let mut cause = match err.downcast_ref::<Trap>() {
             Some(trap) => trap.to_string(),
@@ -259,10 +218,7 @@ impl Function {
     }
 
     fn forward_stderr(&self, errlog: &[u8]) {
-        for line in String::from_utf8_lossy(errlog)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-        {
+        for line in String::from_utf8_lossy(errlog).lines().filter(|l| !l.trim().is_empty()) {
             tracing::info!(function = %self.name, "stderr: {line}");
         }
     }

@@ -44,27 +44,15 @@ struct Spec {
 
 impl Runtime {
     /// Loads every function the config names or `functions_dir` holds; with `only`, just that one.
-    pub fn load(
-        cfg: &Config,
-        metrics: Arc<Metrics>,
-        only: Option<&str>,
-    ) -> anyhow::Result<Runtime> {
+    pub fn load(cfg: &Config, metrics: Arc<Metrics>, only: Option<&str>) -> anyhow::Result<Runtime> {
         let (mut specs, mut failed) = discover(cfg);
         if let Some(name) = only {
             specs.retain(|s| s.name == name);
             failed.retain(|n, _| n == name);
         }
         let pool = PoolSize {
-            slots: specs
-                .iter()
-                .map(|s| s.limits.max_instances)
-                .sum::<u32>()
-                .max(1),
-            max_memory: specs
-                .iter()
-                .map(|s| s.limits.memory.as_u64())
-                .max()
-                .unwrap_or(1 << 20),
+            slots: specs.iter().map(|s| s.limits.max_instances).sum::<u32>().max(1),
+            max_memory: specs.iter().map(|s| s.limits.memory.as_u64()).max().unwrap_or(1 << 20),
         };
         let engine = engine::host_engine(&pool)?;
 
@@ -75,14 +63,7 @@ impl Runtime {
                     aot::Origin::Compiled => metrics.aot_compiles.inc(),
                     aot::Origin::Cached | aot::Origin::Precompiled => metrics.aot_loads.inc(),
                 };
-                Function::new(
-                    &engine,
-                    spec.name.clone(),
-                    spec.path.clone(),
-                    m,
-                    spec.limits,
-                    spec.grants,
-                )
+                Function::new(&engine, spec.name.clone(), spec.path.clone(), m, spec.limits, spec.grants)
             });
             match loaded {
                 Ok(f) => {
@@ -99,13 +80,7 @@ impl Runtime {
             }
         }
         let ticker = EpochTicker::start(engine.clone());
-        Ok(Runtime {
-            functions,
-            failed,
-            metrics,
-            ticker,
-            engine,
-        })
+        Ok(Runtime { functions, failed, metrics, ticker, engine })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Function>> {
@@ -125,10 +100,7 @@ impl Runtime {
         InvokeError::KINDS
             .iter()
             .map(|kind| {
-                let label = ErrorLabel {
-                    function: name.to_string(),
-                    kind,
-                };
+                let label = ErrorLabel { function: name.to_string(), kind };
                 self.metrics.errors.get_or_create(&label).get()
             })
             .sum()
@@ -143,38 +115,20 @@ impl Runtime {
     }
 
     /// Runs function `name` on `input`, with `env` added to what its config grants.
-    pub async fn invoke(
-        &self,
-        name: &str,
-        input: Bytes,
-        env: &[(&str, &str)],
-    ) -> Result<Output, InvokeError> {
+    pub async fn invoke(&self, name: &str, input: Bytes, env: &[(&str, &str)]) -> Result<Output, InvokeError> {
         let Some(function) = self.functions.get(name) else {
             return Err(match self.failed.get(name) {
-                Some(cause) => InvokeError::Unavailable {
-                    function: name.into(),
-                    cause: cause.clone(),
-                },
-                None => InvokeError::UnknownFunction {
-                    function: name.into(),
-                },
+                Some(cause) => InvokeError::Unavailable { function: name.into(), cause: cause.clone() },
+                None => InvokeError::UnknownFunction { function: name.into() },
             });
         };
-        let label = FunctionLabel {
-            function: function.name.clone(),
-        };
+        let label = FunctionLabel { function: function.name.clone() };
         self.metrics.invocations.get_or_create(&label).inc();
         let started = std::time::Instant::now();
         let result = function.invoke(&self.ticker, input, env).await;
-        self.metrics
-            .latency
-            .get_or_create(&label)
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.latency.get_or_create(&label).observe(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
-            let label = ErrorLabel {
-                function: function.name.clone(),
-                kind: e.kind(),
-            };
+            let label = ErrorLabel { function: function.name.clone(), kind: e.kind() };
             self.metrics.errors.get_or_create(&label).inc();
         }
         result
@@ -199,9 +153,7 @@ fn discover(cfg: &Config) -> (Vec<Spec>, BTreeMap<String, String>) {
                     tracing::warn!(path = %path.display(), "skipping function: names are [a-z0-9_-]+");
                     continue;
                 }
-                let keep_existing = found
-                    .get(stem)
-                    .is_some_and(|p| p.extension() == Some("cwasm".as_ref()));
+                let keep_existing = found.get(stem).is_some_and(|p| p.extension() == Some("cwasm".as_ref()));
                 if !keep_existing {
                     found.insert(stem.to_string(), path);
                 }
@@ -218,12 +170,7 @@ fn discover(cfg: &Config) -> (Vec<Spec>, BTreeMap<String, String>) {
     for (name, path) in &found {
         if !cfg.functions.contains_key(name) {
             let grants = Grants::default();
-            specs.push(Spec {
-                name: name.clone(),
-                path: path.clone(),
-                limits: cfg.limits,
-                grants,
-            });
+            specs.push(Spec { name: name.clone(), path: path.clone(), limits: cfg.limits, grants });
         }
     }
     for (name, fc) in &cfg.functions {
@@ -231,29 +178,17 @@ fn discover(cfg: &Config) -> (Vec<Spec>, BTreeMap<String, String>) {
             (Some(p), _) => resolve(dir, p),
             (None, Some(p)) => p.clone(),
             (None, None) => {
-                let cause = format!(
-                    "no {name}.wasm or {name}.cwasm in {} and no path set",
-                    dir.display()
-                );
+                let cause = format!("no {name}.wasm or {name}.cwasm in {} and no path set", dir.display());
                 tracing::error!(function = %name, "function not loaded: {cause}");
                 failed.insert(name.clone(), cause);
                 continue;
             }
         };
-        specs.push(Spec {
-            name: name.clone(),
-            path,
-            limits: fc.limits(&cfg.limits),
-            grants: fc.into(),
-        });
+        specs.push(Spec { name: name.clone(), path, limits: fc.limits(&cfg.limits), grants: fc.into() });
     }
     (specs, failed)
 }
 
 fn resolve(dir: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        dir.join(p)
-    }
+    if p.is_absolute() { p.to_path_buf() } else { dir.join(p) }
 }

@@ -37,15 +37,8 @@ impl CappedPipe {
     }
 
     fn new(cap: usize, fail_on_overflow: bool) -> CappedPipe {
-        let inner = Inner {
-            buf: BytesMut::new(),
-            cap,
-            overflowed: false,
-            fail_on_overflow,
-        };
-        CappedPipe {
-            inner: Arc::new(Mutex::new(inner)),
-        }
+        let inner = Inner { buf: BytesMut::new(), cap, overflowed: false, fail_on_overflow };
+        CappedPipe { inner: Arc::new(Mutex::new(inner)) }
     }
 
     pub fn overflowed(&self) -> bool {
@@ -71,11 +64,7 @@ impl StdoutStream for CappedPipe {
 }
 
 impl AsyncWrite for CappedPipe {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let mut inner = self.inner.lock().expect("pipe lock");
         let room = inner.cap - inner.buf.len();
         if data.len() <= room {

@@ -44,20 +44,13 @@ pub struct Reply {
 impl DaprClient {
     /// `url` from config; `DAPR_HTTP_PORT` (set by `dapr run`) replaces its port.
     pub fn new(url: &str, metrics: Arc<Metrics>) -> anyhow::Result<DaprClient> {
-        let mut base =
-            url::Url::parse(url).map_err(|e| anyhow::anyhow!("dapr.url `{url}`: {e}"))?;
-        if let Some(port) = std::env::var("DAPR_HTTP_PORT")
-            .ok()
-            .and_then(|p| p.parse::<u16>().ok())
-        {
-            base.set_port(Some(port))
-                .map_err(|_| anyhow::anyhow!("dapr.url `{url}` cannot take a port"))?;
+        let mut base = url::Url::parse(url).map_err(|e| anyhow::anyhow!("dapr.url `{url}`: {e}"))?;
+        if let Some(port) = std::env::var("DAPR_HTTP_PORT").ok().and_then(|p| p.parse::<u16>().ok()) {
+            base.set_port(Some(port)).map_err(|_| anyhow::anyhow!("dapr.url `{url}` cannot take a port"))?;
         }
         Ok(DaprClient {
             base: base.as_str().trim_end_matches('/').to_string(),
-            token: std::env::var("DAPR_API_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty()),
+            token: std::env::var("DAPR_API_TOKEN").ok().filter(|t| !t.is_empty()),
             http: Client::builder(TokioExecutor::new()).build_http(),
             metrics,
         })
@@ -67,16 +60,8 @@ impl DaprClient {
         &self.base
     }
 
-    pub async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        content_type: &str,
-        body: Bytes,
-    ) -> anyhow::Result<Reply> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
+    pub async fn call(&self, method: Method, path: &str, content_type: &str, body: Bytes) -> anyhow::Result<Reply> {
+        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
         if !body.is_empty() {
             req = req.header("content-type", content_type);
         }
@@ -101,10 +86,7 @@ impl DaprClient {
     pub async fn wait_outbound(&self, wait: Duration) -> bool {
         let until = tokio::time::Instant::now() + wait;
         loop {
-            if let Ok(r) = self
-                .call(Method::GET, "/v1.0/healthz/outbound", "", Bytes::new())
-                .await
-            {
+            if let Ok(r) = self.call(Method::GET, "/v1.0/healthz/outbound", "", Bytes::new()).await {
                 if r.status.is_success() {
                     return true;
                 }
@@ -118,9 +100,7 @@ impl DaprClient {
 
     /// Names of the sidecar's pub/sub components, from `/v1.0/metadata`.
     pub async fn pubsubs(&self) -> anyhow::Result<Vec<String>> {
-        let r = self
-            .call(Method::GET, "/v1.0/metadata", "", Bytes::new())
-            .await?;
+        let r = self.call(Method::GET, "/v1.0/metadata", "", Bytes::new()).await?;
         anyhow::ensure!(r.status.is_success(), "metadata answered {}", r.status);
         let v: Value = serde_json::from_slice(&r.body)?;
         Ok(v["components"]
@@ -141,11 +121,7 @@ pub struct DaprSink {
 
 impl DaprSink {
     pub fn new(client: Arc<DaprClient>, pubsub: &str, topic: &str) -> DaprSink {
-        DaprSink {
-            client,
-            pubsub: pubsub.to_string(),
-            topic: topic.to_string(),
-        }
+        DaprSink { client, pubsub: pubsub.to_string(), topic: topic.to_string() }
     }
 
     pub async fn deliver(&self, batch: &[Pending]) -> Vec<Outcome> {
@@ -164,17 +140,10 @@ impl DaprSink {
             encode(&p.record.id)
         );
         let body = Bytes::from(envelope(&p.record, &p.payload).to_string());
-        match self
-            .client
-            .call(Method::POST, &path, "application/cloudevents+json", body)
-            .await
-        {
+        match self.client.call(Method::POST, &path, "application/cloudevents+json", body).await {
             Ok(r) if r.status.is_success() => Outcome::Delivered,
             Ok(r) => self.refused(r.status, &r.body),
-            Err(e) => Outcome::Retry(format!(
-                "sidecar at {} unreachable: {e:#}",
-                self.client.base()
-            )),
+            Err(e) => Outcome::Retry(format!("sidecar at {} unreachable: {e:#}", self.client.base())),
         }
     }
 
@@ -190,17 +159,9 @@ impl DaprSink {
                 })
             })
             .collect();
-        let path = format!(
-            "/v1.0-alpha1/publish/bulk/{}/{}",
-            encode(&self.pubsub),
-            encode(&self.topic)
-        );
+        let path = format!("/v1.0-alpha1/publish/bulk/{}/{}", encode(&self.pubsub), encode(&self.topic));
         let body = Bytes::from(Value::Array(entries).to_string());
-        let reply = match self
-            .client
-            .call(Method::POST, &path, "application/json", body)
-            .await
-        {
+        let reply = match self.client.call(Method::POST, &path, "application/json", body).await {
             Ok(r) => r,
             Err(e) => {
                 let why = format!("sidecar at {} unreachable: {e:#}", self.client.base());
@@ -237,24 +198,11 @@ impl DaprSink {
     fn refused(&self, status: StatusCode, body: &[u8]) -> Outcome {
         let detail = serde_json::from_slice::<Value>(body)
             .ok()
-            .map(|v| {
-                format!(
-                    "{} {}",
-                    v["errorCode"].as_str().unwrap_or(""),
-                    v["message"].as_str().unwrap_or("")
-                )
-            })
+            .map(|v| format!("{} {}", v["errorCode"].as_str().unwrap_or(""), v["message"].as_str().unwrap_or("")))
             .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(200).collect());
-        let why = format!(
-            "sidecar answered {status} for {}/{}: {}",
-            self.pubsub,
-            self.topic,
-            detail.trim()
-        );
+        let why = format!("sidecar answered {status} for {}/{}: {}", self.pubsub, self.topic, detail.trim());
         match status {
-            StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => {
-                Outcome::Dead(why)
-            }
+            StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND => Outcome::Dead(why),
             StatusCode::UNAUTHORIZED => Outcome::Retry(format!(
                 "{why}; the sidecar requires an API token: set DAPR_API_TOKEN to the sidecar's token"
             )),

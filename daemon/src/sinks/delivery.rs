@@ -28,9 +28,7 @@ pub async fn run(
     grace: Duration,
 ) {
     let key = sink.key.clone();
-    let label = SinkLabel {
-        sink: key.to_string(),
-    };
+    let label = SinkLabel { sink: key.to_string() };
     let waker = outbox.waker(&key);
     let mut backoff = FIRST_BACKOFF;
     let mut stop_at: Option<tokio::time::Instant> = None;

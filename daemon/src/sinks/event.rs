@@ -10,10 +10,9 @@ use serde_json::{Value, json};
 use super::outbox::Record;
 
 pub fn envelope(record: &Record, payload: &[u8]) -> Value {
-    let time = humantime::format_rfc3339_millis(
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(record.created_ms),
-    )
-    .to_string();
+    let time =
+        humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(record.created_ms))
+            .to_string();
     let mut event = json!({
         "specversion": "1.0",
         "id": record.id,

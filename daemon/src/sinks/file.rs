@@ -20,8 +20,7 @@ impl FileSink {
     pub async fn deliver(&self, batch: &[Pending]) -> Vec<Outcome> {
         let mut text = Vec::new();
         for p in batch {
-            serde_json::to_writer(&mut text, &envelope(&p.record, &p.payload))
-                .expect("JSON to a Vec");
+            serde_json::to_writer(&mut text, &envelope(&p.record, &p.payload)).expect("JSON to a Vec");
             text.push(b'\n');
         }
         let path = self.path.clone();
@@ -29,10 +28,7 @@ impl FileSink {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)?;
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
             f.write_all(&text)?;
             f.sync_data()
         })

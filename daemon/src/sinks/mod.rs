@@ -48,26 +48,16 @@ pub fn key(cfg: &SinkConfig) -> Arc<str> {
 }
 
 impl Sink {
-    pub fn new(
-        cfg: &SinkConfig,
-        dapr: &Arc<dapr::DaprClient>,
-        mqtt: Option<&mqtt::Publisher>,
-    ) -> anyhow::Result<Sink> {
+    pub fn new(cfg: &SinkConfig, dapr: &Arc<dapr::DaprClient>, mqtt: Option<&mqtt::Publisher>) -> anyhow::Result<Sink> {
         let kind = match cfg {
-            SinkConfig::Dapr(t) => {
-                Kind::Dapr(dapr::DaprSink::new(dapr.clone(), &t.pubsub, &t.topic))
-            }
+            SinkConfig::Dapr(t) => Kind::Dapr(dapr::DaprSink::new(dapr.clone(), &t.pubsub, &t.topic)),
             SinkConfig::Mqtt { topic } => {
-                let client =
-                    mqtt.ok_or_else(|| anyhow::anyhow!("an mqtt sink needs an [mqtt] section"))?;
+                let client = mqtt.ok_or_else(|| anyhow::anyhow!("an mqtt sink needs an [mqtt] section"))?;
                 Kind::Mqtt(mqtt::MqttSink::new(client.clone(), topic))
             }
             SinkConfig::File { path } => Kind::File(file::FileSink::new(path.clone())),
         };
-        Ok(Sink {
-            key: key(cfg),
-            kind,
-        })
+        Ok(Sink { key: key(cfg), kind })
     }
 
     /// Where a result of `pipeline` from `camera` goes (recorded with it in the outbox).

@@ -18,31 +18,20 @@ pub struct MqttSink {
 
 impl MqttSink {
     pub fn new(client: Client, template: &str) -> MqttSink {
-        MqttSink {
-            client,
-            template: template.to_string(),
-        }
+        MqttSink { client, template: template.to_string() }
     }
 
     pub fn topic_for(&self, pipeline: &str, camera: &str) -> String {
-        self.template
-            .replace("{camera}", camera)
-            .replace("{pipeline}", pipeline)
+        self.template.replace("{camera}", camera).replace("{pipeline}", pipeline)
     }
 
     pub async fn deliver(&self, batch: &[Pending]) -> Vec<Outcome> {
         let mut out = Vec::with_capacity(batch.len());
         for p in batch {
-            out.push(
-                match self
-                    .client
-                    .publish(&p.record.topic, p.payload.clone())
-                    .await
-                {
-                    Ok(()) => Outcome::Delivered,
-                    Err(e) => Outcome::Retry(format!("mqtt publish to {}: {e:#}", p.record.topic)),
-                },
-            );
+            out.push(match self.client.publish(&p.record.topic, p.payload.clone()).await {
+                Ok(()) => Outcome::Delivered,
+                Err(e) => Outcome::Retry(format!("mqtt publish to {}: {e:#}", p.record.topic)),
+            });
         }
         out
     }

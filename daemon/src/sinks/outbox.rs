@@ -86,22 +86,15 @@ struct State {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Outbox {
-    pub fn open(
-        path: &Path,
-        cfg: &crate::config::Outbox,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Arc<Outbox>> {
+    pub fn open(path: &Path, cfg: &crate::config::Outbox, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Outbox>> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let db =
-            Database::create(path).with_context(|| format!("opening outbox {}", path.display()))?;
+        let db = Database::create(path).with_context(|| format!("opening outbox {}", path.display()))?;
         let txn = db.begin_write()?;
         let (next_id, seqs, bytes) = {
             let pending = txn.open_table(PENDING)?;
@@ -109,11 +102,8 @@ impl Outbox {
             let seq = txn.open_table(SEQ)?;
             let meta = txn.open_table(META)?;
             let next_id = meta.get("next_id")?.map_or(1, |v| v.value());
-            let seqs: HashMap<String, u64> = seq
-                .iter()?
-                .flatten()
-                .map(|(k, v)| (k.value().to_string(), v.value()))
-                .collect();
+            let seqs: HashMap<String, u64> =
+                seq.iter()?.flatten().map(|(k, v)| (k.value().to_string(), v.value())).collect();
             let mut bytes = 0u64;
             let mut per_sink: BTreeMap<String, i64> = BTreeMap::new();
             for row in pending.iter()? {
@@ -122,10 +112,7 @@ impl Outbox {
                 *per_sink.entry(k.value().0.to_string()).or_default() += 1;
             }
             for (sink, n) in per_sink {
-                metrics
-                    .outbox_depth
-                    .get_or_create(&SinkLabel { sink })
-                    .set(n);
+                metrics.outbox_depth.get_or_create(&SinkLabel { sink }).set(n);
             }
             (next_id, seqs, bytes)
         };
@@ -167,9 +154,7 @@ impl Outbox {
     /// Commits `items` durably; returns once they are on disk.
     pub async fn commit(&self, items: Vec<Item>) -> anyhow::Result<()> {
         let (done, wait) = oneshot::channel();
-        self.commits
-            .send(Commit { items, done })
-            .map_err(|_| anyhow::anyhow!("outbox closed"))?;
+        self.commits.send(Commit { items, done }).map_err(|_| anyhow::anyhow!("outbox closed"))?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(anyhow::anyhow!("outbox commit failed: {e}")),
@@ -179,12 +164,7 @@ impl Outbox {
 
     /// Woken whenever `sink` gets new results.
     pub fn waker(&self, sink: &Arc<str>) -> Arc<Notify> {
-        self.wakers
-            .lock()
-            .expect("waker lock")
-            .entry(sink.clone())
-            .or_default()
-            .clone()
+        self.wakers.lock().expect("waker lock").entry(sink.clone()).or_default().clone()
     }
 
     /// Up to `max` of the oldest results for `sink`. Expired ones are evicted on the way.
@@ -201,11 +181,7 @@ impl Outbox {
                 expired.push(k.value().1);
                 continue;
             }
-            out.push(Pending {
-                key: k.value().1,
-                record,
-                payload,
-            });
+            out.push(Pending { key: k.value().1, record, payload });
             if out.len() >= max {
                 break;
             }
@@ -213,33 +189,18 @@ impl Outbox {
         drop(table);
         drop(txn);
         if !expired.is_empty() {
-            tracing::warn!(
-                sink,
-                count = expired.len(),
-                "evicting results older than outbox.max_age"
-            );
+            tracing::warn!(sink, count = expired.len(), "evicting results older than outbox.max_age");
             self.remove(sink, &expired, &[], true)?;
         }
         Ok(out)
     }
 
     /// Removes delivered results and moves dead ones (with their reason) to the dead letters.
-    pub fn settle(
-        &self,
-        sink: &str,
-        delivered: &[u64],
-        dead: &[(u64, String)],
-    ) -> anyhow::Result<()> {
+    pub fn settle(&self, sink: &str, delivered: &[u64], dead: &[(u64, String)]) -> anyhow::Result<()> {
         self.remove(sink, delivered, dead, false)
     }
 
-    fn remove(
-        &self,
-        sink: &str,
-        gone: &[u64],
-        dead: &[(u64, String)],
-        evicted: bool,
-    ) -> anyhow::Result<()> {
+    fn remove(&self, sink: &str, gone: &[u64], dead: &[(u64, String)], evicted: bool) -> anyhow::Result<()> {
         let txn = self.db.begin_write()?;
         let mut freed = 0u64;
         {
@@ -262,29 +223,15 @@ impl Outbox {
             }
         }
         txn.commit()?;
-        self.state.bytes.fetch_sub(
-            freed.min(self.state.bytes.load(Ordering::Relaxed)),
-            Ordering::Relaxed,
-        );
-        let label = SinkLabel {
-            sink: sink.to_string(),
-        };
+        self.state.bytes.fetch_sub(freed.min(self.state.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        let label = SinkLabel { sink: sink.to_string() };
         let n = (gone.len() + dead.len()) as i64;
         self.metrics.outbox_depth.get_or_create(&label).dec_by(n);
         if evicted {
-            self.metrics
-                .outbox_evicted
-                .get_or_create(&label)
-                .inc_by(gone.len() as u64);
+            self.metrics.outbox_evicted.get_or_create(&label).inc_by(gone.len() as u64);
         } else {
-            self.metrics
-                .outbox_delivered
-                .get_or_create(&label)
-                .inc_by(gone.len() as u64);
-            self.metrics
-                .outbox_dead
-                .get_or_create(&label)
-                .inc_by(dead.len() as u64);
+            self.metrics.outbox_delivered.get_or_create(&label).inc_by(gone.len() as u64);
+            self.metrics.outbox_dead.get_or_create(&label).inc_by(dead.len() as u64);
         }
         Ok(())
     }
@@ -373,27 +320,17 @@ fn committer(
                 }
             }
             Err(e) => {
-                tracing::error!(
-                    "outbox commit failed ({} frames not acknowledged): {e:#}",
-                    batch.len()
-                );
+                tracing::error!("outbox commit failed ({} frames not acknowledged): {e:#}", batch.len());
                 *state.error.lock().expect("error lock") = Some(format!("{e:#}"));
             }
         }
         for c in batch {
-            let _ = c
-                .done
-                .send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+            let _ = c.done.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
         }
     }
 }
 
-fn write_batch(
-    db: &Database,
-    state: &State,
-    metrics: &Metrics,
-    batch: &[Commit],
-) -> anyhow::Result<Vec<Arc<str>>> {
+fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]) -> anyhow::Result<Vec<Arc<str>>> {
     let txn = db.begin_write()?;
     let mut touched: Vec<Arc<str>> = Vec::new();
     let mut added = 0u64;
@@ -408,9 +345,7 @@ fn write_batch(
             added += value.len() as u64;
             pending.insert((&*item.sink, next_id), value.as_slice())?;
             next_id += 1;
-            let last = seq
-                .get(item.record.camera.as_str())?
-                .map_or(0, |v| v.value());
+            let last = seq.get(item.record.camera.as_str())?.map_or(0, |v| v.value());
             if item.record.seq > last {
                 seq.insert(item.record.camera.as_str(), item.record.seq)?;
             }
@@ -435,12 +370,7 @@ fn write_batch(
     txn.commit()?;
     state.next_id.store(next_id, Ordering::Relaxed);
     for item in batch.iter().flat_map(|c| &c.items) {
-        metrics
-            .outbox_depth
-            .get_or_create(&SinkLabel {
-                sink: item.sink.to_string(),
-            })
-            .inc();
+        metrics.outbox_depth.get_or_create(&SinkLabel { sink: item.sink.to_string() }).inc();
     }
     for (sink, _) in &evicted {
         let label = SinkLabel { sink: sink.clone() };
@@ -448,10 +378,7 @@ fn write_batch(
         metrics.outbox_evicted.get_or_create(&label).inc();
     }
     if !evicted.is_empty() {
-        tracing::warn!(
-            count = evicted.len(),
-            "outbox over max_bytes: evicted the oldest results"
-        );
+        tracing::warn!(count = evicted.len(), "outbox over max_bytes: evicted the oldest results");
     }
     Ok(touched)
 }

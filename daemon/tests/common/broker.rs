@@ -1,5 +1,6 @@
 //! A real mosquitto (Debian's), started on a free loopback port with on-disk persistence so a
-//! restart keeps persistent sessions and their queued messages.
+//! restart keeps persistent sessions and their queued messages. Optionally TLS-only, with a
+//! client certificate and a password required.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -10,15 +11,78 @@ pub struct Broker {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Listener settings (auth, TLS) for the config file.
+    listener: String,
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+pub struct Tls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl Tls {
+    pub fn generate(dir: &Path) -> Tls {
+        std::fs::create_dir_all(dir).unwrap();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let ca = ["-subj", "/CN=edgefn test CA", "-keyout", "ca.key", "-out", "ca.pem"];
+        run(&[&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"][..], &ca[..]].concat());
+        // Extensions make v3 certificates; webpki refuses v1.
+        std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+        for (name, cn) in [("server", "127.0.0.1"), ("client", "edgefn")] {
+            let (subj, key, csr, pem, ext) = (
+                format!("/CN={cn}"),
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+                format!("{name}.ext"),
+            );
+            run(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", &subj, "-keyout", &key, "-out", &csr]);
+            let mut sign = vec!["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key"];
+            sign.extend(["-CAcreateserial", "-days", "2", "-out", &pem, "-extfile", &ext]);
+            run(&sign);
+        }
+        Tls {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        }
+    }
 }
 
 impl Broker {
     pub fn start(dir: &Path) -> Broker {
-        let mut b = Broker {
-            port: super::free_port(),
-            dir: dir.to_path_buf(),
-            child: None,
-        };
+        Broker::with_listener(dir, "allow_anonymous true\n".into())
+    }
+
+    /// A TLS-only broker that wants a client certificate signed by the test CA and a password.
+    pub fn start_tls(dir: &Path, tls: &Tls, user: &str, password: &str) -> Broker {
+        std::fs::create_dir_all(dir).unwrap();
+        let pwfile = dir.join("passwd");
+        std::fs::write(&pwfile, "").unwrap();
+        let st = Command::new("mosquitto_passwd").args(["-b", pwfile.to_str().unwrap(), user, password]).status();
+        assert!(st.unwrap().success());
+        let listener = format!(
+            "allow_anonymous false\npassword_file {}\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+            pwfile.display(),
+            tls.ca.display(),
+            tls.server_cert.display(),
+            tls.server_key.display()
+        );
+        Broker::with_listener(dir, listener)
+    }
+
+    fn with_listener(dir: &Path, listener: String) -> Broker {
+        let mut b = Broker { port: super::free_port(), dir: dir.to_path_buf(), child: None, listener };
         b.spawn();
         b
     }
@@ -26,17 +90,17 @@ impl Broker {
     fn spawn(&mut self) {
         std::fs::create_dir_all(&self.dir).unwrap();
         let conf = self.dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\nuser root\npersistence true\npersistence_location {}/\n\
-                 max_queued_messages 100000\nmax_inflight_messages 20\nlog_dest file {}/mosquitto.log\n",
-                self.port,
-                self.dir.display(),
-                self.dir.display()
-            ),
-        )
-        .unwrap();
+        // `user root`: as root, mosquitto would drop to its own user and lose write access to
+        // the test's persistence dir, and with it the sessions a restart must keep.
+        let text = format!(
+            "listener {} 127.0.0.1\n{}user root\npersistence true\npersistence_location {}/\n\
+             max_queued_messages 100000\nmax_inflight_messages 20\nlog_dest file {}/mosquitto.log\n",
+            self.port,
+            self.listener,
+            self.dir.display(),
+            self.dir.display()
+        );
+        std::fs::write(&conf, text).unwrap();
         let child = Command::new("mosquitto")
             .args(["-c", conf.to_str().unwrap()])
             .stdin(Stdio::null())
@@ -47,11 +111,7 @@ impl Broker {
         self.child = Some(child);
         let until = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < until,
-                "mosquitto did not listen on {}",
-                self.port
-            );
+            assert!(Instant::now() < until, "mosquitto did not listen on {}", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -78,16 +138,7 @@ impl Broker {
     pub fn publish_raw(&self, topic: &str, args: &[&str], stdin: Option<&[u8]>) {
         use std::io::Write;
         let mut c = Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-q",
-                "1",
-                "-t",
-                topic,
-            ])
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-q", "1", "-t", topic])
             .args(args)
             .stdin(Stdio::piped())
             .spawn()

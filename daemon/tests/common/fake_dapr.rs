@@ -64,14 +64,8 @@ impl FakeDapr {
             seen: 0,
             unauthorized: 0,
         }));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
-            .unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port))).unwrap();
         let st = state.clone();
         runtime.spawn(async move {
             loop {
@@ -100,11 +94,7 @@ impl FakeDapr {
                 });
             }
         });
-        FakeDapr {
-            port,
-            state,
-            _runtime: runtime,
-        }
+        FakeDapr { port, state, _runtime: runtime }
     }
 
     pub fn set_mode(&self, mode: Mode) {
@@ -117,10 +107,7 @@ impl FakeDapr {
 
     /// Event ids received (duplicates included).
     pub fn ids(&self) -> Vec<String> {
-        self.events()
-            .iter()
-            .map(|e| e.event["id"].as_str().unwrap_or_default().to_string())
-            .collect()
+        self.events().iter().map(|e| e.event["id"].as_str().unwrap_or_default().to_string()).collect()
     }
 
     pub fn unauthorized(&self) -> u64 {
@@ -135,44 +122,29 @@ impl FakeDapr {
             if pred(&events) {
                 return;
             }
-            assert!(
-                Instant::now() < until,
-                "timed out after {secs} s waiting for {what}"
-            );
+            assert!(Instant::now() < until, "timed out after {secs} s waiting for {what}");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
 
 fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(if body.is_null() {
-        String::new()
-    } else {
-        body.to_string()
-    })));
+    let mut r = Response::new(Full::new(Bytes::from(if body.is_null() { String::new() } else { body.to_string() })));
     *r.status_mut() = status;
     if !body.is_null() {
-        r.headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
+        r.headers_mut().insert("content-type", "application/json".parse().unwrap());
     }
     r
 }
 
 fn err(status: u16, code: &str, message: &str) -> Response<Full<Bytes>> {
-    reply(
-        StatusCode::from_u16(status).unwrap(),
-        json!({ "errorCode": code, "message": message }),
-    )
+    reply(StatusCode::from_u16(status).unwrap(), json!({ "errorCode": code, "message": message }))
 }
 
 fn status_error(status: u16) -> Response<Full<Bytes>> {
     match status {
         400 => err(400, "ERR_PUBSUB_NOT_CONFIGURED", "no pubsub is configured"),
-        403 => err(
-            403,
-            "ERR_PUBSUB_FORBIDDEN",
-            "topic is not allowed for app id edgefn",
-        ),
+        403 => err(403, "ERR_PUBSUB_FORBIDDEN", "topic is not allowed for app id edgefn"),
         404 => err(404, "ERR_PUBSUB_NOT_FOUND", "pubsub is not found"),
         s => err(s, "ERR_PUBSUB_PUBLISH_MESSAGE", "error when publishing"),
     }
@@ -181,23 +153,10 @@ fn status_error(status: u16) -> Response<Full<Bytes>> {
 async fn handle(st: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
-    let content_type = req
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("text/plain")
-        .to_string();
-    let token = req
-        .headers()
-        .get("dapr-api-token")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let content_type =
+        req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("text/plain").to_string();
+    let token = req.headers().get("dapr-api-token").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
 
     if path.starts_with("/v1.0/healthz") {
         return reply(StatusCode::NO_CONTENT, Value::Null);
@@ -214,9 +173,7 @@ async fn handle(st: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Full
         let components: Vec<Value> = s
             .pubsubs
             .iter()
-            .map(
-                |n| json!({"name": n, "type": "pubsub.mqtt3", "version": "v1", "capabilities": []}),
-            )
+            .map(|n| json!({"name": n, "type": "pubsub.mqtt3", "version": "v1", "capabilities": []}))
             .collect();
         return reply(
             StatusCode::OK,
@@ -265,11 +222,7 @@ fn cloudevent(
 ) -> Result<Value, String> {
     let mut ev = if content_type.starts_with("application/cloudevents+json") {
         let mut v: Value = serde_json::from_slice(body).map_err(|e| format!("cloudevent: {e}"))?;
-        for (k, d) in [
-            ("source", "edgefn"),
-            ("type", "com.dapr.event.sent"),
-            ("specversion", "1.0"),
-        ] {
+        for (k, d) in [("source", "edgefn"), ("type", "com.dapr.event.sent"), ("specversion", "1.0")] {
             if v.get(k).is_none() {
                 v[k] = json!(d);
             }
@@ -303,18 +256,10 @@ fn cloudevent(
 
 fn check_target(s: &State, pubsub: &str, topic: &str) -> Option<Response<Full<Bytes>>> {
     if s.pubsubs.is_empty() {
-        return Some(err(
-            400,
-            "ERR_PUBSUB_NOT_CONFIGURED",
-            "no pubsub is configured",
-        ));
+        return Some(err(400, "ERR_PUBSUB_NOT_CONFIGURED", "no pubsub is configured"));
     }
     if pubsub.is_empty() || topic.is_empty() || !s.pubsubs.iter().any(|p| p == pubsub) {
-        return Some(err(
-            404,
-            "ERR_PUBSUB_NOT_FOUND",
-            &format!("pubsub {pubsub} is not found"),
-        ));
+        return Some(err(404, "ERR_PUBSUB_NOT_FOUND", &format!("pubsub {pubsub} is not found")));
     }
     None
 }
@@ -329,18 +274,11 @@ fn publish(
 ) -> Response<Full<Bytes>> {
     let (pubsub, topic) = split_target(rest);
     let meta: BTreeMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
-        .filter_map(|(k, v)| {
-            k.strip_prefix("metadata.")
-                .map(|k| (k.to_string(), v.into_owned()))
-        })
+        .filter_map(|(k, v)| k.strip_prefix("metadata.").map(|k| (k.to_string(), v.into_owned())))
         .collect();
     if let Some(raw) = meta.get("rawPayload") {
         if raw.parse::<bool>().is_err() {
-            return err(
-                400,
-                "ERR_PUBSUB_REQUEST_METADATA",
-                "rawPayload must be a boolean",
-            );
+            return err(400, "ERR_PUBSUB_REQUEST_METADATA", "rawPayload must be a boolean");
         }
     }
     let mut s = st.lock().unwrap();
@@ -361,13 +299,7 @@ fn publish(
     }
     match cloudevent(&pubsub, &topic, content_type, body, &meta) {
         Ok(event) => {
-            s.events.push(Received {
-                pubsub,
-                topic,
-                event,
-                at: Instant::now(),
-                bulk,
-            });
+            s.events.push(Received { pubsub, topic, event, at: Instant::now(), bulk });
             reply(StatusCode::NO_CONTENT, Value::Null)
         }
         Err(e) => err(500, "ERR_PUBSUB_CLOUD_EVENTS_SER", &e),
@@ -383,11 +315,7 @@ fn bulk(st: &Arc<Mutex<State>>, rest: &str, body: &[u8]) -> Response<Full<Bytes>
     for e in &entries {
         let id = e["entryId"].as_str().unwrap_or_default();
         if id.is_empty() || !ids.insert(id.to_string()) {
-            return err(
-                400,
-                "ERR_PUBSUB_EVENTS_SER",
-                "entryId is empty or duplicated",
-            );
+            return err(400, "ERR_PUBSUB_EVENTS_SER", "entryId is empty or duplicated");
         }
     }
     let mut s = st.lock().unwrap();
@@ -396,10 +324,8 @@ fn bulk(st: &Arc<Mutex<State>>, rest: &str, body: &[u8]) -> Response<Full<Bytes>
     }
     match s.mode {
         Mode::Fail500 => {
-            let failed: Vec<Value> = entries
-                .iter()
-                .map(|e| json!({"entryId": e["entryId"], "error": "broker unavailable"}))
-                .collect();
+            let failed: Vec<Value> =
+                entries.iter().map(|e| json!({"entryId": e["entryId"], "error": "broker unavailable"})).collect();
             return reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 json!({"failedEntries": failed, "errorCode": "ERR_PUBSUB_PUBLISH_MESSAGE"}),
@@ -417,21 +343,14 @@ fn bulk(st: &Arc<Mutex<State>>, rest: &str, body: &[u8]) -> Response<Full<Bytes>
                 continue;
             }
         }
-        let ct = e["contentType"]
-            .as_str()
-            .unwrap_or("application/json")
-            .to_string();
+        let ct = e["contentType"].as_str().unwrap_or("application/json").to_string();
         let payload = match &e["event"] {
             Value::String(text) if !ct.contains("json") => text.clone().into_bytes(),
             other => other.to_string().into_bytes(),
         };
         let meta: BTreeMap<String, String> = e["metadata"]
             .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                    .collect()
-            })
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
             .unwrap_or_default();
         match cloudevent(&pubsub, &topic, &ct, &payload, &meta) {
             Ok(event) => s.events.push(Received {

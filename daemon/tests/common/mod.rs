@@ -32,39 +32,26 @@ pub fn wasm(name: &str) -> PathBuf {
 
 /// A CC0 test image fetched by scripts/setup.sh from the scikit-image wheel.
 pub fn asset(name: &str) -> Vec<u8> {
-    let dir = std::env::var_os("EDGEFN_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or("/var/cache/edgefn/assets".into());
+    let dir = std::env::var_os("EDGEFN_ASSETS").map(PathBuf::from).unwrap_or("/var/cache/edgefn/assets".into());
     let path = dir.join(name);
-    std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", path.display()))
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", path.display()))
 }
 
 pub fn encode(img: &image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
     let mut out = Vec::new();
-    img.write_to(&mut Cursor::new(&mut out), format)
-        .expect("encode");
+    img.write_to(&mut Cursor::new(&mut out), format).expect("encode");
     out
 }
 
 /// chelsea.png as a 640×480 JPEG, like a camera frame.
 pub fn camera_jpeg() -> Vec<u8> {
     let img = image::load_from_memory(&asset("chelsea.png")).unwrap();
-    let img = img
-        .resize_exact(640, 480, image::imageops::FilterType::Triangle)
-        .to_rgb8();
-    encode(
-        &image::DynamicImage::ImageRgb8(img),
-        image::ImageFormat::Jpeg,
-    )
+    let img = img.resize_exact(640, 480, image::imageops::FilterType::Triangle).to_rgb8();
+    encode(&image::DynamicImage::ImageRgb8(img), image::ImageFormat::Jpeg)
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// An HTTP agent that returns 4xx/5xx responses instead of erroring on them.
@@ -122,12 +109,8 @@ impl Daemon {
         Daemon::start_full(dir, &functions_dir(), extra, envs)
     }
 
-    pub fn start_full(
-        dir: &Path,
-        functions: &Path,
-        extra: &str,
-        envs: &[(&str, String)],
-    ) -> Daemon {
+    pub fn start_full(dir: &Path, functions: &Path, extra: &str, envs: &[(&str, String)]) -> Daemon {
+        std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let config = format!(
             "[runtime]\nfunctions_dir = {functions:?}\ncache_dir = {:?}\nstate_dir = {:?}\n\n{extra}\n",
@@ -136,11 +119,7 @@ impl Daemon {
         );
         let config_path = dir.join("edgefn.toml");
         std::fs::write(&config_path, config).unwrap();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("daemon.log"))
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
         let child = Command::new(BIN)
             .args(["--config", config_path.to_str().unwrap(), "run"])
             .env("RUST_LOG", "info")
@@ -155,12 +134,7 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("spawn edgefn");
-        let mut d = Daemon {
-            child,
-            addr: ([127, 0, 0, 1], port).into(),
-            dir: dir.to_path_buf(),
-            _tmp: None,
-        };
+        let mut d = Daemon { child, addr: ([127, 0, 0, 1], port).into(), dir: dir.to_path_buf(), _tmp: None };
         d.wait_ready();
         d
     }
@@ -192,13 +166,7 @@ impl Daemon {
     }
 
     pub fn post_with(&self, path: &str, header: (&str, &str), body: &[u8]) -> Response {
-        read(
-            agent()
-                .post(&self.url(path))
-                .header(header.0, header.1)
-                .send(body)
-                .expect("POST"),
-        )
+        read(agent().post(&self.url(path)).header(header.0, header.1).send(body).expect("POST"))
     }
 
     pub fn log(&self) -> String {
@@ -209,20 +177,13 @@ impl Daemon {
     pub fn metric(&self, series: &str) -> f64 {
         let text = String::from_utf8(self.get("/metrics").body).unwrap();
         text.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
             .map(|v| v.trim().parse().unwrap())
             .unwrap_or(0.0)
     }
 
     pub fn assert_alive(&mut self) {
-        assert!(
-            self.child.try_wait().unwrap().is_none(),
-            "daemon died:\n{}",
-            self.log()
-        );
+        assert!(self.child.try_wait().unwrap().is_none(), "daemon died:\n{}", self.log());
         assert_eq!(self.get("/healthz").status, 200);
     }
 
@@ -240,11 +201,7 @@ impl Daemon {
             if pred(v) {
                 return v;
             }
-            assert!(
-                Instant::now() < until,
-                "{series} = {v} after {secs} s\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < until, "{series} = {v} after {secs} s\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -266,29 +223,14 @@ impl Drop for Daemon {
 
 fn read(mut resp: ureq::http::Response<ureq::Body>) -> Response {
     let status = resp.status().as_u16();
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
-    let body = resp
-        .body_mut()
-        .with_config()
-        .limit(64 << 20)
-        .read_to_vec()
-        .expect("body");
-    Response {
-        status,
-        content_type,
-        body,
-    }
+    let content_type = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let body = resp.body_mut().with_config().limit(64 << 20).read_to_vec().expect("body");
+    Response { status, content_type, body }
 }
 
 /// Decodes an image and asserts every pixel has R = G = B.
 pub fn assert_gray(bytes: &[u8]) -> image::RgbImage {
-    let img = image::load_from_memory(bytes)
-        .expect("output decodes")
-        .to_rgb8();
+    let img = image::load_from_memory(bytes).expect("output decodes").to_rgb8();
     for p in img.pixels() {
         assert!(p[0] == p[1] && p[1] == p[2], "pixel {p:?} is not gray");
     }

@@ -18,8 +18,8 @@ pub fn grayscale(input: &[u8]) -> Result<Vec<u8>, String> {
         // The decoder would fill the missing scans with gray; a cut-off frame is an error.
         return Err("truncated JPEG: no end-of-image marker".into());
     }
-    let decoded = image::load_from_memory_with_format(input, format)
-        .map_err(|e| format!("cannot decode {format:?}: {e}"))?;
+    let decoded =
+        image::load_from_memory_with_format(input, format).map_err(|e| format!("cannot decode {format:?}: {e}"))?;
     let gray = match decoded {
         DynamicImage::ImageRgb8(rgb) => DynamicImage::ImageLuma8(rgb_to_luma(&rgb)),
         other => other.grayscale(),
@@ -28,16 +28,11 @@ pub fn grayscale(input: &[u8]) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(input.len());
     if format == ImageFormat::Gif {
         // The GIF encoder takes RGB(A); a gray image has at most 256 colours, so its palette is exact.
-        DynamicImage::ImageRgba8(gray.to_rgba8())
-            .write_to(&mut Cursor::new(&mut out), ImageFormat::Gif)
+        DynamicImage::ImageRgba8(gray.to_rgba8()).write_to(&mut Cursor::new(&mut out), ImageFormat::Gif)
     } else {
         // Fast deflate with Paeth: as small as the default's adaptive filter on camera frames,
         // at a tenth of the time. The pixels are the same whatever the settings.
-        let encoder = png::PngEncoder::new_with_quality(
-            &mut out,
-            png::CompressionType::Fast,
-            png::FilterType::Paeth,
-        );
+        let encoder = png::PngEncoder::new_with_quality(&mut out, png::CompressionType::Fast, png::FilterType::Paeth);
         gray.write_with_encoder(encoder)
     }
     .map_err(|e| format!("cannot encode: {e}"))?;
