@@ -10,8 +10,11 @@ RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1 \
   /usr/bin/cargo build --quiet --release --locked
 target_dir="$(RUSTC=/usr/bin/rustc /usr/bin/cargo metadata --format-version 1 --no-deps --locked \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-mkdir -p "$out"
+# Real functions go to OUT; the test fixtures (hostile and reference modules) to OUT/fixtures,
+# so a functions_dir of OUT never serves them.
+mkdir -p "$out/fixtures"
 for f in "$target_dir"/wasm32-wasip1/release/*.wasm; do
-  cp -u "$f" "$out/"
+  name="$(basename "$f" .wasm)"
+  if [ -f "fixtures/src/bin/$name.rs" ]; then cp -u "$f" "$out/fixtures/"; else cp -u "$f" "$out/"; fi
 done
-echo "functions: $(ls "$out" | tr '\n' ' ')-> $out" >&2
+echo "functions: $(cd "$out" && ls *.wasm | tr '\n' ' ')-> $out (fixtures in $out/fixtures)" >&2

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Runs edgefn from this checkout for a newcomer: set-up (idempotent), the functions, the
-# daemon on http://127.0.0.1:8080 with the bundled functions. Ctrl-C stops it.
+# The edgefn demo from this checkout, for a newcomer on a fresh machine: set-up (idempotent),
+# the functions, a local mosquitto, the daemon, and two simulated cameras publishing the
+# sample images. Prints the page's URL; Ctrl-C stops everything.
+#
+# With a Dapr sidecar running (DAPR_HTTP_PORT set and answering), results also go to its
+# `upstream` pub/sub; without one, they go to the file and MQTT sinks, and the page says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -8,18 +12,63 @@ export PATH="$HOME/.cargo/bin:$PATH"
 scripts/setup.sh
 functions/build.sh
 cargo build --release --quiet --bin edgefn
-bin="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/edgefn"
+target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+bin="$target/release/edgefn"
 
 state="${EDGEFN_DEMO_DIR:-$PWD/.demo}"
-mkdir -p "$state"
-export EDGEFN__RUNTIME__FUNCTIONS_DIR="$PWD/functions/out"
-export EDGEFN__RUNTIME__CACHE_DIR="$state/aot"
+port="${EDGEFN_DEMO_PORT:-8080}"
+mqtt_port="${EDGEFN_DEMO_MQTT_PORT:-18830}"
 assets="${EDGEFN_ASSETS:-/var/cache/edgefn/assets}"
+mkdir -p "$state/mosquitto"
 
-cat <<MSG
-edgefn demo on http://127.0.0.1:8080
-  curl -s --data-binary @$assets/chelsea.png http://127.0.0.1:8080/v1/functions/grayscale > gray.png
-  curl -s http://127.0.0.1:8080/v1/functions
-  curl -s http://127.0.0.1:8080/metrics
-MSG
-exec "$bin" --config config/edgefn.toml run
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+cat > "$state/mosquitto/mosquitto.conf" <<CONF
+listener $mqtt_port 127.0.0.1
+allow_anonymous true
+user root
+persistence true
+persistence_location $state/mosquitto/
+log_dest file $state/mosquitto/mosquitto.log
+CONF
+mosquitto -c "$state/mosquitto/mosquitto.conf" & pids+=($!)
+
+sinks="{ file = { path = \"$state/results.jsonl\" } }, { mqtt = { topic = \"results/{camera}/{pipeline}\" } }"
+if [ -n "${DAPR_HTTP_PORT:-}" ] && curl -fsS "http://127.0.0.1:$DAPR_HTTP_PORT/v1.0/healthz/outbound" >/dev/null 2>&1; then
+  sinks="{ dapr = { pubsub = \"upstream\", topic = \"frames/gray\" } }, $sinks"
+  echo "demo: Dapr sidecar found on port $DAPR_HTTP_PORT"
+else
+  echo "demo: no Dapr sidecar; results go to $state/results.jsonl and MQTT results/<camera>/<pipeline>"
+fi
+cat > "$state/edgefn.toml" <<CONF
+[server]
+listen = "127.0.0.1:$port"
+
+[runtime]
+functions_dir = "$PWD/functions/out"
+cache_dir = "$state/aot"
+state_dir = "$state/state"
+
+[mqtt]
+url = "mqtt://127.0.0.1:$mqtt_port"
+client_id = "edgefn-demo"
+
+[[pipeline]]
+name = "demo-gray"
+source.mqtt = "cameras/+/frames"
+functions = ["grayscale"]
+sinks = [$sinks]
+CONF
+
+"$bin" --config "$state/edgefn.toml" run & pids+=($!)
+for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+"$bin" publish --broker "mqtt://127.0.0.1:$mqtt_port" --topic cameras/front-door/frames --fps 2 --count 0 \
+  "$assets/chelsea.png" "$assets/coffee.png" & pids+=($!)
+"$bin" publish --broker "mqtt://127.0.0.1:$mqtt_port" --topic cameras/kitchen/frames --fps 1 --count 0 \
+  "$assets/coffee.png" "$assets/chelsea.png" & pids+=($!)
+
+echo
+echo "edgefn demo: open http://127.0.0.1:$port/   (Ctrl-C stops it)"
+wait "${pids[1]}"

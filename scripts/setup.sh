@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 need_apt=()
-for p in rustc-web cargo-web rust-web-src wasi-libc lld python3-pip curl mosquitto mosquitto-clients; do
+for p in rustc-web cargo-web rust-web-src wasi-libc lld python3-pip curl mosquitto mosquitto-clients openssl chromium; do
   dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -17,6 +17,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 # The tests start their own brokers on free ports; the packaged one is not needed.
 if systemctl is-active --quiet mosquitto 2>/dev/null; then $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
+
+# playwright-core (npm) drives Debian's chromium in the page test; it never downloads a browser.
+if [ ! -d tests/web/node_modules/playwright-core ]; then
+  command -v npm >/dev/null || { DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm; }
+  (cd tests/web && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent)
+fi
 
 # Test assets (CC0 images from scikit-image's wheel), fetched from PyPI and cached.
 ASSETS=${EDGEFN_ASSETS:-/var/cache/edgefn/assets}

@@ -175,6 +175,10 @@ pub struct Server {
     /// How long in-flight requests get to finish on shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// When set, every route but the page itself and `/healthz` needs
+    /// `Authorization: Bearer <token>` (or `?token=` for the page's live stream and images).
+    /// Set it whenever `listen` is not loopback.
+    pub token: Option<String>,
 }
 
 impl Default for Server {
@@ -183,6 +187,7 @@ impl Default for Server {
             listen: "127.0.0.1:8080".parse().expect("literal address"),
             max_body: ByteSize::mib(16),
             shutdown_grace: Duration::from_secs(10),
+            token: None,
         }
     }
 }

@@ -108,7 +108,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         pipelines: pipelines.clone(),
         max_body: cfg.server.max_body.as_u64() as usize,
         app_token: std::env::var("APP_API_TOKEN").ok().filter(|t| !t.is_empty()),
+        token: cfg.server.token.clone().filter(|t| !t.is_empty()),
     });
+    if api.token.is_none() && !cfg.server.listen.ip().is_loopback() {
+        tracing::warn!(listen = %cfg.server.listen, "listening beyond loopback without server.token: anyone on the network can use the API");
+    }
     let mut intake_closed = intake_rx.clone();
     let http = tokio::spawn(http::serve(
         listener,

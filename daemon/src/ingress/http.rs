@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
@@ -21,13 +22,17 @@ use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use super::dapr;
+use super::{dapr, web};
 use crate::content_type;
 use crate::metrics::{FunctionLabel, SinkLabel};
 use crate::pipeline::{PipelineError, Pipelines};
 use crate::runtime::{InvokeError, Runtime};
 
-type Body = Full<Bytes>;
+pub type Body = BoxBody<Bytes, Infallible>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
 
 /// What the HTTP handlers share.
 pub struct Api {
@@ -36,6 +41,8 @@ pub struct Api {
     pub max_body: usize,
     /// `APP_API_TOKEN`: when set, every call but `/healthz` must carry it as `dapr-api-token`.
     pub app_token: Option<String>,
+    /// `server.token`: when set, every call but the page and `/healthz` needs it as a bearer token.
+    pub token: Option<String>,
 }
 
 /// Serves `listener` until `shutdown` resolves, then gives open requests `grace` to finish.
@@ -77,9 +84,14 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<O
     }
 }
 
-async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
+async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    if let Some(token) = &api.token {
+        if path != "/" && path != "/healthz" && !bearer_ok(&req, token) {
+            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into(), None, "unauthorized");
+        }
+    }
     if let Some(token) = &api.app_token {
         let given = req.headers().get("dapr-api-token").map(|v| v.as_bytes());
         if path != "/healthz" && given != Some(token.as_bytes()) {
@@ -88,12 +100,27 @@ async fn route(api: &Api, req: Request<Incoming>) -> Response<Body> {
         }
     }
     match (&method, path.as_str()) {
+        (&Method::GET, "/") => web::page(),
+        (&Method::GET, "/v1/status") => json_response(StatusCode::OK, &web::status(api)),
+        (&Method::GET, "/v1/events") => web::events(api.clone()),
+        (&Method::GET, "/v1/cameras") => {
+            let cameras = api.pipelines.as_ref().map(|p| p.board.cameras()).unwrap_or_default();
+            json_response(StatusCode::OK, &json!({ "cameras": cameras }))
+        }
+        (&Method::GET, p) if p.starts_with("/v1/cameras/") && p.ends_with("/latest") => {
+            let parts: Vec<&str> =
+                p.trim_start_matches("/v1/cameras/").trim_end_matches("/latest").split('/').collect();
+            match parts.as_slice() {
+                [pipeline, camera] => web::latest(api, pipeline, camera),
+                _ => error(StatusCode::NOT_FOUND, format!("no route for {method} {path}"), None, "route"),
+            }
+        }
         (&Method::GET, "/healthz") => health(api),
         (&Method::GET, "/metrics") => {
             if let Some(p) = &api.pipelines {
                 refresh_outbox_metrics(p);
             }
-            let mut resp = Response::new(Full::from(api.runtime.metrics().encode()));
+            let mut resp = Response::new(full(api.runtime.metrics().encode()));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
@@ -164,7 +191,7 @@ async fn run_pipeline(api: &Api, name: &str, req: Request<Incoming>) -> Response
     let topic = format!("http/{camera}");
     match pipelines.run(&p, &camera, &topic, input).await {
         Ok(done) => {
-            let mut resp = Response::new(Full::from(done.output));
+            let mut resp = Response::new(full(done.output));
             let h = resp.headers_mut();
             h.insert(CONTENT_TYPE, HeaderValue::from_static(done.content_type));
             h.insert("x-edgefn-id", HeaderValue::from_str(&done.id).expect("ids are ASCII"));
@@ -247,7 +274,7 @@ async fn invoke(api: &Api, name: &str, req: Request<Incoming>) -> Response<Body>
     };
     match api.runtime.invoke(name, input, &[]).await {
         Ok(out) => {
-            let mut resp = Response::new(Full::from(out.stdout.clone()));
+            let mut resp = Response::new(full(out.stdout.clone()));
             resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type::sniff(&out.stdout)));
             resp
         }
@@ -381,8 +408,19 @@ fn list_functions(api: &Api) -> Response<Body> {
     json_response(StatusCode::OK, &json!({ "functions": loaded, "failed": failed }))
 }
 
+/// `Authorization: Bearer <token>`, or `?token=` where headers cannot be set (EventSource, img).
+fn bearer_ok(req: &Request<Incoming>, token: &str) -> bool {
+    let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if header.and_then(|h| h.strip_prefix("Bearer ")) == Some(token) {
+        return true;
+    }
+    req.uri()
+        .query()
+        .is_some_and(|q| url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "token" && v == token))
+}
+
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    let mut resp = Response::new(Full::from(value.to_string()));
+    let mut resp = Response::new(full(value.to_string()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp

@@ -4,3 +4,4 @@
 pub mod dapr;
 pub mod http;
 pub mod mqtt;
+pub mod web;

@@ -5,6 +5,7 @@
 //! a camera's frames stay in order and a flood from one camera costs bounded memory. HTTP and
 //! Dapr events call [`Pipelines::run`] directly and get the result back.
 
+pub mod board;
 pub mod frame;
 pub mod queue;
 
@@ -14,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::task::JoinSet;
 
+use self::board::Board;
 use self::frame::Frame;
 use self::queue::{CameraQueue, Pushed};
 use crate::config::{PipelineConfig, Policy, Source};
@@ -79,6 +81,7 @@ pub struct Pipelines {
     metrics: Arc<Metrics>,
     queues: Mutex<HashMap<(String, String), Arc<CameraQueue>>>,
     workers: Mutex<JoinSet<()>>,
+    pub board: Board,
 }
 
 impl Pipelines {
@@ -115,6 +118,7 @@ impl Pipelines {
             metrics,
             queues: Mutex::new(HashMap::new()),
             workers: Mutex::new(JoinSet::new()),
+            board: Board::default(),
         })
     }
 
@@ -158,6 +162,7 @@ impl Pipelines {
                 Ok(out) => data = out.stdout,
                 Err(e) => {
                     self.count_error(p, e.kind());
+                    self.board.error(&p.name, camera);
                     return Err(PipelineError::Function(e));
                 }
             }
@@ -190,6 +195,7 @@ impl Pipelines {
             }
         }
         self.metrics.results.get_or_create(&label).inc();
+        self.board.result(&p.name, camera, &id, content_type, &data);
         Ok(Processed { id, seq, output: data, content_type })
     }
 
@@ -230,6 +236,7 @@ impl Pipelines {
             Pushed::Displaced(old) => {
                 let label = CameraLabel { pipeline: p.name.clone(), camera: old.camera.clone() };
                 self.metrics.drops.get_or_create(&label).inc();
+                self.board.drop_frame(&p.name, &old.camera);
                 // A deliberate, counted drop is settled: acknowledge it.
                 if let Some(ack) = old.ack {
                     ack.done();

@@ -50,7 +50,12 @@ pub struct Function {
     grants: Grants,
     pre: InstancePre<Host>,
     slots: Semaphore,
+    /// Latencies of the last calls (µs), for p50/p99 on the page.
+    recent: std::sync::Mutex<std::collections::VecDeque<u32>>,
 }
+
+/// Calls kept for the latency percentiles.
+const RECENT: usize = 512;
 
 /// The per-call store state.
 pub struct Host {
@@ -104,7 +109,8 @@ impl Function {
             path.display()
         );
         let slots = Semaphore::new(limits.max_instances as usize);
-        Ok(Function { name, path, sha256: loaded.sha256, origin: loaded.origin, limits, grants, pre, slots })
+        let recent = Default::default();
+        Ok(Function { name, path, sha256: loaded.sha256, origin: loaded.origin, limits, grants, pre, slots, recent })
     }
 
     /// Runs the function once on `input`. `env` adds per-call variables (e.g. the camera id).
@@ -221,6 +227,25 @@ impl Function {
         for line in String::from_utf8_lossy(errlog).lines().filter(|l| !l.trim().is_empty()) {
             tracing::info!(function = %self.name, "stderr: {line}");
         }
+    }
+
+    pub(super) fn record(&self, elapsed: Duration) {
+        let mut r = self.recent.lock().expect("recent lock");
+        if r.len() == RECENT {
+            r.pop_front();
+        }
+        r.push_back(elapsed.as_micros().min(u32::MAX as u128) as u32);
+    }
+
+    /// (p50, p99) in milliseconds over the last calls; zeros before the first.
+    pub fn percentiles(&self) -> (f64, f64) {
+        let mut v: Vec<u32> = self.recent.lock().expect("recent lock").iter().copied().collect();
+        if v.is_empty() {
+            return (0.0, 0.0);
+        }
+        v.sort_unstable();
+        let at = |p: usize| v[(v.len() * p / 100).min(v.len() - 1)] as f64 / 1000.0;
+        (at(50), at(99))
     }
 
     /// Instances running now.

@@ -126,7 +126,9 @@ impl Runtime {
         self.metrics.invocations.get_or_create(&label).inc();
         let started = std::time::Instant::now();
         let result = function.invoke(&self.ticker, input, env).await;
-        self.metrics.latency.get_or_create(&label).observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
+        self.metrics.latency.get_or_create(&label).observe(elapsed.as_secs_f64());
+        function.record(elapsed);
         if let Err(e) = &result {
             let label = ErrorLabel { function: function.name.clone(), kind: e.kind() };
             self.metrics.errors.get_or_create(&label).inc();

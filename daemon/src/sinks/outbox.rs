@@ -275,6 +275,12 @@ impl Outbox {
         Ok(sinks)
     }
 
+    /// Results in the dead letters.
+    pub fn dead_count(&self) -> anyhow::Result<u64> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(DEAD)?.len()?)
+    }
+
     /// Pending results in all sinks.
     pub fn total(&self) -> anyhow::Result<u64> {
         let txn = self.db.begin_read()?;

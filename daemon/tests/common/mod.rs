@@ -13,17 +13,35 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgefn");
 
-/// The .wasm files from functions/build.sh.
+/// The functions and the test fixtures from functions/build.sh, side by side in one directory
+/// (links into `functions/out` and `functions/out/fixtures`), made once per test process.
 pub fn functions_dir() -> PathBuf {
-    let dir = std::env::var_os("EDGEFN_FUNCTIONS_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/out"));
-    assert!(
-        dir.join("grayscale.wasm").exists(),
-        "{} has no grayscale.wasm: run functions/build.sh first (tests/run.sh does)",
-        dir.display()
-    );
-    dir
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = std::env::var_os("EDGEFN_FUNCTIONS_OUT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/out"));
+        let out = out.canonicalize().unwrap_or(out);
+        assert!(
+            out.join("grayscale.wasm").exists() && out.join("fixtures/spin.wasm").exists(),
+            "{} lacks the functions or fixtures: run functions/build.sh first (tests/run.sh does)",
+            out.display()
+        );
+        let merged = std::env::temp_dir().join(format!("edgefn-test-functions-{}", std::process::id()));
+        std::fs::create_dir_all(&merged).unwrap();
+        for dir in [out.clone(), out.join("fixtures")] {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "wasm") {
+                    let link = merged.join(path.file_name().unwrap());
+                    let _ = std::fs::remove_file(&link);
+                    std::os::unix::fs::symlink(&path, &link).unwrap();
+                }
+            }
+        }
+        merged
+    })
+    .clone()
 }
 
 pub fn wasm(name: &str) -> PathBuf {
@@ -128,7 +146,13 @@ impl Daemon {
             .env_remove("DAPR_API_TOKEN")
             .env_remove("APP_API_TOKEN")
             // The port is per start; the file may carry its own [server] section.
-            .env("EDGEFN__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "EDGEFN__SERVER__LISTEN",
+                format!(
+                    "{}:{port}",
+                    if envs.iter().any(|(k, _)| *k == "EDGEFN_TEST_LISTEN_ALL") { "0.0.0.0" } else { "127.0.0.1" }
+                ),
+            )
             .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stderr(log)

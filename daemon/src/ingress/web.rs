@@ -1,0 +1,120 @@
+//! The web page and what it reads: `GET /` (one embedded HTML file, no CDN: the board may be
+//! offline), `GET /v1/status` (everything the page shows, in one JSON document), the latest
+//! result of a camera, and `GET /v1/events`, a server-sent events stream that pushes camera
+//! results as they commit and the status every two seconds.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::{Response, StatusCode};
+use serde_json::{Value, json};
+use tokio_stream::wrappers::{BroadcastStream, IntervalStream};
+
+use super::http::{Api, Body, full};
+use crate::sinks::Kind;
+
+const PAGE: &str = include_str!("web/index.html");
+
+pub fn page() -> Response<Body> {
+    let mut r = Response::new(full(PAGE));
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    r
+}
+
+/// Everything the page shows.
+pub fn status(api: &Api) -> Value {
+    let rt = &api.runtime;
+    let m = rt.metrics();
+    let functions: Vec<Value> = rt
+        .functions()
+        .map(|f| {
+            let (p50, p99) = f.percentiles();
+            let label = crate::metrics::FunctionLabel { function: f.name.clone() };
+            json!({
+                "name": f.name,
+                "invocations": m.invocations.get_or_create(&label).get(),
+                "errors": rt.error_count(&f.name),
+                "p50_ms": p50,
+                "p99_ms": p99,
+            })
+        })
+        .collect();
+    let (mut pending, mut oldest, mut dead, mut sinks, mut cameras, mut dapr_sinks, mut pipelines) =
+        (0u64, 0f64, 0u64, Vec::new(), Vec::new(), 0, Vec::new());
+    if let Some(ps) = &api.pipelines {
+        let ob = ps.outbox();
+        pending = ob.total().unwrap_or(0);
+        dead = ob.dead_count().unwrap_or(0);
+        let mut keys: Vec<String> = ps.iter().flat_map(|p| p.sinks.iter().map(|s| s.key.to_string())).collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let (depth, age) = ob.depth(&key).unwrap_or((0, 0.0));
+            oldest = oldest.max(age);
+            sinks.push(json!({ "sink": key, "depth": depth, "oldest_age_s": age }));
+        }
+        dapr_sinks = ps.iter().flat_map(|p| &p.sinks).filter(|s| matches!(s.kind, Kind::Dapr(_))).count();
+        cameras = ps.board.cameras();
+        pipelines = ps.iter().map(|p| json!({ "name": p.name, "functions": p.functions })).collect();
+    }
+    let notice = (dapr_sinks == 0 && api.pipelines.is_some())
+        .then_some("No Dapr sidecar configured: results go to the file and MQTT sinks.");
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "mqtt_connected": m.mqtt_connected.get() == 1,
+        "dapr": { "configured": dapr_sinks > 0, "reachable": m.dapr_reachable.get() == 1 },
+        "notice": notice,
+        "outbox": { "pending": pending, "oldest_age_s": oldest, "dead": dead, "sinks": sinks },
+        "functions": functions,
+        "failed": rt.failed(),
+        "pipelines": pipelines,
+        "cameras": cameras,
+    })
+}
+
+/// The latest result of `pipeline/camera`, as its own content type.
+pub fn latest(api: &Api, pipeline: &str, camera: &str) -> Response<Body> {
+    let found = api.pipelines.as_ref().and_then(|p| p.board.latest(pipeline, camera));
+    match found {
+        Some((bytes, ct)) => {
+            let mut r = Response::new(full(bytes));
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+            r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        None => {
+            let body = json!({ "error": format!("no result yet for {pipeline}/{camera}"), "kind": "no_result" });
+            let mut r = Response::new(full(body.to_string()));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+    }
+}
+
+/// `text/event-stream`: `camera` events as results commit, `status` now and every 2 s.
+pub fn events(api: std::sync::Arc<Api>) -> Response<Body> {
+    let cameras = api.pipelines.as_ref().map(|p| BroadcastStream::new(p.board.subscribe()));
+    let camera_events = futures_util::stream::iter(cameras).flatten().filter_map(|e| async move {
+        // A lagging client skips missed events; the next status catches it up.
+        e.ok().map(|v| sse("camera", &v["camera"]))
+    });
+    let ticks = IntervalStream::new(tokio::time::interval(Duration::from_secs(2)));
+    let status_events = ticks.map(move |_| sse("status", &status(&api)));
+    let stream = futures_util::stream::select(camera_events, status_events)
+        .map(|text| Ok::<_, Infallible>(Frame::data(Bytes::from(text))));
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn sse(event: &str, data: &Value) -> String {
+    format!("event: {event}\ndata: {data}\n\n")
+}

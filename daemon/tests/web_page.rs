@@ -1,0 +1,72 @@
+//! The web page in a real browser: Debian's headless Chromium driven by playwright-core
+//! (tests/web/page.test.mjs), against a daemon fed by two simulated MQTT cameras, with token
+//! auth on and the daemon bound beyond loopback. Screenshots land in tests/artifacts/.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::Daemon;
+use common::broker::Broker;
+
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn page_uploads_shows_cameras_and_errors_with_token_auth() {
+    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/web");
+    assert!(
+        web.join("node_modules/playwright-core").exists() && Path::new("/usr/bin/chromium").exists(),
+        "needs playwright-core in tests/web and Debian's chromium: run scripts/setup.sh"
+    );
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"));
+    let cfg = format!(
+        "[server]\ntoken = \"page-secret\"\n\n[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-web\"\n\n[[pipeline]]\n\
+         name = \"demo-gray\"\nsource.mqtt = \"cameras/+/frames\"\nfunctions = [\"grayscale\"]\n\
+         sinks = [{{ file = {{ path = {:?} }} }}]\n",
+        broker.url(),
+        tmp.path().join("results.jsonl")
+    );
+    let d = Daemon::start_env(tmp.path(), &cfg, &[("EDGEFN_TEST_LISTEN_ALL", "1".into())]);
+    let assets = std::env::var("EDGEFN_ASSETS").unwrap_or("/var/cache/edgefn/assets".into());
+    let (chelsea, coffee) = (format!("{assets}/chelsea.png"), format!("{assets}/coffee.png"));
+    let camera = |name: &str, images: [&str; 2]| {
+        Killed(
+            Command::new(common::BIN)
+                .args(["publish", "--broker", &broker.url(), "--topic", &format!("cameras/{name}/frames")])
+                .args(["--fps", "3", "--count", "0", images[0], images[1]])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _front = camera("front-door", [&chelsea, &coffee]);
+    let _kitchen = camera("kitchen", [&coffee, &chelsea]);
+
+    // Without the token the API is closed, the page itself is not.
+    assert_eq!(d.get("/v1/status").status, 401);
+    assert_eq!(d.get("/").status, 200);
+
+    let out = Command::new("node")
+        .current_dir(&web)
+        .args(["page.test.mjs", &d.url("/"), "page-secret", artifacts.to_str().unwrap(), &chelsea])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "browser test failed:\n{stdout}\n{stderr}\ndaemon log:\n{}", d.log());
+    assert!(stdout.contains("page test: ok"));
+    assert!(artifacts.join("page.png").exists());
+}
