@@ -8,6 +8,8 @@
 //! - [`metrics`]: counters and histograms for `/metrics`.
 //! - [`config`]: the TOML configuration and its environment overrides.
 //! - [`logging`]: journald under systemd, readable stderr otherwise.
+//! - [`server`]: `edgefn run`: builds the components, reloads on SIGHUP, shuts down in order.
+//! - [`systemd`]: readiness, status and watchdog notifications.
 //!
 //! Imports point one way: ingress → runtime. The runtime knows nothing of HTTP.
 
@@ -22,3 +24,4 @@ pub mod publish;
 pub mod runtime;
 pub mod server;
 pub mod sinks;
+pub mod systemd;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use edgefn::config::{self, Config};
+use edgefn::config::Config;
 use edgefn::metrics::Metrics;
 use edgefn::runtime::{Runtime, aot};
 
@@ -97,15 +97,13 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
-    let load_config = || match &cli.config {
-        Some(path) => Config::load(path, true),
-        None => Config::load(config::DEFAULT_PATH.as_ref(), false),
-    };
+    let source = edgefn::server::default_source(cli.config.clone());
+    let load_config = || source.load();
     match cli.command {
         Command::Run => {
             let cfg = load_config()?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(edgefn::server::run(cfg, shutdown_signal()))?;
+            rt.block_on(edgefn::server::run(edgefn::server::default_source(cli.config.clone()), cfg))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Invoke { ref name, ref env } => {
@@ -135,17 +133,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", cfg.to_toml());
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-/// Resolves on SIGTERM (systemd stop) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
 }
 

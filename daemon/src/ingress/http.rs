@@ -46,7 +46,13 @@ pub struct Api {
 }
 
 /// Serves `listener` until `shutdown` resolves, then gives open requests `grace` to finish.
-pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<Output = ()>, grace: Duration) {
+/// Hands the listener back, so a reload keeps the socket (and its backlog) open.
+pub async fn serve(
+    listener: TcpListener,
+    api: Arc<Api>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> TcpListener {
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -78,10 +84,10 @@ pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<O
             () = &mut shutdown => break,
         }
     }
-    drop(listener);
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!("shutdown grace of {grace:?} over; closing open connections");
     }
+    listener
 }
 
 async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Body> {

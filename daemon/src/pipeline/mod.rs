@@ -82,6 +82,8 @@ pub struct Pipelines {
     queues: Mutex<HashMap<(String, String), Arc<CameraQueue>>>,
     workers: Mutex<JoinSet<()>>,
     pub board: Board,
+    /// Frames settled by camera workers; the watchdog checks that it moves.
+    settled: std::sync::atomic::AtomicU64,
 }
 
 impl Pipelines {
@@ -119,6 +121,7 @@ impl Pipelines {
             queues: Mutex::new(HashMap::new()),
             workers: Mutex::new(JoinSet::new()),
             board: Board::default(),
+            settled: Default::default(),
         })
     }
 
@@ -249,7 +252,9 @@ impl Pipelines {
 
     async fn camera_worker(self: Arc<Self>, p: Arc<Pipeline>, camera: String, queue: Arc<CameraQueue>) {
         while let Some(frame) = queue.pop().await {
-            match self.run(&p, &camera, &frame.topic, frame.payload).await {
+            let outcome = self.run(&p, &camera, &frame.topic, frame.payload).await;
+            self.settled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match outcome {
                 Ok(_) => {
                     if let Some(ack) = frame.ack {
                         ack.done();
@@ -268,6 +273,11 @@ impl Pipelines {
                 }
             }
         }
+    }
+
+    /// Frames the camera workers have finished with, successfully or not.
+    pub fn settled(&self) -> u64 {
+        self.settled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Frames waiting in camera queues.
