@@ -138,7 +138,15 @@ impl Daemon {
         let config_path = dir.join("edgefn.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
-        let child = Command::new(BIN)
+        // systemd sets WATCHDOG_PID to the service's pid; `exec` keeps the shell's pid.
+        let mut cmd = if envs.iter().any(|(k, _)| *k == "WATCHDOG_USEC") {
+            let mut c = Command::new("/bin/sh");
+            c.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\"", BIN]);
+            c
+        } else {
+            Command::new(BIN)
+        };
+        let child = cmd
             .args(["--config", config_path.to_str().unwrap(), "run"])
             .env("RUST_LOG", "info")
             .env_remove("JOURNAL_STREAM")
