@@ -141,10 +141,11 @@ impl Drop for TickGuard<'_> {
     }
 }
 
-/// Whether the running Linux kernel is at least `major.minor`.
+/// Whether the running Linux kernel is at least `major.minor`. From uname(2): under systemd's
+/// `ProcSubset=pid`, /proc/sys is not there to read.
 fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().unwrap_or(0));
-    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    found >= (major, minor)
+    let Ok(uts) = nix::sys::utsname::uname() else { return false };
+    let release = uts.release().to_string_lossy();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (major, minor)
 }

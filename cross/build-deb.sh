@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds edgefn .deb packages from this checkout: cross/build-deb.sh amd64|arm64|all
+#
+# For each architecture: builds the daemon (arm64 is cross-built with Debian's rustc-web and
+# gcc-aarch64-linux-gnu, see ../shared/notes/toolchain.md), builds the wasm functions, AOT-compiles
+# them on this host for the package's architecture (so a board never compiles), and packages
+# with cargo-deb. Packages land in packaging/out/ (EDGEFN_DEB_OUT to change).
+#
+# EDGEFN_FEATURES=test-hooks builds the test-only variant used by tests/system.
+# EDGEFN_DEB_VERSION=0.1.1-1 overrides the package version (the upgrade test uses it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+case "${1:-}" in
+  amd64|arm64) arches=("$1") ;;
+  all) arches=(amd64 arm64) ;;
+  *) echo "usage: cross/build-deb.sh amd64|arm64|all" >&2; exit 2 ;;
+esac
+out="${EDGEFN_DEB_OUT:-$PWD/packaging/out}"
+features=()
+[ -n "${EDGEFN_FEATURES:-}" ] && features=(--features "$EDGEFN_FEATURES")
+version=()
+[ -n "${EDGEFN_DEB_VERSION:-}" ] && version=(--deb-version "$EDGEFN_DEB_VERSION")
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --quiet
+
+functions/build.sh
+# The host's edgefn does the cross-AOT compile.
+cargo build --release --quiet --bin edgefn
+host_target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+edgefn="$host_target/release/edgefn"
+mkdir -p "$out"
+
+for arch in "${arches[@]}"; do
+  case "$arch" in
+    amd64)
+      # This host is amd64: its own release build is the package's binary.
+      triple=x86_64-unknown-linux-gnu
+      cargo build --release --quiet --bin edgefn "${features[@]}"
+      target=()
+      strip=(--strip)
+      ;;
+    arm64)
+      triple=aarch64-unknown-linux-gnu
+      # Debian's toolchain: the only one here with an aarch64 std.
+      RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
+      CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+      CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
+        /usr/bin/cargo build --release --quiet --target "$triple" --bin edgefn "${features[@]}"
+      aarch64-linux-gnu-strip --strip-debug "$host_target/$triple/release/edgefn"
+      target=(--target "$triple")
+      strip=(--no-strip)
+      ;;
+  esac
+  staging=packaging/staging/functions
+  rm -rf "$staging" && mkdir -p "$staging"
+  for wasm in functions/out/*.wasm; do
+    name="$(basename "$wasm" .wasm)"
+    "$edgefn" compile "$wasm" -o "$staging/$name.cwasm" --target "$triple"
+  done
+  cargo deb --no-build --quiet -p edgefn "${target[@]}" "${strip[@]}" "${version[@]}" -o "$out/"
+done
+ls -l "$out"/*.deb
