@@ -69,7 +69,7 @@ fn main() {
     let mut spawn = Vec::new();
     for i in 0..105 {
         let t = Instant::now();
-        let mut child = Command::new(common::BIN)
+        let mut child = common::edgefn()
             .args(["--config", config_path.to_str().unwrap(), "invoke", "echo"])
             .env("RUST_LOG", "off")
             .stdin(Stdio::piped())

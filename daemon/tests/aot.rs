@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use common::{BIN, Daemon, asset, wasm};
+use common::{Daemon, asset, wasm};
 
 #[test]
 fn second_start_compiles_nothing() {
@@ -53,7 +53,7 @@ fn precompiled_cwasm_loads_and_foreign_arch_is_refused() {
 
     // Host .cwasm from `edgefn compile`, served without compiling.
     let compile = |target: Option<&str>, out: &std::path::Path| {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = common::edgefn();
         cmd.args(["compile", wasm("grayscale").to_str().unwrap(), "-o", out.to_str().unwrap()]);
         if let Some(t) = target {
             cmd.args(["--target", t]);
@@ -74,7 +74,7 @@ fn precompiled_cwasm_loads_and_foreign_arch_is_refused() {
     let foreign = if std::env::consts::ARCH == "aarch64" { "x86_64" } else { "aarch64" };
     let foreign_cwasm = funcs.join("grayscale.cwasm");
     compile(Some(&format!("{foreign}-unknown-linux-gnu")), &foreign_cwasm);
-    let out = Command::new(BIN)
+    let out = common::edgefn()
         .args(["--config", dir.path().join("edgefn.toml").to_str().unwrap(), "invoke", "grayscale"])
         .stdin(Stdio::null())
         .env("RUST_LOG", "off")

@@ -4,12 +4,12 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
-use common::{BIN, asset, functions_dir};
+use common::{asset, functions_dir};
 
 fn edgefn(args: &[&str], envs: &[(&str, &str)], stdin: &[u8]) -> Output {
-    let mut child = Command::new(BIN)
+    let mut child = common::edgefn()
         .args(args)
         .envs(envs.iter().copied())
         .env("RUST_LOG", "off")

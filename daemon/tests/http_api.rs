@@ -5,7 +5,7 @@ mod common;
 
 use common::{Daemon, agent, assert_gray, asset, camera_jpeg};
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 #[test]
 fn photo_round_trip_is_gray_and_same_everywhere() {
@@ -30,7 +30,7 @@ fn photo_round_trip_is_gray_and_same_everywhere() {
     assert_eq!(hello.body, resp.body);
 
     // `edgefn invoke` gives the same bytes too.
-    let mut child = Command::new(common::BIN)
+    let mut child = common::edgefn()
         .args(["--config", d.dir.join("edgefn.toml").to_str().unwrap(), "invoke", "grayscale"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -147,12 +147,11 @@ fn listing_health_and_metrics() {
 
 #[test]
 fn listens_on_loopback_by_default_and_stops_on_sigterm() {
-    let out =
-        Command::new(common::BIN).args(["--config", "/nonexistent/edgefn.toml", "check-config"]).output().unwrap();
+    let out = common::edgefn().args(["--config", "/nonexistent/edgefn.toml", "check-config"]).output().unwrap();
     assert!(!out.status.success(), "an explicit missing config is an error");
 
     let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(common::BIN).current_dir(tmp.path()).arg("check-config").output().unwrap();
+    let out = common::edgefn().current_dir(tmp.path()).arg("check-config").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("listen = \"127.0.0.1:8080\""), "{text}");

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::Daemon;
 use common::broker::{Broker, Tls};
 use common::fake_dapr::{FakeDapr, Mode};
-use common::{BIN, Daemon};
 
 const SINK: &str = "dapr:upstream/frames/gray";
 
@@ -53,7 +53,7 @@ policy = "{policy}"
 }
 
 fn publisher(broker: &Broker, camera: &str, frame: &Path, count: u32, fps: u32) -> Child {
-    Command::new(BIN)
+    common::edgefn()
         .args(["publish", "--broker", &broker.url(), "--topic", &format!("cameras/{camera}/frames")])
         .args(["--fps", &fps.to_string(), "--count", &count.to_string(), frame.to_str().unwrap()])
         .env("RUST_LOG", "warn")
@@ -440,7 +440,7 @@ fn tls_with_client_certificate_and_password() {
     d.wait_metric("edgefn_mqtt_connected", 15, |v| v == 1.0);
     // The camera side over TLS too: `edgefn publish` reads the same [mqtt] section.
     let frame = small_jpeg(tmp.path());
-    let st = Command::new(BIN)
+    let st = common::edgefn()
         .args(["--config", d.dir.join("edgefn.toml").to_str().unwrap(), "publish", "--topic", "cameras/tls/frames"])
         .args(["--fps", "0", "--count", "3", frame.to_str().unwrap()])
         .env("RUST_LOG", "warn")

@@ -43,7 +43,7 @@ fn page_uploads_shows_cameras_and_errors_with_token_auth() {
     let (chelsea, coffee) = (format!("{assets}/chelsea.png"), format!("{assets}/coffee.png"));
     let camera = |name: &str, images: [&str; 2]| {
         Killed(
-            Command::new(common::BIN)
+            common::edgefn()
                 .args(["publish", "--broker", &broker.url(), "--topic", &format!("cameras/{name}/frames")])
                 .args(["--fps", "3", "--count", "0", images[0], images[1]])
                 .env("RUST_LOG", "warn")

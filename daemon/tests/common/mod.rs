@@ -13,6 +13,20 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgefn");
 
+/// A command running the built `edgefn`. With `EDGEFN_TEST_RUNNER` set (e.g. `qemu-aarch64 -L /`
+/// for the aarch64 build, where binfmt is not mounted), it runs under that runner.
+pub fn edgefn() -> Command {
+    match std::env::var("EDGEFN_TEST_RUNNER").ok().filter(|r| !r.trim().is_empty()) {
+        Some(runner) => {
+            let mut parts = runner.split_whitespace();
+            let mut c = Command::new(parts.next().unwrap());
+            c.args(parts).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    }
+}
+
 /// The functions and the test fixtures from functions/build.sh, side by side in one directory
 /// (links into `functions/out` and `functions/out/fixtures`), made once per test process.
 pub fn functions_dir() -> PathBuf {
@@ -144,7 +158,7 @@ impl Daemon {
             c.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\"", BIN]);
             c
         } else {
-            Command::new(BIN)
+            edgefn()
         };
         let child = cmd
             .args(["--config", config_path.to_str().unwrap(), "run"])
