@@ -15,6 +15,25 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
+# Packaging and the aarch64 cross build (../shared/notes/toolchain.md), and a real systemd in
+# a container for the system tests (../shared/notes/systemd-nspawn.md).
+if ! dpkg -s libstd-rust-web-dev:arm64 >/dev/null 2>&1; then
+  echo "setup: adding arm64 for the cross build"
+  $SUDO dpkg --add-architecture arm64
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
+    libstd-rust-web-dev:arm64 libc6-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
+fi
+need_apt=()
+for p in debootstrap systemd-container lintian file; do
+  dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --quiet
+
 # The tests start their own brokers on free ports; the packaged one is not needed.
 if systemctl is-active --quiet mosquitto 2>/dev/null; then $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true; fi
 

@@ -13,3 +13,9 @@ echo "== grayscale, native unit tests"
 
 echo "== daemon tests"
 cargo test --release --workspace
+
+echo "== system: the amd64 .deb on a real systemd (nspawn)"
+tests/system/deb-in-nspawn.sh
+
+echo "== system: aarch64 (arm64 .deb, cross-AOT parity, tests under qemu)"
+tests/system/aarch64.sh

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# aarch64, from this x86_64 host: the arm64 .deb's contents, the cross-built daemon's runtime
+# and HTTP tests under `qemu-aarch64 -L /`, and a grayscale .cwasm cross-compiled here giving
+# the same output bytes on aarch64 as on x86_64.
+#
+# Needs Debian's rustc-web with the arm64 std, gcc-aarch64-linux-gnu and qemu-user
+# (scripts/setup.sh installs them; recipe in ../shared/notes/toolchain.md).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PATH="$HOME/.cargo/bin:$PATH"
+T=aarch64-unknown-linux-gnu
+fail() { echo "aarch64: FAIL: $*" >&2; exit 1; }
+ok() { echo "aarch64: ok: $*"; }
+
+# The arm64 package: an aarch64 ELF and aarch64 .cwasm files inside.
+EDGEFN_DEB_OUT="$PWD/packaging/out" cross/build-deb.sh arm64 >/dev/null
+deb="$(ls -t packaging/out/edgefn_*_arm64.deb | head -n1)"
+listing="$(dpkg-deb -c "$deb")"
+grep -q './usr/bin/edgefn$' <<<"$listing" || fail "no usr/bin/edgefn in $deb"
+grep -q './usr/lib/edgefn/functions/grayscale.cwasm$' <<<"$listing" || fail "no grayscale.cwasm in $deb"
+x="$(mktemp -d)"; trap 'rm -rf "$x"' EXIT
+dpkg-deb -x "$deb" "$x"
+file "$x/usr/bin/edgefn" | grep -q 'ARM aarch64' || fail "usr/bin/edgefn is not aarch64: $(file "$x/usr/bin/edgefn")"
+for c in "$x"/usr/lib/edgefn/functions/*.cwasm; do
+  file "$c" | grep -q 'ARM aarch64' || fail "$c is not aarch64: $(file "$c")"
+done
+ok "$(basename "$deb") ($(stat -c %s "$deb") bytes) holds an aarch64 ELF and aarch64 .cwasm files"
+
+# Cross-AOT parity: the packaged aarch64 grayscale.cwasm under qemu vs x86_64 from the .wasm.
+arm_bin="$x/usr/bin/edgefn"
+host_bin="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/edgefn"
+img="${EDGEFN_ASSETS:-/var/cache/edgefn/assets}/chelsea.png"
+printf '[runtime]\nfunctions_dir = "%s"\ncache_dir = "%s/cache-arm"\n' "$x/usr/lib/edgefn/functions" "$x" > "$x/arm.toml"
+printf '[runtime]\nfunctions_dir = "%s"\ncache_dir = "%s/cache-x86"\n' "$PWD/functions/out" "$x" > "$x/x86.toml"
+RUST_LOG=warn qemu-aarch64 -L / "$arm_bin" --config "$x/arm.toml" invoke grayscale < "$img" > "$x/arm.png"
+RUST_LOG=warn "$host_bin" --config "$x/x86.toml" invoke grayscale < "$img" > "$x/x86.png"
+[ -s "$x/arm.png" ] && cmp -s "$x/arm.png" "$x/x86.png" || fail "aarch64 and x86_64 outputs differ"
+ok "grayscale.cwasm cross-compiled on x86_64: identical output bytes on aarch64 ($(stat -c %s "$x/arm.png") bytes)"
+
+# The runtime and HTTP tests, built for aarch64 and run under qemu (the daemons they start too).
+RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
+CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /" \
+CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
+EDGEFN_TEST_RUNNER="qemu-aarch64 -L /" \
+  /usr/bin/cargo test --release --target "$T" -p edgefn --test sandbox --test http_api --test seed_parity --test aot
+ok "runtime and HTTP tests pass on aarch64 under qemu"
