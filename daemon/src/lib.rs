@@ -2,16 +2,20 @@
 //!
 //! The major components, in the order a frame meets them:
 //!
-//! - [`ingress`]: where frames come in. [`ingress::http`] serves the HTTP API.
+//! - [`ingress`]: where frames come in: [`ingress::mqtt`] (cameras), [`ingress::http`] (the
+//!   API and the web page), [`ingress::dapr`] (events from a Dapr sidecar).
+//! - [`pipeline`]: a chain of functions per frame, per-camera queues with backpressure, and the
+//!   acknowledgement a frame owes its source.
 //! - [`runtime`]: the wasm functions. Each is compiled ahead of time ([`runtime::aot`]), and
 //!   each call gets a fresh sandboxed instance with memory, time and output limits.
-//! - [`metrics`]: counters and histograms for `/metrics`.
-//! - [`config`]: the TOML configuration and its environment overrides.
-//! - [`logging`]: journald under systemd, readable stderr otherwise.
-//! - [`server`]: `edgefn run`: builds the components, reloads on SIGHUP, shuts down in order.
-//! - [`systemd`]: readiness, status and watchdog notifications.
+//! - [`sinks`]: the durable [`sinks::outbox`] and the delivery workers that drain it to Dapr,
+//!   MQTT or files.
+//! - [`server`]: `edgefn run`: builds the components, reloads on SIGHUP, shuts down in order;
+//!   [`systemd`] tells systemd about it.
+//! - Shared: [`config`], [`metrics`], [`logging`], [`mqtt`] (the broker connection),
+//!   [`content_type`]; and [`publish`], the camera simulator.
 //!
-//! Imports point one way: ingress → runtime. The runtime knows nothing of HTTP.
+//! Imports point one way: ingress → pipeline → runtime; pipeline → sinks.
 
 pub mod config;
 pub mod content_type;
