@@ -450,6 +450,87 @@ fn tls_with_client_certificate_and_password() {
     dapr.wait_for(30, "3 results over TLS", |_| distinct(&dapr) == 3);
 }
 
+#[test]
+fn outbox_caps_evict_the_oldest_and_count_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"));
+    let dapr = FakeDapr::start(&["upstream"], None);
+    dapr.set_mode(Mode::Fail500);
+    let cfg =
+        format!("{}\n[outbox]\nmax_bytes = \"100 KiB\"\nmax_age = \"3s\"\n", config(&broker, &dapr, "block", 4, ""));
+    let d = Daemon::start_in(tmp.path(), &cfg);
+    d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
+    let frame = small_jpeg(tmp.path());
+    finish(publisher(&broker, "cam1", &frame, 30, 0));
+    d.wait_metric("edgefn_results_total{pipeline=\"doorcam-gray\",camera=\"cam1\"}", 60, |v| v == 30.0);
+
+    // Over max_bytes: the oldest went, counted; what is left fits the cap.
+    let evicted = d.metric(&format!("edgefn_outbox_evicted_total{{sink=\"{SINK}\"}}"));
+    let depth = d.metric(&format!("edgefn_outbox_depth{{sink=\"{SINK}\"}}"));
+    assert!(evicted > 0.0 && depth > 0.0, "evicted {evicted}, depth {depth}");
+    assert_eq!(evicted + depth, 30.0, "every result is either waiting or counted as evicted");
+    let result_size = std::fs::metadata(&frame).unwrap().len(); // a gray PNG is about the JPEG's size
+    assert!(depth * (result_size as f64) < 2.0 * 100.0 * 1024.0, "{depth} results kept under a 100 KiB cap");
+
+    // Past max_age: evicted instead of delivered, also counted.
+    std::thread::sleep(Duration::from_secs(4));
+    dapr.set_mode(Mode::Ok);
+    d.wait_metric(&format!("edgefn_outbox_depth{{sink=\"{SINK}\"}}"), 60, |v| v == 0.0);
+    assert_eq!(d.metric(&format!("edgefn_outbox_evicted_total{{sink=\"{SINK}\"}}")), 30.0);
+    assert_eq!(distinct(&dapr), 0, "expired results were delivered");
+}
+
+#[test]
+fn a_full_disk_is_an_error_in_health_not_a_crash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"));
+    let dapr = FakeDapr::start(&["upstream"], None);
+    dapr.set_mode(Mode::Fail500);
+    // The outbox lives on a 2 MiB tmpfs that frames fill up.
+    let small = tmp.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs", small.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a 2 MiB tmpfs needs root (CI runs as root)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let state = ("EDGEFN__RUNTIME__STATE_DIR", small.to_str().unwrap().to_string());
+    let mut d = Daemon::start_env(tmp.path(), &config(&broker, &dapr, "block", 4, ""), &[state]);
+    d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
+    let big = image::load_from_memory(&common::asset("coffee.png")).unwrap();
+    // A JPEG under max_frame whose gray PNG is several times larger.
+    let frame = tmp.path().join("big.jpg");
+    let rgb = image::DynamicImage::ImageRgb8(big.thumbnail(400, 400).to_rgb8());
+    std::fs::write(&frame, common::encode(&rgb, image::ImageFormat::Jpeg)).unwrap();
+    assert!(std::fs::metadata(&frame).unwrap().len() < 64 * 1024);
+    let mut publishing = publisher(&broker, "cam1", &frame, 300, 0);
+
+    let until = Instant::now() + Duration::from_secs(60);
+    let health = loop {
+        let h = d.get("/healthz").json();
+        if h["outbox"]["error"].is_string() {
+            break h;
+        }
+        assert!(Instant::now() < until, "no outbox error in health after filling the disk:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(health["problems"][0].as_str().unwrap().contains("outbox"), "{health}");
+    assert!(d.log().contains("outbox commit failed"), "{}", d.log());
+    // Frames that could not be stored were not acknowledged: the broker keeps them.
+    assert!(d.log().contains("frame not acknowledged"), "{}", d.log());
+    d.assert_alive();
+    let _ = publishing.kill();
+    let _ = publishing.wait();
+}
+
 /// A real daprd, when one is at hand: `DAPRD_BIN=/path/to/daprd cargo test -- --ignored real_daprd`.
 #[test]
 #[ignore = "needs DAPRD_BIN (daprd is not installable from the registries here)"]
