@@ -451,6 +451,18 @@ fn tls_with_client_certificate_and_password() {
 }
 
 #[test]
+fn a_missing_pubsub_is_named_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"));
+    let dapr = FakeDapr::start(&["something-else"], None);
+    let d = Daemon::start_in(tmp.path(), &config(&broker, &dapr, "block", 4, ""));
+    d.wait_metric("edgefn_dapr_reachable", 10, |v| v == 1.0);
+    let log = d.log();
+    assert!(log.contains("has no pub/sub component named `upstream`"), "{log}");
+    assert!(log.contains("something-else"), "{log}");
+}
+
+#[test]
 fn outbox_caps_evict_the_oldest_and_count_them() {
     let tmp = tempfile::tempdir().unwrap();
     let broker = Broker::start(&tmp.path().join("broker"));
