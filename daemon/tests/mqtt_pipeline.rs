@@ -393,7 +393,10 @@ sinks = [{{ file = {{ path = {results:?} }} }}]
     assert_eq!(post(&garbage), "DROP");
     assert_eq!(d.post_with("/v1/dapr/events/cloud-gray", token, b"{not json").json()["status"], "DROP");
 
-    // HTTP feeds the same pipeline.
+    // HTTP feeds the same pipeline; a camera id that could not travel in headers is refused.
+    let resp = d.post_with("/v1/pipelines/cloud-gray?camera=a%0Ab", token, b"x");
+    assert_eq!(resp.status, 400);
+    assert_eq!(resp.json()["kind"], "camera");
     let resp = d.post_with("/v1/pipelines/cloud-gray?camera=desk", token, &common::asset("coffee.png"));
     assert_eq!(resp.status, 200);
     common::assert_gray(&resp.body);
