@@ -317,6 +317,7 @@ fn bad_payloads_are_refused_and_the_next_frame_flows() {
     let big = tmp.path().join("big.bin");
     std::fs::write(&big, vec![7u8; 100 * 1024]).unwrap();
     broker.publish_raw("cameras/huge/frames", &["-f", big.to_str().unwrap()], None);
+    broker.publish_raw("cameras/bad\"id/frames", &["-f", big.to_str().unwrap()], None);
 
     // The MQTT sink's result, read back from the broker.
     let sub = Command::new("mosquitto_sub")
@@ -340,6 +341,7 @@ fn bad_payloads_are_refused_and_the_next_frame_flows() {
         "frame refused: empty payload",
         "topic=cameras/huge/frames",
         "over mqtt.max_frame",
+        "camera id \"bad\\\"id\"",
         "topic=cameras/noisy/frames",
         "rejected its input",
     ] {

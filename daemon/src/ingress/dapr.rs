@@ -63,7 +63,11 @@ pub async fn event(pipelines: &Pipelines, name: &str, body: &[u8]) -> &'static s
 /// bytes, other JSON `data` re-serialised. The camera is the event's `subject`, else `dapr`.
 fn unwrap_event(body: &[u8]) -> Result<(String, String, Bytes), String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    let camera = v["subject"].as_str().filter(|s| !s.is_empty()).unwrap_or("dapr").to_string();
+    let camera = match v["subject"].as_str() {
+        None | Some("") => "dapr".to_string(),
+        Some(s) if crate::pipeline::valid_camera(s) => s.to_string(),
+        Some(s) => return Err(format!("subject {s:?} is not a camera id (1 to 128 of [A-Za-z0-9._-])")),
+    };
     let topic = v["topic"].as_str().unwrap_or_default().to_string();
     let data = if let Some(b64) = v["data_base64"].as_str() {
         base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| format!("data_base64: {e}"))?.into()

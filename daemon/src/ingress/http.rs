@@ -187,9 +187,7 @@ async fn run_pipeline(api: &Api, name: &str, req: Request<Incoming>) -> Response
             url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "camera").map(|(_, v)| v.into_owned())
         })
         .unwrap_or_else(|| "http".to_string());
-    // Camera ids end up in result ids, headers, file names and metric labels.
-    let valid = camera.len() <= 128 && camera.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if camera.is_empty() || !valid {
+    if !crate::pipeline::valid_camera(&camera) {
         let msg = format!("bad camera id {camera:?}: use 1 to 128 of [A-Za-z0-9._-]");
         return error(StatusCode::BAD_REQUEST, msg, None, "camera");
     }

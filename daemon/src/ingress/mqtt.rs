@@ -96,7 +96,9 @@ impl Ingress {
             .filter_map(|r| camera_of(&r.filter, &topic).map(|c| (&r.pipeline, c.to_string())))
             .collect();
         let size = m.payload().len();
-        let refused = if size == 0 {
+        let refused = if let Some((_, bad)) = targets.iter().find(|(_, c)| !crate::pipeline::valid_camera(c)) {
+            Some(("camera", format!("frame refused: camera id {bad:?} is not 1 to 128 of [A-Za-z0-9._-]")))
+        } else if size == 0 {
             Some(("empty", "frame refused: empty payload".to_string()))
         } else if size > self.max_frame {
             Some((

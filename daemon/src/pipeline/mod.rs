@@ -28,6 +28,12 @@ use crate::sinks::outbox::{Item, Outbox, Record, now_ms};
 /// Cameras one pipeline tracks at most, so a publisher inventing ids cannot grow memory.
 const MAX_CAMERAS: usize = 256;
 
+/// Camera ids end up in result ids, HTTP headers, file names and metric labels: 1 to 128 of
+/// `[A-Za-z0-9._-]`. Every ingress checks this before a frame enters a pipeline.
+pub fn valid_camera(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 pub struct Pipeline {
     pub name: String,
     pub source: Source,
