@@ -124,13 +124,7 @@ impl Ingress {
         let client = self.client.clone();
         let acks = Ack::split(targets.len(), move || client.ack(&m));
         for ((p, camera), ack) in targets.into_iter().zip(acks) {
-            let frame = Frame {
-                camera,
-                topic: topic.clone(),
-                payload: payload.clone(),
-                received: std::time::Instant::now(),
-                ack: Some(ack),
-            };
+            let frame = Frame { camera, topic: topic.clone(), payload: payload.clone(), ack: Some(ack) };
             self.pipelines.submit(p, frame).await;
         }
     }

@@ -2,7 +2,6 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -10,7 +9,6 @@ pub struct Frame {
     pub camera: String,
     pub topic: String,
     pub payload: Bytes,
-    pub received: Instant,
     /// Settled when the frame's result is durable, or the frame was deliberately dropped.
     pub ack: Option<Ack>,
 }

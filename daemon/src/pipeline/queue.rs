@@ -112,8 +112,4 @@ impl CameraQueue {
     pub fn len(&self) -> usize {
         self.frames.lock().expect("queue lock").queue.len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

@@ -16,9 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use wasmtime::Engine;
 
-pub use self::engine::TICK;
 use self::engine::{EpochTicker, PoolSize};
 pub use self::error::InvokeError;
 pub use self::function::{Function, Grants, Output};
@@ -31,7 +29,6 @@ pub struct Runtime {
     failed: BTreeMap<String, String>,
     metrics: Arc<Metrics>,
     ticker: EpochTicker,
-    engine: Engine,
 }
 
 /// A function to load: where from, with which limits and grants.
@@ -80,7 +77,7 @@ impl Runtime {
             }
         }
         let ticker = EpochTicker::start(engine.clone());
-        Ok(Runtime { functions, failed, metrics, ticker, engine })
+        Ok(Runtime { functions, failed, metrics, ticker })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Function>> {
@@ -108,10 +105,6 @@ impl Runtime {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
-    }
-
-    pub fn engine(&self) -> &Engine {
-        &self.engine
     }
 
     /// Runs function `name` on `input`, with `env` added to what its config grants.

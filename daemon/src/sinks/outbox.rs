@@ -12,14 +12,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::metrics::{Metrics, SinkLabel};
 
@@ -68,7 +68,7 @@ struct Commit {
 
 pub struct Outbox {
     db: Arc<Database>,
-    commits: mpsc::SyncSender<Commit>,
+    commits: mpsc::Sender<Commit>,
     seqs: Mutex<HashMap<String, u64>>,
     wakers: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
     state: Arc<State>,
@@ -125,7 +125,8 @@ impl Outbox {
             max_bytes: cfg.max_bytes.as_u64(),
             error: Mutex::new(None),
         });
-        let (tx, rx) = mpsc::sync_channel::<Commit>(1024);
+        // A full queue makes committers wait (async) for the disk, never blocks a worker thread.
+        let (tx, rx) = mpsc::channel::<Commit>(1024);
         let outbox = Arc::new(Outbox {
             db: db.clone(),
             commits: tx,
@@ -154,7 +155,7 @@ impl Outbox {
     /// Commits `items` durably; returns once they are on disk.
     pub async fn commit(&self, items: Vec<Item>) -> anyhow::Result<()> {
         let (done, wait) = oneshot::channel();
-        self.commits.send(Commit { items, done }).map_err(|_| anyhow::anyhow!("outbox closed"))?;
+        self.commits.send(Commit { items, done }).await.map_err(|_| anyhow::anyhow!("outbox closed"))?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(anyhow::anyhow!("outbox commit failed: {e}")),
@@ -304,10 +305,10 @@ fn committer(
     db: Arc<Database>,
     state: Arc<State>,
     metrics: Arc<Metrics>,
-    rx: mpsc::Receiver<Commit>,
+    mut rx: mpsc::Receiver<Commit>,
     outbox: std::sync::Weak<Outbox>,
 ) {
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < 256 {
             match rx.try_recv() {
