@@ -24,6 +24,9 @@ pub struct Config {
     pub limits: Limits,
     /// Functions by name. Functions found in `runtime.functions_dir` need no entry here.
     pub functions: BTreeMap<String, FunctionConfig>,
+    /// Inference models by name, loaded at start and reached from wasm through wasi-nn's
+    /// `load_by_name`.
+    pub models: BTreeMap<String, ModelConfig>,
     /// The broker cameras publish to; also where MQTT sinks publish.
     pub mqtt: Option<Mqtt>,
     pub dapr: Dapr,
@@ -201,6 +204,8 @@ pub struct Runtime {
     pub cache_dir: PathBuf,
     /// Durable state: the outbox.
     pub state_dir: PathBuf,
+    /// LiteRT's C library (`libLiteRt.so`), opened only when `[models]` are configured.
+    pub litert: PathBuf,
 }
 
 impl Default for Runtime {
@@ -215,6 +220,7 @@ impl Default for Runtime {
             functions_dir: PathBuf::from("/usr/lib/edgefn/functions"),
             cache_dir: cache.join("aot"),
             state_dir: state,
+            litert: PathBuf::from("/usr/lib/edgefn/libLiteRt.so"),
         }
     }
 }
@@ -262,6 +268,35 @@ pub struct FunctionConfig {
     pub args: Vec<String>,
     /// Host directories the function may open: guest path → host path, read-only.
     pub dirs: BTreeMap<String, PathBuf>,
+    /// Models the function may load through wasi-nn. Unset: all of `[models]`, if the
+    /// function imports wasi-nn at all.
+    pub models: Option<Vec<String>>,
+}
+
+/// One inference model, shared by every function granted it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub encoding: Encoding,
+    /// CPU threads one inference uses.
+    #[serde(default = "one")]
+    pub threads: u32,
+    /// Compiled copies of the model; at most this many inferences run at once.
+    #[serde(default = "one")]
+    pub contexts: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    #[default]
+    Tflite,
 }
 
 impl FunctionConfig {
@@ -328,6 +363,14 @@ impl Config {
         for (name, f) in &self.functions {
             anyhow::ensure!(is_valid_name(name), "functions.{name}: names are [a-z0-9_-]+");
             check(&format!("functions.{name}"), &f.limits(&self.limits))?;
+            for m in f.models.iter().flatten() {
+                anyhow::ensure!(self.models.contains_key(m), "functions.{name}.models: no [models.{m}]");
+            }
+        }
+        for (name, m) in &self.models {
+            anyhow::ensure!(is_valid_name(name), "models.{name}: names are [a-z0-9_-]+");
+            anyhow::ensure!((1..=64).contains(&m.threads), "models.{name}.threads must be 1..=64");
+            anyhow::ensure!((1..=64).contains(&m.contexts), "models.{name}.contexts must be 1..=64");
         }
         Ok(())
     }

@@ -40,6 +40,11 @@ pub struct PipelineError {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
 type LatencyFamily = Family<FunctionLabel, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -78,6 +83,11 @@ pub struct Metrics {
     pub mqtt_reconnects: Counter,
     /// 1 while the Dapr sidecar answers.
     pub dapr_reachable: Gauge,
+
+    /// Model files loaded; stays at the number of models until a reload.
+    pub model_loads: Family<ModelLabel, Counter>,
+    /// Compiled contexts per model: the most inferences that run at once.
+    pub model_contexts: Family<ModelLabel, Gauge>,
 }
 
 impl Metrics {
@@ -117,6 +127,8 @@ impl Metrics {
             mqtt_connected: Default::default(),
             mqtt_reconnects: Default::default(),
             dapr_reachable: Default::default(),
+            model_loads: Default::default(),
+            model_contexts: Default::default(),
         };
         m.register_rest()
     }
@@ -136,6 +148,8 @@ impl Metrics {
         r.register("mqtt_connected", "1 while connected to the broker", self.mqtt_connected.clone());
         r.register("mqtt_reconnects", "Broker connections lost", self.mqtt_reconnects.clone());
         r.register("dapr_reachable", "1 while the Dapr sidecar answers", self.dapr_reachable.clone());
+        r.register("model_loads", "Model files loaded", self.model_loads.clone());
+        r.register("model_contexts", "Compiled contexts per model", self.model_contexts.clone());
         self
     }
 

@@ -17,6 +17,7 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 use super::aot::{LoadedModule, Origin};
 use super::engine::EpochTicker;
 use super::error::InvokeError;
+use super::nn;
 use super::pipe::CappedPipe;
 use crate::config::{FunctionConfig, Limits};
 
@@ -48,6 +49,8 @@ pub struct Function {
     pub origin: Origin,
     pub limits: Limits,
     grants: Grants,
+    /// Models it may load through wasi-nn; empty unless the module imports wasi-nn.
+    models: nn::Grant,
     pre: InstancePre<Host>,
     slots: Semaphore,
     /// Latencies of the last calls (µs), for p50/p99 on the page.
@@ -60,6 +63,7 @@ const RECENT: usize = 512;
 /// The per-call store state.
 pub struct Host {
     wasi: WasiP1Ctx,
+    nn: wasmtime_wasi_nn::witx::WasiNnCtx,
     memory: MemoryCap,
 }
 
@@ -95,10 +99,19 @@ impl Function {
         loaded: LoadedModule,
         limits: Limits,
         grants: Grants,
+        models: &nn::Models,
+        model_names: Option<&[String]>,
     ) -> anyhow::Result<Function> {
         let mut linker: Linker<Host> = Linker::new(engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut linker, |h: &mut Host| &mut h.wasi)
             .map_err(|e| anyhow::anyhow!("linking WASI: {e}"))?;
+        wasmtime_wasi_nn::witx::add_to_linker(&mut linker, |h: &mut Host| &mut h.nn)
+            .map_err(|e| anyhow::anyhow!("linking wasi-nn: {e}"))?;
+        let uses_nn = loaded.module.imports().any(|i| i.module() == "wasi_ephemeral_nn");
+        let models = if uses_nn { models.grant(model_names) } else { nn::Grant::default() };
+        if uses_nn && models.is_empty() {
+            tracing::warn!(function = %name, "imports wasi-nn but no [models] are configured");
+        }
         let pre = linker
             .instantiate_pre(&loaded.module)
             .map_err(|e| anyhow::anyhow!("{}: imports not satisfiable: {e}", path.display()))?;
@@ -109,7 +122,18 @@ impl Function {
         );
         let slots = Semaphore::new(limits.max_instances as usize);
         let recent = Default::default();
-        Ok(Function { name, path, sha256: loaded.sha256, origin: loaded.origin, limits, grants, pre, slots, recent })
+        Ok(Function {
+            name,
+            path,
+            sha256: loaded.sha256,
+            origin: loaded.origin,
+            limits,
+            grants,
+            models,
+            pre,
+            slots,
+            recent,
+        })
     }
 
     /// Runs the function once on `input`. `env` adds per-call variables (e.g. the camera id).
@@ -126,6 +150,14 @@ impl Function {
                 .await
                 .map_err(|_| InvokeError::Saturated { function: self.name.clone() })?
                 .expect("slots are never closed"),
+        };
+        if let Some(cause) = &self.models.unavailable {
+            return Err(InvokeError::Unavailable { function: self.name.clone(), cause: cause.clone() });
+        }
+        // Before the store exists, so the reservation outlives the contexts the store borrows.
+        let _models = match tokio::time::timeout(self.limits.deadline, self.models.reserve()).await {
+            Ok(reservation) => reservation,
+            Err(_) => return Err(InvokeError::Saturated { function: self.name.clone() }),
         };
         let _ticking = ticker.enter();
 
@@ -178,7 +210,7 @@ impl Function {
             })?;
         }
         let limit = self.limits.memory.as_u64() as usize;
-        let host = Host { wasi: wasi.build_p1(), memory: MemoryCap { limit, hit: false } };
+        let host = Host { wasi: wasi.build_p1(), nn: self.models.context(), memory: MemoryCap { limit, hit: false } };
         let mut store = Store::new(self.pre.module().engine(), host);
         store.limiter(|h| &mut h.memory);
         Ok(store)

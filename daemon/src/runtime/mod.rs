@@ -9,6 +9,7 @@ pub mod aot;
 mod engine;
 mod error;
 mod function;
+pub mod nn;
 mod pipe;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ pub struct Runtime {
     functions: BTreeMap<String, Arc<Function>>,
     /// Functions that are configured but could not load, with the cause.
     failed: BTreeMap<String, String>,
+    models: nn::Models,
     metrics: Arc<Metrics>,
     ticker: EpochTicker,
 }
@@ -37,6 +39,7 @@ struct Spec {
     path: PathBuf,
     limits: Limits,
     grants: Grants,
+    models: Option<Vec<String>>,
 }
 
 impl Runtime {
@@ -52,6 +55,7 @@ impl Runtime {
             max_memory: specs.iter().map(|s| s.limits.memory.as_u64()).max().unwrap_or(1 << 20),
         };
         let engine = engine::host_engine(&pool)?;
+        let models = nn::Models::load(cfg, &metrics);
 
         let mut functions = BTreeMap::new();
         for spec in specs {
@@ -60,7 +64,16 @@ impl Runtime {
                     aot::Origin::Compiled => metrics.aot_compiles.inc(),
                     aot::Origin::Cached | aot::Origin::Precompiled => metrics.aot_loads.inc(),
                 };
-                Function::new(&engine, spec.name.clone(), spec.path.clone(), m, spec.limits, spec.grants)
+                Function::new(
+                    &engine,
+                    spec.name.clone(),
+                    spec.path.clone(),
+                    m,
+                    spec.limits,
+                    spec.grants,
+                    &models,
+                    spec.models.as_deref(),
+                )
             });
             match loaded {
                 Ok(f) => {
@@ -77,7 +90,7 @@ impl Runtime {
             }
         }
         let ticker = EpochTicker::start(engine.clone());
-        Ok(Runtime { functions, failed, metrics, ticker })
+        Ok(Runtime { functions, failed, models, metrics, ticker })
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Function>> {
@@ -90,6 +103,10 @@ impl Runtime {
 
     pub fn failed(&self) -> &BTreeMap<String, String> {
         &self.failed
+    }
+
+    pub fn models(&self) -> &nn::Models {
+        &self.models
     }
 
     /// Failed invocations of `name`, all kinds together.
@@ -165,7 +182,7 @@ fn discover(cfg: &Config) -> (Vec<Spec>, BTreeMap<String, String>) {
     for (name, path) in &found {
         if !cfg.functions.contains_key(name) {
             let grants = Grants::default();
-            specs.push(Spec { name: name.clone(), path: path.clone(), limits: cfg.limits, grants });
+            specs.push(Spec { name: name.clone(), path: path.clone(), limits: cfg.limits, grants, models: None });
         }
     }
     for (name, fc) in &cfg.functions {
@@ -179,7 +196,13 @@ fn discover(cfg: &Config) -> (Vec<Spec>, BTreeMap<String, String>) {
                 continue;
             }
         };
-        specs.push(Spec { name: name.clone(), path, limits: fc.limits(&cfg.limits), grants: fc.into() });
+        specs.push(Spec {
+            name: name.clone(),
+            path,
+            limits: fc.limits(&cfg.limits),
+            grants: fc.into(),
+            models: fc.models.clone(),
+        });
     }
     (specs, failed)
 }

@@ -1,0 +1,162 @@
+//! LiteRT as a wasmtime-wasi-nn backend: a graph is a pool of compiled contexts, and an
+//! execution context is one of them, borrowed for a call and returned when the call's store
+//! is dropped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, BackendGraph, Id, NamedTensor};
+use wasmtime_wasi_nn::wit::TensorType as WitType;
+use wasmtime_wasi_nn::{ExecutionContext, Graph, GraphRegistry, Tensor};
+
+use super::litert::{self, Compiled, ELEMENT_F32, ELEMENT_U8};
+
+/// A model's compiled contexts. All are created up front, so a call never compiles.
+pub(super) struct ContextPool {
+    name: String,
+    idle: Mutex<Vec<Compiled>>,
+    size: usize,
+}
+
+impl ContextPool {
+    pub(super) fn new(
+        name: &str,
+        model: &Arc<litert::Model>,
+        threads: u32,
+        contexts: u32,
+    ) -> Result<Arc<ContextPool>, litert::Error> {
+        let idle = (0..contexts).map(|_| model.compile(threads)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Arc::new(ContextPool { name: name.to_string(), size: idle.len(), idle: Mutex::new(idle) }))
+    }
+
+    pub(super) fn size(&self) -> usize {
+        self.size
+    }
+
+    pub(super) fn idle(&self) -> usize {
+        self.idle.lock().expect("pool lock").len()
+    }
+}
+
+pub(super) fn graph(pool: Arc<ContextPool>) -> Graph {
+    let boxed: Box<dyn BackendGraph> = Box::new(PooledGraph(pool));
+    boxed.into()
+}
+
+struct PooledGraph(Arc<ContextPool>);
+
+impl BackendGraph for PooledGraph {
+    fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
+        // The caller reserved a context before it started, so this only fails for a guest that
+        // opens a second context on the same model within one call.
+        let ctx = self
+            .0
+            .idle
+            .lock()
+            .expect("pool lock")
+            .pop()
+            .ok_or_else(|| backend_error(format!("model {}: one execution context per call", self.0.name)))?;
+        let boxed: Box<dyn BackendExecutionContext> = Box::new(Borrowed { ctx: Some(ctx), pool: self.0.clone() });
+        Ok(boxed.into())
+    }
+}
+
+/// A context on loan to one call.
+struct Borrowed {
+    ctx: Option<Compiled>,
+    pool: Arc<ContextPool>,
+}
+
+impl Borrowed {
+    fn ctx(&mut self) -> &mut Compiled {
+        self.ctx.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for Borrowed {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.ctx.take() {
+            self.pool.idle.lock().expect("pool lock").push(ctx);
+        }
+    }
+}
+
+impl BackendExecutionContext for Borrowed {
+    fn set_input(&mut self, id: Id, tensor: &Tensor) -> Result<(), BackendError> {
+        let index = index(&id)?;
+        let ctx = self.ctx();
+        let Some(want) = ctx.model().inputs.get(index) else {
+            return Err(backend_error(format!("the model has no input {index}")));
+        };
+        let ty = element(tensor.ty)?;
+        if ty != want.element || tensor.dimensions != want.dims {
+            return Err(backend_error(format!(
+                "input {index} must be {} {:?}, got {} {:?}",
+                type_name(want.element),
+                want.dims,
+                type_name(ty),
+                tensor.dimensions
+            )));
+        }
+        ctx.write_input(index, &tensor.data).map_err(into_backend)
+    }
+
+    fn get_output(&mut self, id: Id) -> Result<Tensor, BackendError> {
+        let index = index(&id)?;
+        let ctx = self.ctx();
+        let Some(ty) = ctx.model().outputs.get(index).cloned() else {
+            return Err(backend_error(format!("the model has no output {index}")));
+        };
+        let data = ctx.read_output(index).map_err(into_backend)?;
+        let wit = if ty.element == ELEMENT_F32 { WitType::Fp32 } else { WitType::U8 };
+        Ok(Tensor::new(ty.dims, wit, data))
+    }
+
+    fn compute(&mut self, inputs: Option<Vec<NamedTensor>>) -> Result<Option<Vec<NamedTensor>>, BackendError> {
+        if inputs.is_some() {
+            // Named tensors belong to the component-model API, which we do not link.
+            return Err(backend_error("named-tensor compute is not supported".to_string()));
+        }
+        self.ctx().run().map_err(into_backend)?;
+        Ok(None)
+    }
+}
+
+fn index(id: &Id) -> Result<usize, BackendError> {
+    id.index().map(|i| i as usize).ok_or_else(|| backend_error("tensors are addressed by index".to_string()))
+}
+
+fn element(ty: WitType) -> Result<i32, BackendError> {
+    match ty {
+        WitType::U8 => Ok(ELEMENT_U8),
+        WitType::Fp32 => Ok(ELEMENT_F32),
+        other => Err(BackendError::UnsupportedTensorType(format!("{other:?}"))),
+    }
+}
+
+fn type_name(element: i32) -> &'static str {
+    if element == ELEMENT_F32 { "f32" } else { "u8" }
+}
+
+fn backend_error(msg: String) -> BackendError {
+    // Logged here because wasi-nn hands the guest only an error code.
+    tracing::warn!("wasi-nn: {msg}");
+    BackendError::BackendAccess(wasmtime::Error::msg(msg))
+}
+
+fn into_backend(e: litert::Error) -> BackendError {
+    backend_error(e.to_string())
+}
+
+/// The graphs one call may load by name.
+pub(super) struct Registry(pub(super) HashMap<String, Graph>);
+
+impl GraphRegistry for Registry {
+    fn get(&self, name: &str) -> Option<&Graph> {
+        self.0.get(name)
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut Graph> {
+        self.0.get_mut(name)
+    }
+}
