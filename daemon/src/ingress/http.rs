@@ -139,18 +139,18 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/dapr/subscribe") => {
             json_response(StatusCode::OK, &dapr::subscriptions(api.pipelines.as_deref()))
         }
-        (&Method::POST, "/api/image") => invoke(api, "grayscale", req).await,
+        (&Method::POST, "/api/image") => invoke(api, "grayscale", req, &[]).await,
         (&Method::POST, "/api/hello") => {
-            // The seed's page picks the function with an `api` header: `go` meant classify.
-            let name = match req.headers().get("api").map(|v| v.as_bytes()) {
-                Some(b"go") => "classify",
-                _ => "grayscale",
-            };
-            invoke(api, name, req).await
+            // The seed's page picks the function with an `api` header: `go` meant classify,
+            // which answered with a sentence.
+            match req.headers().get("api").map(|v| v.as_bytes()) {
+                Some(b"go") => invoke(api, "classify", req, &[("EDGEFN_FORMAT", "text")]).await,
+                _ => invoke(api, "grayscale", req, &[]).await,
+            }
         }
         (&Method::POST, p) if p.starts_with("/v1/functions/") => {
             let name = p["/v1/functions/".len()..].to_owned();
-            invoke(api, &name, req).await
+            invoke(api, &name, req, &[]).await
         }
         (&Method::POST, p) if p.starts_with("/v1/pipelines/") => {
             let name = p["/v1/pipelines/".len()..].to_owned();
@@ -274,12 +274,12 @@ fn refresh_outbox_metrics(p: &Pipelines) {
     }
 }
 
-async fn invoke(api: &Api, name: &str, req: Request<Incoming>) -> Response<Body> {
+async fn invoke(api: &Api, name: &str, req: Request<Incoming>, env: &[(&str, &str)]) -> Response<Body> {
     let input = match read_body(req, api.max_body).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    match api.runtime.invoke(name, input, &[]).await {
+    match api.runtime.invoke(name, input, env).await {
         Ok(out) => {
             let mut resp = Response::new(full(out.stdout.clone()));
             resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type::sniff(&out.stdout)));
@@ -412,7 +412,13 @@ fn list_functions(api: &Api) -> Response<Body> {
         })
         .collect();
     let failed: Vec<_> = rt.failed().iter().map(|(n, c)| json!({"name": n, "error": c})).collect();
-    json_response(StatusCode::OK, &json!({ "functions": loaded, "failed": failed }))
+    let models = rt.models();
+    let model_list: Vec<_> = models
+        .loaded()
+        .map(|m| json!({"name": m.name, "contexts": m.contexts(), "idle": m.idle()}))
+        .chain(models.failed().iter().map(|(n, c)| json!({"name": n, "error": c})))
+        .collect();
+    json_response(StatusCode::OK, &json!({ "functions": loaded, "failed": failed, "models": model_list }))
 }
 
 /// `Authorization: Bearer <token>`, or `?token=` where headers cannot be set (EventSource, img).

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
 
 use self::engine::{EpochTicker, PoolSize};
 pub use self::error::InvokeError;
@@ -135,7 +137,18 @@ impl Runtime {
         let label = FunctionLabel { function: function.name.clone() };
         self.metrics.invocations.get_or_create(&label).inc();
         let started = std::time::Instant::now();
-        let result = function.invoke(&self.ticker, input, env).await;
+        // wasmtime-wasi-nn panics on some malformed guest arguments; one call fails, not the daemon.
+        let result =
+            AssertUnwindSafe(function.invoke(&self.ticker, input, env)).catch_unwind().await.unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned());
+                Err(InvokeError::Trap {
+                    function: function.name.clone(),
+                    cause: format!("host panic: {}", what.unwrap_or_default()),
+                })
+            });
         let elapsed = started.elapsed();
         self.metrics.latency.get_or_create(&label).observe(elapsed.as_secs_f64());
         function.record(elapsed);
