@@ -1,0 +1,245 @@
+//! classify: ImageNet classification in wasm through wasi-nn, on the native LiteRT backend.
+//! The same bytes also run natively here (the `classify` crate's preparation and ranking plus
+//! direct LiteRT calls), and the two answers must be identical.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::Daemon;
+use common::broker::Broker;
+use common::fake_dapr::FakeDapr;
+use edgefn::runtime::nn::litert;
+
+const THREADS: u32 = 2;
+const MODEL: &str = "efficientnet-lite0";
+
+fn assets() -> PathBuf {
+    std::env::var_os("EDGEFN_ASSETS").map(PathBuf::from).unwrap_or("/var/cache/edgefn/assets".into())
+}
+
+fn model_file() -> PathBuf {
+    assets().join("efficientnet_lite0.tflite")
+}
+
+/// libLiteRt.so for the architecture these tests were built for (scripts/setup.sh fetches both).
+fn litert_lib() -> PathBuf {
+    let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
+    let dir = std::env::var_os("EDGEFN_LITERT_DIR").map(PathBuf::from).unwrap_or("/var/cache/edgefn/litert".into());
+    dir.join(arch).join("libLiteRt.so")
+}
+
+fn models_toml(contexts: u32) -> String {
+    format!(
+        r#"
+[models.{MODEL}]
+path = {:?}
+encoding = "tflite"
+threads = {THREADS}
+contexts = {contexts}
+
+[functions.classify]
+dirs = {{ "/models" = {:?} }}
+deadline = "30s"
+"#,
+        model_file(),
+        assets()
+    )
+}
+
+fn start(dir: &std::path::Path, extra: &str, lib: PathBuf) -> Daemon {
+    Daemon::start_env(dir, extra, &[("EDGEFN__RUNTIME__LITERT", lib.display().to_string())])
+}
+
+/// The reference: the same preparation and ranking, with LiteRT called directly.
+fn native(image: &[u8]) -> String {
+    static MODEL_ONCE: std::sync::OnceLock<std::sync::Mutex<litert::Compiled>> = std::sync::OnceLock::new();
+    let compiled = MODEL_ONCE.get_or_init(|| {
+        let lib = litert::Library::open(&litert_lib()).unwrap();
+        let model = litert::Model::load(&lib, &model_file()).unwrap();
+        std::sync::Mutex::new(model.compile(THREADS).unwrap())
+    });
+    let labels = classify::labels_from_model(std::fs::File::open(model_file()).unwrap()).unwrap();
+    let mut ctx = compiled.lock().unwrap();
+    ctx.write_input(0, &classify::preprocess(image).unwrap()).unwrap();
+    ctx.run().unwrap();
+    let top = classify::rank(&ctx.read_output(0).unwrap(), &labels).unwrap();
+    classify::to_json(&top, MODEL)
+}
+
+#[test]
+fn chelsea_and_coffee_match_the_reference_and_native_exactly() {
+    let d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(1), litert_lib());
+    for (file, label, reference) in [("chelsea.png", "Egyptian cat", 0.816), ("coffee.png", "espresso", 0.879)] {
+        let image = common::asset(file);
+        let r = d.post("/v1/functions/classify", &image);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.content_type, "application/json");
+        let got = r.json();
+        assert_eq!(got["label"], label, "{got}");
+        let score = got["score"].as_f64().unwrap();
+        assert!((score - reference).abs() <= 0.03, "{file}: score {score}, reference {reference}");
+        assert_eq!(got["model"], MODEL);
+        let top = got["top"].as_array().unwrap();
+        assert_eq!(top.len(), 5);
+        assert_eq!(top[0]["label"], label);
+        assert!(top.windows(2).all(|w| w[0]["score"].as_f64() >= w[1]["score"].as_f64()), "{got}");
+
+        assert_eq!(String::from_utf8(r.body).unwrap(), native(&image), "{file}: wasm and native differ");
+    }
+
+    // The seed's route and sentence.
+    let r = d.post_with("/api/hello", ("api", "go"), &common::asset("chelsea.png"));
+    assert_eq!(r.status, 200);
+    assert_eq!(String::from_utf8(r.body).unwrap(), "It is very likely a Egyptian cat in the picture");
+}
+
+#[test]
+fn the_model_loads_once_and_contexts_stay_pooled() {
+    let d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(2), litert_lib());
+    let label = format!("{{model=\"{MODEL}\"}}");
+    assert_eq!(d.metric(&format!("edgefn_model_loads_total{label}")), 1.0);
+    let frame = common::camera_jpeg();
+    // Four clients at once against two contexts: calls wait for a context, none fails.
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..25 {
+                    let r = d.post("/v1/functions/classify", &frame);
+                    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                    assert_eq!(r.json()["label"], "Egyptian cat");
+                }
+            });
+        }
+    });
+    assert_eq!(d.metric("edgefn_invocations_total{function=\"classify\"}"), 100.0);
+    assert_eq!(d.metric(&format!("edgefn_model_loads_total{label}")), 1.0, "a request reloaded the model");
+    assert_eq!(d.metric(&format!("edgefn_model_contexts{label}")), 2.0);
+    let models = d.get("/v1/functions").json()["models"].clone();
+    assert_eq!(models[0]["name"], MODEL);
+    assert_eq!(models[0]["contexts"], 2);
+    assert_eq!(models[0]["idle"], 2, "every context went back to the pool: {models}");
+}
+
+#[test]
+fn bad_frames_get_a_clear_error_or_a_low_confidence_answer() {
+    let mut d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(1), litert_lib());
+    for (what, body) in [("garbage", b"\x00\x01garbage, not an image".to_vec()), ("empty", vec![])] {
+        let r = d.post("/v1/functions/classify", &body);
+        assert_eq!(r.status, 422, "{what}");
+        let j = r.json();
+        assert_eq!(j["kind"], "rejected", "{what}: {j}");
+        let msg = j["error"].as_str().unwrap();
+        assert!(msg.contains("classify:") && !msg.contains('\n'), "{what}: {msg}");
+    }
+    let mut truncated = common::camera_jpeg();
+    truncated.truncate(truncated.len() / 2);
+    let r = d.post("/v1/functions/classify", &truncated);
+    assert_eq!(r.status, 422);
+    assert!(r.json()["error"].as_str().unwrap().contains("truncated JPEG"));
+
+    // One pixel is still a picture: a valid answer, with little confidence.
+    let pixel = common::encode(
+        &image::DynamicImage::ImageRgb8(image::RgbImage::from_pixel(1, 1, image::Rgb([200, 30, 30]))),
+        image::ImageFormat::Png,
+    );
+    let r = d.post("/v1/functions/classify", &pixel);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let score = r.json()["score"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&score));
+    d.assert_alive();
+}
+
+#[test]
+fn without_the_library_startup_succeeds_and_classify_says_why() {
+    let missing = PathBuf::from("/nonexistent/libLiteRt.so");
+    let mut d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(1), missing);
+    assert!(d.log().contains("runtime.litert"), "no startup warning naming the key:\n{}", d.log());
+    let r = d.post("/v1/functions/grayscale", &common::asset("chelsea.png"));
+    assert_eq!(r.status, 200);
+    let r = d.post("/v1/functions/classify", &common::asset("chelsea.png"));
+    assert_eq!(r.status, 503);
+    let msg = r.json()["error"].as_str().unwrap().to_string();
+    assert!(msg.contains("runtime.litert") && msg.contains("/nonexistent/libLiteRt.so"), "{msg}");
+    assert!(d.get("/v1/functions").json()["models"][0]["error"].is_string());
+    d.assert_alive();
+}
+
+#[test]
+fn a_missing_model_file_is_named_by_its_config_key() {
+    let toml = models_toml(1).replace(&format!("{:?}", model_file()), "\"/nonexistent/model.tflite\"");
+    let mut d = start(&tempfile::tempdir().unwrap().keep(), &toml, litert_lib());
+    assert!(d.log().contains(&format!("models.{MODEL}.path")), "{}", d.log());
+    let r = d.post("/v1/functions/classify", &common::asset("chelsea.png"));
+    assert_eq!(r.status, 503);
+    assert!(r.json()["error"].as_str().unwrap().contains("/nonexistent/model.tflite"));
+    assert_eq!(d.post("/v1/functions/grayscale", &common::asset("coffee.png")).status, 200);
+    d.assert_alive();
+}
+
+#[test]
+fn classify_imports_only_wasi_and_wasi_nn() {
+    let engine = wasmtime::Engine::default();
+    let module = wasmtime::Module::from_file(&engine, common::wasm("classify")).unwrap();
+    let mut modules: Vec<String> = module.imports().map(|i| i.module().to_string()).collect();
+    modules.sort();
+    modules.dedup();
+    assert_eq!(modules, ["wasi_ephemeral_nn", "wasi_snapshot_preview1"]);
+    let nn: Vec<String> =
+        module.imports().filter(|i| i.module() == "wasi_ephemeral_nn").map(|i| i.name().to_string()).collect();
+    eprintln!("classify.wasm imports from wasi_ephemeral_nn: {nn:?}");
+    for name in &nn {
+        assert!(
+            ["load_by_name", "init_execution_context", "set_input", "compute", "get_output"].contains(&name.as_str()),
+            "unexpected wasi-nn import {name}"
+        );
+    }
+}
+
+#[test]
+fn classify_as_a_pipeline_stage_sends_json_to_dapr() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"));
+    let dapr = FakeDapr::start(&["upstream"], None);
+    let config = format!(
+        r#"
+[mqtt]
+url = "{}"
+client_id = "edgefn-classify-{}"
+
+[dapr]
+url = "http://127.0.0.1:{}"
+startup_wait = "2s"
+
+[[pipeline]]
+name = "doorcam-classify"
+source.mqtt = "cameras/+/frames"
+functions = ["classify"]
+sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames/classified" }} }}]
+policy = "block"
+{}"#,
+        broker.url(),
+        broker.port,
+        dapr.port,
+        models_toml(1)
+    );
+    let d = start(tmp.path(), &config, litert_lib());
+    d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
+    let frame = tmp.path().join("frame.jpg");
+    std::fs::write(&frame, common::camera_jpeg()).unwrap();
+    let status = common::edgefn()
+        .args(["publish", "--broker", &broker.url(), "--topic", "cameras/door/frames", "--count", "3"])
+        .arg(&frame)
+        .env("RUST_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    dapr.wait_for(60, "3 classifications", |events| events.len() >= 3);
+    for e in dapr.events() {
+        assert_eq!(e.topic, "frames/classified");
+        assert_eq!(e.event["datacontenttype"], "application/json", "{}", e.event);
+        assert_eq!(e.event["data"]["label"], "Egyptian cat", "{}", e.event);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+}
