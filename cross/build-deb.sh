@@ -4,7 +4,8 @@
 # For each architecture: builds the daemon (arm64 is cross-built with Debian's rustc-web and
 # gcc-aarch64-linux-gnu, see ../shared/notes/toolchain.md), builds the wasm functions, AOT-compiles
 # them on this host for the package's architecture (so a board never compiles), and packages
-# with cargo-deb. Packages land in packaging/out/ (EDGEFN_DEB_OUT to change).
+# with cargo-deb, adding LiteRT for the package's architecture and the classify model.
+# Packages land in packaging/out/ (EDGEFN_DEB_OUT to change).
 #
 # EDGEFN_FEATURES=test-hooks builds the test-only variant used by tests/system.
 # EDGEFN_DEB_VERSION=0.1.1-1 overrides the package version (the upgrade test uses it).
@@ -58,6 +59,14 @@ for arch in "${arches[@]}"; do
     name="$(basename "$wasm" .wasm)"
     "$edgefn" compile "$wasm" -o "$staging/$name.cwasm" --target "$triple"
   done
+  # LiteRT for this architecture and the model, both fetched and pinned by scripts/setup.sh.
+  litert="${EDGEFN_LITERT_DIR:-/var/cache/edgefn/litert}/$arch/libLiteRt.so"
+  model="${EDGEFN_ASSETS:-/var/cache/edgefn/assets}/efficientnet_lite0.tflite"
+  [ -f "$litert" ] && [ -f "$model" ] || { echo "build-deb: missing $litert or $model: run scripts/setup.sh" >&2; exit 1; }
+  rm -rf packaging/staging/litert packaging/staging/models
+  mkdir -p packaging/staging/litert packaging/staging/models
+  cp "$litert" packaging/staging/litert/
+  cp "$model" packaging/staging/models/
   cargo deb --no-build --quiet -p edgefn "${target[@]}" "${strip[@]}" "${version[@]}" -o "$out/"
 done
 ls -l "$out"/*.deb

@@ -144,6 +144,13 @@ fn status_line(api: &Api) -> String {
     if !rt.failed().is_empty() {
         line += &format!(" ({} failed)", rt.failed().len());
     }
+    let models = rt.models();
+    if models.loaded().count() + models.failed().len() > 0 {
+        line += &format!(", {} models", models.loaded().count());
+        if !models.failed().is_empty() {
+            line += &format!(" ({} failed)", models.failed().len());
+        }
+    }
     if let Some(p) = &api.pipelines {
         let m = rt.metrics();
         line += &format!(
@@ -240,6 +247,7 @@ impl Generation {
             listen = %listener.local_addr()?,
             functions = runtime.functions().count(),
             failed = runtime.failed().len(),
+            models = runtime.models().loaded().count(),
             pipelines = cfg.pipelines.len(),
             version = env!("CARGO_PKG_VERSION"),
             "edgefn ready"

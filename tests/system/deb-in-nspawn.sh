@@ -68,7 +68,7 @@ ok "installed; active (running) through READY=1; status: $(inside systemctl show
 
 # The startup line, with structured fields, in the journal.
 inside journalctl -u edgefn -o verbose --no-pager | grep -q 'MESSAGE=edgefn ready' || fail "no startup line"
-inside journalctl -u edgefn -o verbose --no-pager | grep -Eq '^ *(F_)?FUNCTIONS=1$' || fail "startup line lacks its fields"
+inside journalctl -u edgefn -o verbose --no-pager | grep -Eq '^ *(F_)?FUNCTIONS=2$' || fail "startup line lacks its fields"
 ok "journal has the startup line with structured fields"
 
 # Unit checks with the binary in place.
@@ -96,6 +96,16 @@ w, h, depth, colour = struct.unpack(">IIBB", d[16:26])
 assert (w, h, colour) == (451, 300, 0), (w, h, colour)
 PY
 ok "image POSTed to the service came back grayscale (451x300)"
+
+# classify through the packaged LiteRT and model, under the unit's sandbox.
+curl -sS --data-binary @"$DEBS/chelsea.png" "http://127.0.0.1:$PORT/v1/functions/classify" -o "$DEBS/class.json"
+python3 - "$DEBS/class.json" <<'PY' || fail "classify in the service: $(cat "$DEBS/class.json")"
+import sys, json
+j = json.load(open(sys.argv[1]))
+assert j["label"] == "Egyptian cat" and abs(j["score"] - 0.816) <= 0.03, j
+PY
+curl -fsS "http://127.0.0.1:$PORT/metrics" | grep -q '^edgefn_model_loads_total{model="efficientnet-lite0"} 1$' || fail "model loads != 1"
+ok "classify in the service: $(python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["label"], j["score"])' "$DEBS/class.json")"
 
 # Startup time with a warm cache, and idle memory.
 inside systemctl stop edgefn
