@@ -8,8 +8,10 @@ export PATH="$HOME/.cargo/bin:$PATH"
 scripts/setup.sh
 functions/build.sh
 
-echo "== grayscale, native unit tests"
-(cd functions/grayscale && cargo test --release --quiet --target "$(rustc -vV | sed -n 's/^host: //p')")
+echo "== grayscale and classify, native unit tests"
+host="$(rustc -vV | sed -n 's/^host: //p')"
+(cd functions/grayscale && cargo test --release --quiet --target "$host")
+(cd functions/classify && cargo test --release --quiet --target "$host")
 
 echo "== daemon tests"
 cargo test --release --workspace

@@ -46,6 +46,7 @@ pub struct ModelLabel {
 }
 
 type LatencyFamily = Family<FunctionLabel, Histogram, fn() -> Histogram>;
+pub type InferenceFamily = Family<ModelLabel, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~26 s: a no-op call sits at the bottom, a slow classify near the top.
@@ -88,6 +89,8 @@ pub struct Metrics {
     pub model_loads: Family<ModelLabel, Counter>,
     /// Compiled contexts per model: the most inferences that run at once.
     pub model_contexts: Family<ModelLabel, Gauge>,
+    /// Time in the model itself (wasi-nn `compute`), per model.
+    pub inference: InferenceFamily,
 }
 
 impl Metrics {
@@ -129,6 +132,7 @@ impl Metrics {
             dapr_reachable: Default::default(),
             model_loads: Default::default(),
             model_contexts: Default::default(),
+            inference: InferenceFamily::new_with_constructor(latency_histogram as fn() -> Histogram),
         };
         m.register_rest()
     }
@@ -150,6 +154,7 @@ impl Metrics {
         r.register("dapr_reachable", "1 while the Dapr sidecar answers", self.dapr_reachable.clone());
         r.register("model_loads", "Model files loaded", self.model_loads.clone());
         r.register("model_contexts", "Compiled contexts per model", self.model_contexts.clone());
+        r.register("inference_duration_seconds", "Time in the model per inference", self.inference.clone());
         self
     }
 

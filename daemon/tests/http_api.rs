@@ -55,13 +55,13 @@ fn gif_in_gives_gif_out() {
 }
 
 #[test]
-fn classify_is_named_in_the_seed_route_until_it_exists() {
+fn classify_without_models_says_what_to_configure() {
     let d = Daemon::start("");
     let resp = d.post_with("/api/hello", ("api", "go"), &asset("chelsea.png"));
-    assert_eq!(resp.status, 404);
+    assert_eq!(resp.status, 503);
     let j = resp.json();
     assert_eq!(j["function"], "classify");
-    assert!(j["error"].as_str().unwrap().contains("classify"));
+    assert!(j["error"].as_str().unwrap().contains("no [models] are configured"), "{j}");
 }
 
 #[test]

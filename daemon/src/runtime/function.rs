@@ -108,9 +108,10 @@ impl Function {
         wasmtime_wasi_nn::witx::add_to_linker(&mut linker, |h: &mut Host| &mut h.nn)
             .map_err(|e| anyhow::anyhow!("linking wasi-nn: {e}"))?;
         let uses_nn = loaded.module.imports().any(|i| i.module() == "wasi_ephemeral_nn");
-        let models = if uses_nn { models.grant(model_names) } else { nn::Grant::default() };
+        let mut models = if uses_nn { models.grant(model_names) } else { nn::Grant::default() };
         if uses_nn && models.is_empty() {
             tracing::warn!(function = %name, "imports wasi-nn but no [models] are configured");
+            models.unavailable = Some("it needs a model (wasi-nn) and no [models] are configured".into());
         }
         let pre = linker
             .instantiate_pre(&loaded.module)
@@ -202,7 +203,10 @@ impl Function {
             .arg(&self.name)
             .args(&self.grants.args)
             .envs(&self.grants.env)
-            .envs(env);
+            .envs(env)
+            // Granted files are small and local (labels, configs): reading them inline costs
+            // microseconds, where each trip to the blocking pool costs tens.
+            .allow_blocking_current_thread(true);
         for (guest, host) in &self.grants.dirs {
             wasi.preopened_dir(host, guest, FsPerms::ReadOnly).map_err(|e| InvokeError::Unavailable {
                 function: self.name.clone(),

@@ -33,7 +33,7 @@ fn run() -> Result<(), String> {
 
     let file = std::fs::File::open(&model_file)
         .map_err(|e| format!("cannot open {model_file} for the labels ({e}); grant its directory in the config"))?;
-    let labels = classify::labels_from_model(io::BufReader::new(file))?;
+    let labels = classify::labels_from_model(file)?;
 
     let dims = [1, classify::SIZE, classify::SIZE, 3];
     let output = nn::infer(&model, &dims, &pixels, labels.len() * 4)?;

@@ -4,6 +4,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus_client::metrics::histogram::Histogram;
 
 use wasmtime_wasi_nn::backend::{BackendError, BackendExecutionContext, BackendGraph, Id, NamedTensor};
 use wasmtime_wasi_nn::wit::TensorType as WitType;
@@ -16,6 +19,7 @@ pub(super) struct ContextPool {
     name: String,
     idle: Mutex<Vec<Compiled>>,
     size: usize,
+    timing: Histogram,
 }
 
 impl ContextPool {
@@ -24,9 +28,10 @@ impl ContextPool {
         model: &Arc<litert::Model>,
         threads: u32,
         contexts: u32,
+        timing: Histogram,
     ) -> Result<Arc<ContextPool>, litert::Error> {
         let idle = (0..contexts).map(|_| model.compile(threads)).collect::<Result<Vec<_>, _>>()?;
-        Ok(Arc::new(ContextPool { name: name.to_string(), size: idle.len(), idle: Mutex::new(idle) }))
+        Ok(Arc::new(ContextPool { name: name.to_string(), size: idle.len(), idle: Mutex::new(idle), timing }))
     }
 
     pub(super) fn size(&self) -> usize {
@@ -117,7 +122,9 @@ impl BackendExecutionContext for Borrowed {
             // Named tensors belong to the component-model API, which we do not link.
             return Err(backend_error("named-tensor compute is not supported".to_string()));
         }
+        let started = Instant::now();
         self.ctx().run().map_err(into_backend)?;
+        self.pool.timing.observe(started.elapsed().as_secs_f64());
         Ok(None)
     }
 }

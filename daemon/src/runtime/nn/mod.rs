@@ -98,7 +98,8 @@ impl Model {
         let model = litert::Model::load(lib, &mc.path)?;
         let label = ModelLabel { model: name.to_string() };
         metrics.model_loads.get_or_create(&label).inc();
-        let pool = ContextPool::new(name, &model, mc.threads, mc.contexts)?;
+        let timing = metrics.inference.get_or_create(&label).clone();
+        let pool = ContextPool::new(name, &model, mc.threads, mc.contexts, timing)?;
         metrics.model_contexts.get_or_create(&label).set(pool.size() as i64);
         tracing::info!(
             model = %name, path = %mc.path.display(), threads = mc.threads, contexts = mc.contexts,
