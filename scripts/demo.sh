@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The edgefn demo from this checkout, for a newcomer on a fresh machine: set-up (idempotent),
 # the functions, a local mosquitto, the daemon, and two simulated cameras publishing the
-# sample images. Prints the page's URL; Ctrl-C stops everything.
+# sample images: front-door through grayscale, kitchen through classify (EfficientNet-Lite0 on
+# LiteRT). Prints the page's URL; Ctrl-C stops everything.
 #
 # With a Dapr sidecar running (DAPR_HTTP_PORT set and answering), results also go to its
 # `upstream` pub/sub; without one, they go to the file and MQTT sinks, and the page says so.
@@ -36,8 +37,10 @@ CONF
 mosquitto -c "$state/mosquitto/mosquitto.conf" & pids+=($!)
 
 sinks="{ file = { path = \"$state/results.jsonl\" } }, { mqtt = { topic = \"results/{camera}/{pipeline}\" } }"
+labels="$sinks"
 if [ -n "${DAPR_HTTP_PORT:-}" ] && curl -fsS "http://127.0.0.1:$DAPR_HTTP_PORT/v1.0/healthz/outbound" >/dev/null 2>&1; then
   sinks="{ dapr = { pubsub = \"upstream\", topic = \"frames/gray\" } }, $sinks"
+  labels="{ dapr = { pubsub = \"upstream\", topic = \"frames/classified\" } }, $labels"
   echo "demo: Dapr sidecar found on port $DAPR_HTTP_PORT"
 else
   echo "demo: no Dapr sidecar; results go to $state/results.jsonl and MQTT results/<camera>/<pipeline>"
@@ -50,6 +53,15 @@ listen = "127.0.0.1:$port"
 functions_dir = "$PWD/functions/out"
 cache_dir = "$state/aot"
 state_dir = "$state/state"
+litert = "${EDGEFN_LITERT_DIR:-/var/cache/edgefn/litert}/$(dpkg --print-architecture)/libLiteRt.so"
+
+[models.efficientnet-lite0]
+path = "$assets/efficientnet_lite0.tflite"
+threads = 2
+
+[functions.classify]
+dirs = { "/models" = "$assets" }
+env = { MODEL_FILE = "/models/efficientnet_lite0.tflite" }
 
 [mqtt]
 url = "mqtt://127.0.0.1:$mqtt_port"
@@ -60,13 +72,19 @@ name = "demo-gray"
 source.mqtt = "cameras/+/frames"
 functions = ["grayscale"]
 sinks = [$sinks]
+
+[[pipeline]]
+name = "demo-classify"
+source.mqtt = "labels/+/frames"
+functions = ["classify"]
+sinks = [$labels]
 CONF
 
 "$bin" --config "$state/edgefn.toml" run & pids+=($!)
 for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 "$bin" publish --broker "mqtt://127.0.0.1:$mqtt_port" --topic cameras/front-door/frames --fps 2 --count 0 \
   "$assets/chelsea.png" "$assets/coffee.png" & pids+=($!)
-"$bin" publish --broker "mqtt://127.0.0.1:$mqtt_port" --topic cameras/kitchen/frames --fps 1 --count 0 \
+"$bin" publish --broker "mqtt://127.0.0.1:$mqtt_port" --topic labels/kitchen/frames --fps 1 --count 0 \
   "$assets/coffee.png" "$assets/chelsea.png" & pids+=($!)
 
 echo

@@ -1,5 +1,6 @@
 //! The web page in a real browser: Debian's headless Chromium driven by playwright-core
-//! (tests/web/page.test.mjs), against a daemon fed by two simulated MQTT cameras, with token
+//! (tests/web/page.test.mjs), against a daemon fed by three simulated MQTT cameras (two through
+//! grayscale, one through classify), with token
 //! auth on and the daemon bound beyond loopback. Screenshots land in tests/artifacts/.
 
 mod common;
@@ -31,20 +32,29 @@ fn page_uploads_shows_cameras_and_errors_with_token_auth() {
 
     let tmp = tempfile::tempdir().unwrap();
     let broker = Broker::start(&tmp.path().join("broker"));
+    let assets = std::env::var("EDGEFN_ASSETS").unwrap_or("/var/cache/edgefn/assets".into());
     let cfg = format!(
         "[server]\ntoken = \"page-secret\"\n\n[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-web\"\n\n[[pipeline]]\n\
          name = \"demo-gray\"\nsource.mqtt = \"cameras/+/frames\"\nfunctions = [\"grayscale\"]\n\
-         sinks = [{{ file = {{ path = {:?} }} }}]\n",
+         sinks = [{{ file = {{ path = {:?} }} }}]\n\n[[pipeline]]\nname = \"demo-classify\"\n\
+         source.mqtt = \"labels/+/frames\"\nfunctions = [\"classify\"]\n\n\
+         [models.efficientnet-lite0]\npath = \"{assets}/efficientnet_lite0.tflite\"\nthreads = 2\n\n\
+         [functions.classify]\ndirs = {{ \"/models\" = \"{assets}\" }}\n",
         broker.url(),
         tmp.path().join("results.jsonl")
     );
-    let d = Daemon::start_env(tmp.path(), &cfg, &[("EDGEFN_TEST_LISTEN_ALL", "1".into())]);
-    let assets = std::env::var("EDGEFN_ASSETS").unwrap_or("/var/cache/edgefn/assets".into());
+    let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
+    let litert = format!("/var/cache/edgefn/litert/{arch}/libLiteRt.so");
+    let d = Daemon::start_env(
+        tmp.path(),
+        &cfg,
+        &[("EDGEFN_TEST_LISTEN_ALL", "1".into()), ("EDGEFN__RUNTIME__LITERT", litert)],
+    );
     let (chelsea, coffee) = (format!("{assets}/chelsea.png"), format!("{assets}/coffee.png"));
-    let camera = |name: &str, images: [&str; 2]| {
+    let camera = |topic: &str, images: [&str; 2]| {
         Killed(
             common::edgefn()
-                .args(["publish", "--broker", &broker.url(), "--topic", &format!("cameras/{name}/frames")])
+                .args(["publish", "--broker", &broker.url(), "--topic", topic])
                 .args(["--fps", "3", "--count", "0", images[0], images[1]])
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
@@ -52,8 +62,9 @@ fn page_uploads_shows_cameras_and_errors_with_token_auth() {
                 .unwrap(),
         )
     };
-    let _front = camera("front-door", [&chelsea, &coffee]);
-    let _kitchen = camera("kitchen", [&coffee, &chelsea]);
+    let _front = camera("cameras/front-door/frames", [&chelsea, &coffee]);
+    let _kitchen = camera("cameras/kitchen/frames", [&coffee, &chelsea]);
+    let _porch = camera("labels/porch/frames", [&chelsea, &coffee]);
 
     // Without the token the API is closed, the page itself is not.
     assert_eq!(d.get("/v1/status").status, 401);

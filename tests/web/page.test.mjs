@@ -33,13 +33,17 @@ try {
   await page.waitForSelector("#h-live.ok", { timeout: 15000 });
   check((await page.textContent("#h-broker")).includes("connected"), "broker pill does not say connected");
 
-  // Two camera tiles with real images, then both update from the MQTT feed.
+  // Two camera tiles with real images (grayscale), then every tile updates from the MQTT feed.
   await page.waitForFunction(() => {
     const imgs = [...document.querySelectorAll(".tile img")].filter((i) => !i.hidden);
     return imgs.length >= 2 && imgs.every((i) => i.complete && i.naturalWidth > 0);
   }, null, { timeout: 20000 });
+  // The classify camera's tile shows its label instead of an image.
+  await page.waitForFunction(() => [...document.querySelectorAll(".tile .label")]
+    .some((l) => !l.hidden && /^(Egyptian cat|espresso) \(\d+ %\)$/.test(l.textContent)
+      && l.parentElement.querySelector("img").offsetHeight === 0), null, { timeout: 20000 });
   const before = await page.$$eval(".tile", (ts) => ts.map((t) => [t.dataset.camera, +t.dataset.results]));
-  check(before.length === 2, "expected 2 camera tiles, got " + JSON.stringify(before));
+  check(before.length === 3, "expected 3 camera tiles, got " + JSON.stringify(before));
   await page.waitForFunction((b) => b.every(([cam, n]) => {
     const t = document.querySelector(`.tile[data-camera="${cam}"]`);
     return t && +t.dataset.results > n;
@@ -68,6 +72,15 @@ try {
   check(gray.notGray === 0, gray.notGray + " pixels are not gray");
   check(gray.levels > 100, "only " + gray.levels + " gray levels: not the photo");
   await page.screenshot({ path: join(artifacts, "page.png"), fullPage: true });
+
+  // Upload the photo to classify: the five best labels, the cat first.
+  await page.selectOption("#target", "fn:classify");
+  await page.setInputFiles("#file", image);
+  await page.click("#run");
+  await page.waitForSelector("#result-labels li", { timeout: 15000 });
+  const labels = await page.$$eval("#result-labels li", (lis) => lis.map((li) => li.textContent));
+  check(labels.length === 5 && labels[0].startsWith("Egyptian cat"), "classify labels: " + JSON.stringify(labels));
+  await page.screenshot({ path: join(artifacts, "page-classify.png"), fullPage: true });
 
   // A non-image shows the daemon's error message in the page, not a blank.
   await page.setInputFiles("#file", { name: "notes.txt", mimeType: "text/plain", buffer: Buffer.from("not a picture") });
