@@ -24,7 +24,9 @@ file "$x/usr/bin/edgefn" | grep -q 'ARM aarch64' || fail "usr/bin/edgefn is not 
 for c in "$x"/usr/lib/edgefn/functions/*.cwasm; do
   file "$c" | grep -q 'ARM aarch64' || fail "$c is not aarch64: $(file "$c")"
 done
-ok "$(basename "$deb") ($(stat -c %s "$deb") bytes) holds an aarch64 ELF and aarch64 .cwasm files"
+file "$x/usr/lib/edgefn/libLiteRt.so" | grep -q 'ARM aarch64' || fail "libLiteRt.so is not aarch64"
+[ -s "$x/usr/share/edgefn/models/efficientnet_lite0.tflite" ] || fail "no model in $deb"
+ok "$(basename "$deb") ($(stat -c %s "$deb") bytes) holds an aarch64 ELF, aarch64 .cwasm files and an aarch64 libLiteRt.so"
 
 # Cross-AOT parity: the packaged aarch64 grayscale.cwasm under qemu vs x86_64 from the .wasm.
 arm_bin="$x/usr/bin/edgefn"
