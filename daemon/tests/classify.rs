@@ -179,6 +179,30 @@ fn a_missing_model_file_is_named_by_its_config_key() {
 }
 
 #[test]
+fn misusing_wasi_nn_gets_an_error_and_leaves_the_pool_whole() {
+    let toml = format!("{}\n[functions.nnprobe]\ndeadline = \"30s\"\n", models_toml(1));
+    let mut d = start(&tempfile::tempdir().unwrap().keep(), &toml, litert_lib());
+    // Warm the context with a real result, which the probe must not be able to read back.
+    assert_eq!(d.post("/v1/functions/classify", &common::asset("chelsea.png")).status, 200);
+    for mode in ["unknown-model", "wrong-shape", "two-contexts", "no-compute"] {
+        let r = d.post("/v1/functions/nnprobe", mode.as_bytes());
+        let body = String::from_utf8_lossy(&r.body).to_string();
+        assert_eq!(r.status, 200, "{mode}: {body}");
+        let errno: u32 = body.strip_prefix("errno ").and_then(|n| n.parse().ok()).expect(&body);
+        assert_ne!(errno, 0, "{mode}: the host accepted it");
+    }
+    // Out-of-bounds pointers make wasmtime-wasi-nn panic inside the host call: one failed call.
+    let r = d.post("/v1/functions/nnprobe", b"bad-pointer");
+    assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["kind"], "trap");
+    d.assert_alive();
+    let models = d.get("/v1/functions").json()["models"].clone();
+    assert_eq!(models[0]["idle"], 1, "a context leaked: {models}");
+    let r = d.post("/v1/functions/classify", &common::asset("coffee.png"));
+    assert_eq!(r.json()["label"], "espresso");
+}
+
+#[test]
 fn classify_imports_only_wasi_and_wasi_nn() {
     let engine = wasmtime::Engine::default();
     let module = wasmtime::Module::from_file(&engine, common::wasm("classify")).unwrap();

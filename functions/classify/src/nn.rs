@@ -2,8 +2,9 @@
 //! wasmtime-wasi-nn and WasmEdge's wasi-nn plugin implement. Each call returns an errno
 //! (0 is success) and writes its result through the last pointer.
 
-/// `tensor_type` in wasi-nn.witx.
-const TENSOR_U8: u8 = 3;
+/// u8 in WasmEdge's `tensor_type` (f16, f32, u8, ...). wasmtime's newer witx puts f64 before
+/// u8; edgefn's host accepts either number for a u8 input, so this one works on both.
+const TENSOR_U8: u8 = 2;
 
 /// The witx `tensor` record as laid out in linear memory.
 #[repr(C)]

@@ -61,7 +61,8 @@ impl BackendGraph for PooledGraph {
             .expect("pool lock")
             .pop()
             .ok_or_else(|| backend_error(format!("model {}: one execution context per call", self.0.name)))?;
-        let boxed: Box<dyn BackendExecutionContext> = Box::new(Borrowed { ctx: Some(ctx), pool: self.0.clone() });
+        let boxed: Box<dyn BackendExecutionContext> =
+            Box::new(Borrowed { ctx: Some(ctx), pool: self.0.clone(), computed: false });
         Ok(boxed.into())
     }
 }
@@ -70,6 +71,9 @@ impl BackendGraph for PooledGraph {
 struct Borrowed {
     ctx: Option<Compiled>,
     pool: Arc<ContextPool>,
+    /// Outputs are readable only after this call's own compute: the buffers still hold the
+    /// previous call's result, which may belong to another function.
+    computed: bool,
 }
 
 impl Borrowed {
@@ -93,7 +97,12 @@ impl BackendExecutionContext for Borrowed {
         let Some(want) = ctx.model().inputs.get(index) else {
             return Err(backend_error(format!("the model has no input {index}")));
         };
-        let ty = element(tensor.ty)?;
+        // WasmEdge's wasi-nn (and the older witx) numbers u8 as 2, which this witx calls f64;
+        // a function written for both sends 2. The byte length still has to match exactly.
+        let ty = match (tensor.ty, want.element) {
+            (WitType::Fp64, ELEMENT_U8) => ELEMENT_U8,
+            (other, _) => element(other)?,
+        };
         if ty != want.element || tensor.dimensions != want.dims {
             return Err(backend_error(format!(
                 "input {index} must be {} {:?}, got {} {:?}",
@@ -108,6 +117,9 @@ impl BackendExecutionContext for Borrowed {
 
     fn get_output(&mut self, id: Id) -> Result<Tensor, BackendError> {
         let index = index(&id)?;
+        if !self.computed {
+            return Err(backend_error("get_output before compute".to_string()));
+        }
         let ctx = self.ctx();
         let Some(ty) = ctx.model().outputs.get(index).cloned() else {
             return Err(backend_error(format!("the model has no output {index}")));
@@ -125,6 +137,7 @@ impl BackendExecutionContext for Borrowed {
         let started = Instant::now();
         self.ctx().run().map_err(into_backend)?;
         self.pool.timing.observe(started.elapsed().as_secs_f64());
+        self.computed = true;
         Ok(None)
     }
 }
