@@ -191,7 +191,8 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("edgefn exited early ({status}):\n{}", self.log());
             }
-            if std::net::TcpStream::connect(self.addr).is_ok() {
+            // The socket is bound before the functions load; an answer means they have.
+            if std::net::TcpStream::connect(self.addr).is_ok() && agent().get(&self.url("/healthz")).call().is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
