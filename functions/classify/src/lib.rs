@@ -1,7 +1,11 @@
 //! ImageNet classification around a model the host runs: everything but the inference.
 //!
-//! Shared by the wasm function (`main.rs`, which calls wasi-nn) and the native reference in
-//! the daemon's tests and benchmark, so both sides prepare and rank the same way.
+//! Shared by the wasm function (`main.rs`, which calls wasi-nn through [`nn`] when built for
+//! wasm) and the native reference in the daemon's tests and benchmark, so both sides prepare
+//! and rank the same way.
+
+#[cfg(target_arch = "wasm32")]
+pub mod nn;
 
 use std::io::{Cursor, Read, Seek, SeekFrom};
 

@@ -5,8 +5,6 @@
 //! directory the config grants), so there is no second copy to drift. `EDGEFN_FORMAT=text`
 //! writes the seed's sentence instead of JSON.
 
-mod nn;
-
 use std::io::{self, Read, Write};
 use std::process::ExitCode;
 
@@ -36,7 +34,7 @@ fn run() -> Result<(), String> {
     let labels = classify::labels_from_model(file)?;
 
     let dims = [1, classify::SIZE, classify::SIZE, 3];
-    let output = nn::infer(&model, &dims, &pixels, labels.len() * 4)?;
+    let output = classify::nn::infer(&model, &dims, &pixels, labels.len() * 4)?;
     let top = classify::rank(&output, &labels)?;
 
     let text = match std::env::var("EDGEFN_FORMAT").as_deref() {

@@ -1,29 +1,34 @@
 //! The wasi-nn calls classify makes, on the witx ABI (`wasi_ephemeral_nn`), which both
 //! wasmtime-wasi-nn and WasmEdge's wasi-nn plugin implement. Each call returns an errno
-//! (0 is success) and writes its result through the last pointer.
+//! (0 is success) and writes its result through the last pointer. [`sys`] is the raw ABI,
+//! public for the test fixture that misuses it on purpose.
 
-/// u8 in WasmEdge's `tensor_type` (f16, f32, u8, ...). wasmtime's newer witx puts f64 before
-/// u8; edgefn's host accepts either number for a u8 input, so this one works on both.
-const TENSOR_U8: u8 = 2;
+pub mod sys {
+    /// u8 in WasmEdge's `tensor_type` (f16, f32, u8, ...). wasmtime's newer witx puts f64
+    /// before u8; edgefn's host accepts either number for a u8 input, so this works on both.
+    pub const TENSOR_U8: u8 = 2;
 
-/// The witx `tensor` record as laid out in linear memory.
-#[repr(C)]
-struct Tensor {
-    dims: *const u32,
-    dims_len: u32,
-    ty: u8,
-    data: *const u8,
-    data_len: u32,
+    /// The witx `tensor` record as laid out in linear memory.
+    #[repr(C)]
+    pub struct Tensor {
+        pub dims: *const u32,
+        pub dims_len: u32,
+        pub ty: u8,
+        pub data: *const u8,
+        pub data_len: u32,
+    }
+
+    #[link(wasm_import_module = "wasi_ephemeral_nn")]
+    extern "C" {
+        pub fn load_by_name(name: *const u8, name_len: u32, graph: *mut u32) -> u32;
+        pub fn init_execution_context(graph: u32, context: *mut u32) -> u32;
+        pub fn set_input(context: u32, index: u32, tensor: *const Tensor) -> u32;
+        pub fn compute(context: u32) -> u32;
+        pub fn get_output(context: u32, index: u32, out: *mut u8, out_max: u32, written: *mut u32) -> u32;
+    }
 }
 
-#[link(wasm_import_module = "wasi_ephemeral_nn")]
-extern "C" {
-    fn load_by_name(name: *const u8, name_len: u32, graph: *mut u32) -> u32;
-    fn init_execution_context(graph: u32, context: *mut u32) -> u32;
-    fn set_input(context: u32, index: u32, tensor: *const Tensor) -> u32;
-    fn compute(context: u32) -> u32;
-    fn get_output(context: u32, index: u32, out: *mut u8, out_max: u32, written: *mut u32) -> u32;
-}
+use sys::*;
 
 /// `nn_errno` names, for the one-line error.
 fn errno(call: &str, code: u32) -> String {
