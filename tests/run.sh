@@ -11,7 +11,7 @@ functions/build.sh
 echo "== grayscale and classify, native unit tests"
 host="$(rustc -vV | sed -n 's/^host: //p')"
 (cd functions/grayscale && cargo test --release --quiet --target "$host")
-(cd functions/classify && cargo test --release --quiet --target "$host")
+(cd functions/classify && cargo test --release --quiet --lib --target "$host")
 
 echo "== daemon tests"
 cargo test --release --workspace

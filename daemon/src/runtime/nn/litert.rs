@@ -87,7 +87,9 @@ struct Api {
 pub struct Library {
     api: Api,
     env: Handle,
-    _lib: libloading::Library,
+    /// Never closed: LiteRT starts threads and registers C++ statics, so unloading it (on a
+    /// reload, say) is not safe. A second open of the same path reuses the mapping.
+    _lib: std::mem::ManuallyDrop<libloading::Library>,
 }
 
 // SAFETY: the environment is created once and only read by LiteRT afterwards; LiteRT
@@ -168,7 +170,7 @@ impl Library {
         let mut env = ptr::null_mut();
         // SAFETY: no options; `env` is an out-pointer.
         check("LiteRtCreateEnvironment", quietly(|| unsafe { (api.create_environment)(0, ptr::null(), &mut env) }))?;
-        Ok(Arc::new(Library { api, env, _lib: lib }))
+        Ok(Arc::new(Library { api, env, _lib: std::mem::ManuallyDrop::new(lib) }))
     }
 }
 

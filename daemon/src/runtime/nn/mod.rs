@@ -80,6 +80,9 @@ impl Models {
                 grant.unavailable.get_or_insert_with(|| format!("model {name} not loaded: {cause}"));
             }
         }
+        // One order for every function, so two calls never hold each other's next permit.
+        grant.models.sort_by(|a, b| a.name.cmp(&b.name));
+        grant.models.dedup_by(|a, b| a.name == b.name);
         grant
     }
 
