@@ -123,6 +123,26 @@ fn the_model_loads_once_and_contexts_stay_pooled() {
 }
 
 #[test]
+fn a_reload_loads_the_model_again_and_classify_keeps_working() {
+    let mut d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(1), litert_lib());
+    let loads = format!("edgefn_model_loads_total{{model=\"{MODEL}\"}}");
+    let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
+    for generation in 2..=3 {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while d.log().matches("edgefn ready").count() < generation {
+            assert!(std::time::Instant::now() < until, "no reload:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Metrics start afresh with each generation, which loads its models once.
+        assert_eq!(d.metric(&loads), 1.0);
+        let r = d.post("/v1/functions/classify", &common::asset("chelsea.png"));
+        assert_eq!(r.json()["label"], "Egyptian cat");
+    }
+    d.assert_alive();
+}
+
+#[test]
 fn bad_frames_get_a_clear_error_or_a_low_confidence_answer() {
     let mut d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(1), litert_lib());
     for (what, body) in [("garbage", b"\x00\x01garbage, not an image".to_vec()), ("empty", vec![])] {
