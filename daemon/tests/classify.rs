@@ -183,6 +183,10 @@ fn without_the_library_startup_succeeds_and_classify_says_why() {
     let msg = r.json()["error"].as_str().unwrap().to_string();
     assert!(msg.contains("runtime.litert") && msg.contains("/nonexistent/libLiteRt.so"), "{msg}");
     assert!(d.get("/v1/functions").json()["models"][0]["error"].is_string());
+    let health = d.get("/healthz").json();
+    assert_eq!(health["status"], "degraded");
+    assert!(health["problems"].to_string().contains(&format!("model {MODEL} not loaded")), "{health}");
+    assert!(d.get("/v1/status").json()["models"][0]["error"].as_str().unwrap().contains("runtime.litert"));
     d.assert_alive();
 }
 

@@ -363,6 +363,7 @@ fn health(api: &Api) -> Response<Body> {
     let rt = &api.runtime;
     let metrics = rt.metrics();
     let mut problems: Vec<String> = rt.failed().keys().map(|f| format!("function {f} not loaded")).collect();
+    problems.extend(rt.models().failed().keys().map(|m| format!("model {m} not loaded")));
     let outbox = api.pipelines.as_ref().map(|p| {
         let ob = p.outbox();
         if let Some(e) = ob.error() {
@@ -412,13 +413,7 @@ fn list_functions(api: &Api) -> Response<Body> {
         })
         .collect();
     let failed: Vec<_> = rt.failed().iter().map(|(n, c)| json!({"name": n, "error": c})).collect();
-    let models = rt.models();
-    let model_list: Vec<_> = models
-        .loaded()
-        .map(|m| json!({"name": m.name, "contexts": m.contexts(), "idle": m.idle()}))
-        .chain(models.failed().iter().map(|(n, c)| json!({"name": n, "error": c})))
-        .collect();
-    json_response(StatusCode::OK, &json!({ "functions": loaded, "failed": failed, "models": model_list }))
+    json_response(StatusCode::OK, &json!({ "functions": loaded, "failed": failed, "models": web::models(rt) }))
 }
 
 /// `Authorization: Bearer <token>`, or `?token=` where headers cannot be set (EventSource, img).

@@ -13,6 +13,8 @@ use hyper::body::Frame;
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::{Response, StatusCode};
 use serde_json::{Value, json};
+
+use crate::runtime::Runtime;
 use tokio_stream::wrappers::{BroadcastStream, IntervalStream};
 
 use super::http::{Api, Body, full};
@@ -72,9 +74,20 @@ pub fn status(api: &Api) -> Value {
         "outbox": { "pending": pending, "oldest_age_s": oldest, "dead": dead, "sinks": sinks },
         "functions": functions,
         "failed": rt.failed(),
+        "models": models(rt),
         "pipelines": pipelines,
         "cameras": cameras,
     })
+}
+
+/// Each model: its contexts (all, idle), or why it did not load.
+pub fn models(rt: &Runtime) -> Vec<Value> {
+    let models = rt.models();
+    models
+        .loaded()
+        .map(|m| json!({ "name": m.name, "contexts": m.contexts(), "idle": m.idle() }))
+        .chain(models.failed().iter().map(|(name, cause)| json!({ "name": name, "error": cause })))
+        .collect()
 }
 
 /// The latest result of `pipeline/camera`, as its own content type.
