@@ -44,7 +44,8 @@ fn page_uploads_shows_cameras_and_errors_with_token_auth() {
         tmp.path().join("results.jsonl")
     );
     let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
-    let litert = format!("/var/cache/edgefn/litert/{arch}/libLiteRt.so");
+    let dir = std::env::var("EDGEFN_LITERT_DIR").unwrap_or("/var/cache/edgefn/litert".into());
+    let litert = format!("{dir}/{arch}/libLiteRt.so");
     let d = Daemon::start_env(
         tmp.path(),
         &cfg,
