@@ -37,8 +37,8 @@ pub fn preprocess(input: &[u8]) -> Result<Vec<u8>, String> {
         image::load_from_memory_with_format(input, format).map_err(|e| format!("cannot decode {format:?}: {e}"))?;
     let rgb = decoded.into_rgb8();
     let (width, height) = rgb.dimensions();
-    let src = Image::from_vec_u8(width, height, rgb.into_raw(), PixelType::U8x3)
-        .map_err(|e| format!("image buffer: {e}"))?;
+    let src =
+        Image::from_vec_u8(width, height, rgb.into_raw(), PixelType::U8x3).map_err(|e| format!("image buffer: {e}"))?;
     let mut dst = Image::new(SIZE, SIZE, PixelType::U8x3);
     // fast_image_resize: the same bilinear filter as `image`'s Triangle, in fixed point with
     // simd128 in wasm (and SSE4.1/AVX2/NEON natively), at a fraction of the time.

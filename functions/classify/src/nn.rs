@@ -33,14 +33,25 @@ use sys::*;
 /// `nn_errno` names, for the one-line error.
 fn errno(call: &str, code: u32) -> String {
     const NAMES: [&str; 9] = [
-        "success", "invalid argument", "invalid encoding", "missing memory", "busy",
-        "runtime error", "unsupported operation", "too large", "not found",
+        "success",
+        "invalid argument",
+        "invalid encoding",
+        "missing memory",
+        "busy",
+        "runtime error",
+        "unsupported operation",
+        "too large",
+        "not found",
     ];
     format!("wasi-nn {call}: {}", NAMES.get(code as usize).unwrap_or(&"unknown error"))
 }
 
 fn ok(call: &str, code: u32) -> Result<(), String> {
-    if code == 0 { Ok(()) } else { Err(errno(call, code)) }
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(errno(call, code))
+    }
 }
 
 /// Runs model `name` on one u8 input tensor and returns output 0's bytes.
