@@ -10,7 +10,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,16 +29,6 @@ fn mean(v: &[Duration]) -> Duration {
     v.iter().sum::<Duration>() / v.len() as u32
 }
 
-fn assets() -> PathBuf {
-    std::env::var_os("EDGEFN_ASSETS").map(PathBuf::from).unwrap_or("/var/cache/edgefn/assets".into())
-}
-
-fn litert_lib() -> PathBuf {
-    let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
-    let dir = std::env::var_os("EDGEFN_LITERT_DIR").map(PathBuf::from).unwrap_or("/var/cache/edgefn/litert".into());
-    dir.join(arch).join("libLiteRt.so")
-}
-
 /// Sum and count of a histogram in the OpenMetrics text.
 fn histogram(text: &str, name: &str) -> (f64, f64) {
     let value = |suffix: &str| {
@@ -52,10 +41,10 @@ fn histogram(text: &str, name: &str) -> (f64, f64) {
 }
 
 fn main() {
-    let model_path = assets().join("efficientnet_lite0.tflite");
+    let model_path = common::assets_dir().join("efficientnet_lite0.tflite");
     let image = bytes::Bytes::from(common::asset("chelsea.png"));
     let labels = classify::labels_from_model(std::fs::File::open(&model_path).unwrap()).unwrap();
-    let lib = litert::Library::open(&litert_lib()).unwrap();
+    let lib = litert::Library::open(&common::litert_lib()).unwrap();
     let model = litert::Model::load(&lib, &model_path).unwrap();
     let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     println!("P3: classify chelsea.png (451×300 PNG) end to end, {ROUNDS} rounds each, medians");
@@ -71,8 +60,8 @@ fn main() {
                  [functions.classify]\ndirs = {{ \"/models\" = {:?} }}\n",
                 common::functions_dir(),
                 std::env::temp_dir().join("edgefn-bench-aot"),
-                litert_lib(),
-                assets(),
+                common::litert_lib(),
+                common::assets_dir(),
             ),
         )
         .unwrap();

@@ -15,19 +15,8 @@ use edgefn::runtime::nn::litert;
 const THREADS: u32 = 2;
 const MODEL: &str = "efficientnet-lite0";
 
-fn assets() -> PathBuf {
-    std::env::var_os("EDGEFN_ASSETS").map(PathBuf::from).unwrap_or("/var/cache/edgefn/assets".into())
-}
-
 fn model_file() -> PathBuf {
-    assets().join("efficientnet_lite0.tflite")
-}
-
-/// libLiteRt.so for the architecture these tests were built for (scripts/setup.sh fetches both).
-fn litert_lib() -> PathBuf {
-    let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
-    let dir = std::env::var_os("EDGEFN_LITERT_DIR").map(PathBuf::from).unwrap_or("/var/cache/edgefn/litert".into());
-    dir.join(arch).join("libLiteRt.so")
+    common::assets_dir().join("efficientnet_lite0.tflite")
 }
 
 fn models_toml(contexts: u32) -> String {
@@ -44,7 +33,7 @@ dirs = {{ "/models" = {:?} }}
 deadline = "30s"
 "#,
         model_file(),
-        assets()
+        common::assets_dir()
     )
 }
 
@@ -56,7 +45,7 @@ fn start(dir: &std::path::Path, extra: &str, lib: PathBuf) -> Daemon {
 fn native(image: &[u8]) -> String {
     static MODEL_ONCE: std::sync::OnceLock<std::sync::Mutex<litert::Compiled>> = std::sync::OnceLock::new();
     let compiled = MODEL_ONCE.get_or_init(|| {
-        let lib = litert::Library::open(&litert_lib()).unwrap();
+        let lib = litert::Library::open(&common::litert_lib()).unwrap();
         let model = litert::Model::load(&lib, &model_file()).unwrap();
         std::sync::Mutex::new(model.compile(THREADS).unwrap())
     });
@@ -70,7 +59,7 @@ fn native(image: &[u8]) -> String {
 
 #[test]
 fn chelsea_and_coffee_match_the_reference_and_native_exactly() {
-    let d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(1), litert_lib());
+    let d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(1), common::litert_lib());
     for (file, label, reference) in [("chelsea.png", "Egyptian cat", 0.816), ("coffee.png", "espresso", 0.879)] {
         let image = common::asset(file);
         let r = d.post("/v1/functions/classify", &image);
@@ -97,7 +86,7 @@ fn chelsea_and_coffee_match_the_reference_and_native_exactly() {
 
 #[test]
 fn the_model_loads_once_and_contexts_stay_pooled() {
-    let d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(2), litert_lib());
+    let d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(2), common::litert_lib());
     let label = format!("{{model=\"{MODEL}\"}}");
     assert_eq!(d.metric(&format!("edgefn_model_loads_total{label}")), 1.0);
     let frame = common::camera_jpeg();
@@ -124,7 +113,7 @@ fn the_model_loads_once_and_contexts_stay_pooled() {
 
 #[test]
 fn a_reload_loads_the_model_again_and_classify_keeps_working() {
-    let mut d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(1), litert_lib());
+    let mut d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(1), common::litert_lib());
     let loads = format!("edgefn_model_loads_total{{model=\"{MODEL}\"}}");
     let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
     for generation in 2..=3 {
@@ -144,7 +133,7 @@ fn a_reload_loads_the_model_again_and_classify_keeps_working() {
 
 #[test]
 fn bad_frames_get_a_clear_error_or_a_low_confidence_answer() {
-    let mut d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(1), litert_lib());
+    let mut d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(1), common::litert_lib());
     for (what, body) in [("garbage", b"\x00\x01garbage, not an image".to_vec()), ("empty", vec![])] {
         let r = d.post("/v1/functions/classify", &body);
         assert_eq!(r.status, 422, "{what}");
@@ -193,7 +182,7 @@ fn without_the_library_startup_succeeds_and_classify_says_why() {
 #[test]
 fn a_missing_model_file_is_named_by_its_config_key() {
     let toml = models_toml(1).replace(&format!("{:?}", model_file()), "\"/nonexistent/model.tflite\"");
-    let mut d = start(&tempfile::tempdir().unwrap().keep(), &toml, litert_lib());
+    let mut d = start(&tempfile::tempdir().unwrap().keep(), &toml, common::litert_lib());
     assert!(d.log().contains(&format!("models.{MODEL}.path")), "{}", d.log());
     let r = d.post("/v1/functions/classify", &common::asset("chelsea.png"));
     assert_eq!(r.status, 503);
@@ -205,7 +194,7 @@ fn a_missing_model_file_is_named_by_its_config_key() {
 #[test]
 fn misusing_wasi_nn_gets_an_error_and_leaves_the_pool_whole() {
     let toml = format!("{}\n[functions.nnprobe]\ndeadline = \"30s\"\n", models_toml(1));
-    let mut d = start(&tempfile::tempdir().unwrap().keep(), &toml, litert_lib());
+    let mut d = start(&tempfile::tempdir().unwrap().keep(), &toml, common::litert_lib());
     // Warm the context with a real result, which the probe must not be able to read back.
     assert_eq!(d.post("/v1/functions/classify", &common::asset("chelsea.png")).status, 200);
     for mode in ["unknown-model", "wrong-shape", "two-contexts", "no-compute"] {
@@ -272,7 +261,7 @@ policy = "block"
         dapr.port,
         models_toml(1)
     );
-    let d = start(tmp.path(), &config, litert_lib());
+    let d = start(tmp.path(), &config, common::litert_lib());
     d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
     let frame = tmp.path().join("frame.jpg");
     std::fs::write(&frame, common::camera_jpeg()).unwrap();

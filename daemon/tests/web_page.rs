@@ -32,7 +32,7 @@ fn page_uploads_shows_cameras_and_errors_with_token_auth() {
 
     let tmp = tempfile::tempdir().unwrap();
     let broker = Broker::start(&tmp.path().join("broker"));
-    let assets = std::env::var("EDGEFN_ASSETS").unwrap_or("/var/cache/edgefn/assets".into());
+    let assets = common::assets_dir().display().to_string();
     let cfg = format!(
         "[server]\ntoken = \"page-secret\"\n\n[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-web\"\n\n[[pipeline]]\n\
          name = \"demo-gray\"\nsource.mqtt = \"cameras/+/frames\"\nfunctions = [\"grayscale\"]\n\
@@ -43,9 +43,7 @@ fn page_uploads_shows_cameras_and_errors_with_token_auth() {
         broker.url(),
         tmp.path().join("results.jsonl")
     );
-    let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
-    let dir = std::env::var("EDGEFN_LITERT_DIR").unwrap_or("/var/cache/edgefn/litert".into());
-    let litert = format!("{dir}/{arch}/libLiteRt.so");
+    let litert = common::litert_lib().display().to_string();
     let d = Daemon::start_env(
         tmp.path(),
         &cfg,

@@ -62,10 +62,21 @@ pub fn wasm(name: &str) -> PathBuf {
     functions_dir().join(format!("{name}.wasm"))
 }
 
+/// Where scripts/setup.sh puts the test images and the model.
+pub fn assets_dir() -> PathBuf {
+    std::env::var_os("EDGEFN_ASSETS").map(PathBuf::from).unwrap_or("/var/cache/edgefn/assets".into())
+}
+
+/// libLiteRt.so for the architecture the tests were built for (scripts/setup.sh fetches both).
+pub fn litert_lib() -> PathBuf {
+    let arch = if cfg!(target_arch = "aarch64") { "arm64" } else { "amd64" };
+    let dir = std::env::var_os("EDGEFN_LITERT_DIR").map(PathBuf::from).unwrap_or("/var/cache/edgefn/litert".into());
+    dir.join(arch).join("libLiteRt.so")
+}
+
 /// A CC0 test image fetched by scripts/setup.sh from the scikit-image wheel.
 pub fn asset(name: &str) -> Vec<u8> {
-    let dir = std::env::var_os("EDGEFN_ASSETS").map(PathBuf::from).unwrap_or("/var/cache/edgefn/assets".into());
-    let path = dir.join(name);
+    let path = assets_dir().join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup.sh)", path.display()))
 }
 
