@@ -82,6 +82,9 @@ pub struct Metrics {
     /// 1 while connected to the MQTT broker.
     pub mqtt_connected: Gauge,
     pub mqtt_reconnects: Counter,
+    /// Frames the broker sent again (DUP set) after a lost connection. If the first copy was
+    /// processed and only its acknowledgement was lost, the copy gives a second result.
+    pub mqtt_redelivered: Counter,
     /// 1 while the Dapr sidecar answers.
     pub dapr_reachable: Gauge,
 
@@ -129,6 +132,7 @@ impl Metrics {
             outbox_evicted: Default::default(),
             mqtt_connected: Default::default(),
             mqtt_reconnects: Default::default(),
+            mqtt_redelivered: Default::default(),
             dapr_reachable: Default::default(),
             model_loads: Default::default(),
             model_contexts: Default::default(),
@@ -151,6 +155,11 @@ impl Metrics {
         r.register("outbox_evicted", "Results evicted by the outbox caps", self.outbox_evicted.clone());
         r.register("mqtt_connected", "1 while connected to the broker", self.mqtt_connected.clone());
         r.register("mqtt_reconnects", "Broker connections lost", self.mqtt_reconnects.clone());
+        r.register(
+            "mqtt_redelivered",
+            "Frames the broker sent again after a lost connection",
+            self.mqtt_redelivered.clone(),
+        );
         r.register("dapr_reachable", "1 while the Dapr sidecar answers", self.dapr_reachable.clone());
         r.register("model_loads", "Model files loaded", self.model_loads.clone());
         r.register("model_contexts", "Compiled contexts per model", self.model_contexts.clone());

@@ -53,6 +53,14 @@ impl Message {
         }
     }
 
+    /// The broker sent this before on an earlier connection (the DUP flag).
+    pub fn redelivered(&self) -> bool {
+        match self {
+            Message::V4(p) => p.dup,
+            Message::V5(p) => p.dup,
+        }
+    }
+
     pub fn payload(&self) -> &Bytes {
         match self {
             Message::V4(p) => &p.payload,

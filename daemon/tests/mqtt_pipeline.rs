@@ -257,31 +257,85 @@ fn permanent_refusals_go_to_dead_letters_and_401_is_retried() {
     drop(d);
 }
 
+/// Frame `i` is a solid gray of shade `8 i + 4`, so a result tells which frame it came from.
+fn shade_jpegs(dir: &Path, range: std::ops::Range<u8>) -> Vec<PathBuf> {
+    range
+        .map(|i| {
+            let img = image::GrayImage::from_pixel(64, 48, image::Luma([8 * i + 4]));
+            let path = dir.join(format!("shade-{i}.jpg"));
+            std::fs::write(&path, common::encode(&image::DynamicImage::ImageLuma8(img), image::ImageFormat::Jpeg))
+                .unwrap();
+            path
+        })
+        .collect()
+}
+
+/// Which shaded frames have a result at the sidecar, and how many results each.
+fn shades(dapr: &FakeDapr) -> BTreeMap<u8, usize> {
+    use base64::Engine;
+    let mut out = BTreeMap::new();
+    for r in dapr.events() {
+        let png = base64::engine::general_purpose::STANDARD.decode(r.event["data_base64"].as_str().unwrap()).unwrap();
+        let img = common::assert_gray(&png);
+        let mean = img.pixels().map(|p| p[0] as f64).sum::<f64>() / (img.width() * img.height()) as f64;
+        *out.entry(((mean - 4.0) / 8.0).round() as u8).or_default() += 1;
+    }
+    out
+}
+
+fn covers(dapr: &FakeDapr, n: u8) -> bool {
+    shades(dapr).keys().copied().eq(0..n)
+}
+
+fn publish_files(broker: &Broker, files: &[PathBuf]) {
+    let mut c = common::edgefn()
+        .args(["publish", "--broker", &broker.url(), "--topic", "cameras/cam1/frames", "--fps", "0"])
+        .args(["--count", &files.len().to_string()])
+        .args(files)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(c.wait().unwrap().success(), "edgefn publish failed");
+}
+
+/// At least once across broker restarts: every frame gets a result, and a frame whose ack
+/// the broker lost may get a second one (with its own id), never more than it redelivered.
 fn broker_restart_resumes_the_session(version: u8) {
     let tmp = tempfile::tempdir().unwrap();
     let mut broker = Broker::start(&tmp.path().join("broker"));
     let dapr = FakeDapr::start(&["upstream"], None);
-    let frame = small_jpeg(tmp.path());
     let cfg = config(&broker, &dapr, "block", version, "");
     let mut d = Daemon::start_in(tmp.path(), &cfg);
     d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
-    finish(publisher(&broker, "cam1", &frame, 10, 0));
-    dapr.wait_for(30, "10 results", |_| distinct(&dapr) == 10);
+    publish_files(&broker, &shade_jpegs(tmp.path(), 0..10));
+    dapr.wait_for(30, "frames 0..10", |_| covers(&dapr, 10));
 
     // Broker restarts under a running daemon: it reconnects and carries on.
     broker.restart();
     d.wait_metric("edgefn_mqtt_reconnects_total", 30, |v| v >= 1.0);
     d.wait_metric("edgefn_mqtt_connected", 30, |v| v == 1.0);
-    finish(publisher(&broker, "cam1", &frame, 10, 0));
-    dapr.wait_for(30, "20 results", |_| distinct(&dapr) == 20);
+    publish_files(&broker, &shade_jpegs(tmp.path(), 10..20));
+    dapr.wait_for(30, "frames 0..20", |_| covers(&dapr, 20));
+    let mut redelivered = d.metric("edgefn_mqtt_redelivered_total");
 
     // Daemon away, frames published, broker restarted: the persistent session kept them.
     assert!(d.stop().success());
-    finish(publisher(&broker, "cam1", &frame, 10, 0));
+    publish_files(&broker, &shade_jpegs(tmp.path(), 20..30));
     broker.restart();
     let d = Daemon::start_in(tmp.path(), &cfg);
-    dapr.wait_for(30, "30 results from the resumed session", |_| distinct(&dapr) == 30);
-    assert_eq!(seqs_by_camera(&dapr)["cam1"], (1..=30).collect::<BTreeSet<u64>>());
+    dapr.wait_for(30, "frames 0..30 from the resumed session", |_| covers(&dapr, 30));
+
+    let results = dapr.ids().into_iter().collect::<BTreeSet<_>>().len();
+    redelivered += d.metric("edgefn_mqtt_redelivered_total");
+    eprintln!("{results} results for 30 frames; the broker redelivered {redelivered}");
+    let seqs = &seqs_by_camera(&dapr)["cam1"];
+    assert_eq!(*seqs, (1..=results as u64).collect::<BTreeSet<u64>>(), "result ids have a gap");
+    assert!(
+        results - 30 <= redelivered as usize,
+        "{results} results for 30 frames, but the broker redelivered only {redelivered}: {:?}",
+        shades(&dapr)
+    );
     drop(d);
 }
 

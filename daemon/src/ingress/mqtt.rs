@@ -96,6 +96,9 @@ impl Ingress {
             .filter_map(|r| camera_of(&r.filter, &topic).map(|c| (&r.pipeline, c.to_string())))
             .collect();
         let size = m.payload().len();
+        if m.redelivered() {
+            self.metrics.mqtt_redelivered.inc();
+        }
         let refused = if let Some((_, bad)) = targets.iter().find(|(_, c)| !crate::pipeline::valid_camera(c)) {
             Some(("camera", format!("frame refused: camera id {bad:?} is not 1 to 128 of [A-Za-z0-9._-]")))
         } else if size == 0 {

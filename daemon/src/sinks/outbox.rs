@@ -317,6 +317,12 @@ fn committer(
             }
         }
         let result = write_batch(&db, &state, &metrics, &batch);
+        let frames = batch.len();
+        // Frames are acknowledged before delivery starts: an ack still in flight when the
+        // result is already upstream is what makes a broker restart redeliver a frame.
+        for c in batch {
+            let _ = c.done.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+        }
         match &result {
             Ok(touched) => {
                 *state.error.lock().expect("error lock") = None;
@@ -327,12 +333,9 @@ fn committer(
                 }
             }
             Err(e) => {
-                tracing::error!("outbox commit failed ({} frames not acknowledged): {e:#}", batch.len());
+                tracing::error!("outbox commit failed ({frames} frames not acknowledged): {e:#}");
                 *state.error.lock().expect("error lock") = Some(format!("{e:#}"));
             }
-        }
-        for c in batch {
-            let _ = c.done.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
         }
     }
 }

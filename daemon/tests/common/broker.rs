@@ -94,7 +94,7 @@ impl Broker {
         // the test's persistence dir, and with it the sessions a restart must keep.
         let text = format!(
             "listener {} 127.0.0.1\n{}user root\npersistence true\npersistence_location {}/\n\
-             max_queued_messages 100000\nmax_inflight_messages 20\nlog_dest file {}/mosquitto.log\n",
+             max_queued_messages 100000\nmax_inflight_messages 20\nlog_type all\nlog_dest file {}/mosquitto.log\n",
             self.port,
             self.listener,
             self.dir.display(),
@@ -153,6 +153,10 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default();
+            eprintln!("---- mosquitto log ----\n{}", super::tail(&log, 200));
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

@@ -122,7 +122,12 @@ impl FakeDapr {
             if pred(&events) {
                 return;
             }
-            assert!(Instant::now() < until, "timed out after {secs} s waiting for {what}");
+            assert!(
+                Instant::now() < until,
+                "timed out after {secs} s waiting for {what}; received {} events, ids {:?}",
+                events.len(),
+                self.ids()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -276,7 +276,16 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- daemon log ({}) ----\n{}", self.dir.display(), tail(&self.log(), 80));
+        }
     }
+}
+
+/// The last `n` lines of `text`, for failure reports.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn read(mut resp: ureq::http::Response<ureq::Body>) -> Response {
