@@ -22,7 +22,17 @@ if ! dpkg -s libstd-rust-web-dev:arm64 >/dev/null 2>&1; then
   $SUDO dpkg --add-architecture arm64
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-    libstd-rust-web-dev:arm64 libc6-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user
+    libstd-rust-web-dev:arm64 libc6-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+fi
+# qemu-user from bookworm-backports (10.x): it shows guests an aarch64 /proc/cpuinfo, which
+# XNNPACK inside LiteRT parses to pick its kernels. Under bookworm's 7.2 it sees the x86 host's
+# and crashes, so arm64 inference could not be tested.
+if ! qemu-aarch64 --version 2>/dev/null | grep -qE 'version (9|[1-9][0-9])\.'; then
+  echo "setup: qemu-user from bookworm-backports"
+  echo "deb http://deb.debian.org/debian bookworm-backports main" \
+    | $SUDO tee /etc/apt/sources.list.d/edgefn-bookworm-backports.list >/dev/null
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-user
 fi
 need_apt=()
 for p in debootstrap systemd-container lintian file; do

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# aarch64, from this x86_64 host: the arm64 .deb's contents, the cross-built daemon's runtime
-# and HTTP tests under `qemu-aarch64 -L /`, and a grayscale .cwasm cross-compiled here giving
-# the same output bytes on aarch64 as on x86_64.
+# aarch64, from this x86_64 host: the arm64 .deb's contents, a grayscale .cwasm cross-compiled
+# here giving the same output bytes on aarch64 as on x86_64, the packaged classify on the
+# packaged aarch64 LiteRT, and the cross-built daemon's runtime, HTTP and classify tests, all
+# under `qemu-aarch64 -L /`.
 #
-# Needs Debian's rustc-web with the arm64 std, gcc-aarch64-linux-gnu and qemu-user
+# Needs Debian's rustc-web with the arm64 std, gcc-aarch64-linux-gnu and qemu-user 9 or later
 # (scripts/setup.sh installs them; recipe in ../shared/notes/toolchain.md).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -39,11 +40,29 @@ RUST_LOG=warn "$host_bin" --config "$x/x86.toml" invoke grayscale < "$img" > "$x
 [ -s "$x/arm.png" ] && cmp -s "$x/arm.png" "$x/x86.png" || fail "aarch64 and x86_64 outputs differ"
 ok "grayscale.cwasm cross-compiled on x86_64: identical output bytes on aarch64 ($(stat -c %s "$x/arm.png") bytes)"
 
-# The runtime and HTTP tests, built for aarch64 and run under qemu (the daemons they start too).
+# The packaged classify, model and libLiteRt.so on aarch64 (XNNPACK's arm kernels).
+m="$x/usr/share/edgefn/models"
+printf '[runtime]\nfunctions_dir = "%s"\ncache_dir = "%s/cache-arm"\nlitert = "%s"\n\n[models.efficientnet-lite0]\npath = "%s"\n\n[functions.classify]\ndirs = { "/models" = "%s" }\ndeadline = "60s"\n' \
+  "$x/usr/lib/edgefn/functions" "$x" "$x/usr/lib/edgefn/libLiteRt.so" "$m/efficientnet_lite0.tflite" "$m" > "$x/arm-nn.toml"
+for want in "chelsea.png Egyptian cat 0.816" "coffee.png espresso 0.879"; do
+  read -r file expected <<<"$want"
+  out="$(RUST_LOG=warn qemu-aarch64 -L / "$arm_bin" --config "$x/arm-nn.toml" invoke classify \
+    < "${EDGEFN_ASSETS:-/var/cache/edgefn/assets}/$file")" || fail "classify $file on aarch64 failed"
+  python3 - "$out" "$expected" <<'PY' || fail "classify on aarch64: $out"
+import json, sys
+j = json.loads(sys.argv[1]); label, ref = sys.argv[2].rsplit(" ", 1)
+assert j["label"] == label and abs(j["score"] - float(ref)) <= 0.03, j
+PY
+  ok "classify $file on aarch64: $(python3 -c 'import json,sys; j=json.loads(sys.argv[1]); print(j["label"], j["score"])' "$out")"
+done
+
+# The runtime, HTTP and classify tests, built for aarch64 and run under qemu (the daemons they
+# start too).
 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /" \
 CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
 EDGEFN_TEST_RUNNER="qemu-aarch64 -L /" \
-  /usr/bin/cargo test --release --target "$T" -p edgefn --test sandbox --test http_api --test seed_parity --test aot
-ok "runtime and HTTP tests pass on aarch64 under qemu"
+  /usr/bin/cargo test --release --target "$T" -p edgefn --test sandbox --test http_api --test seed_parity --test aot \
+    --test classify
+ok "runtime, HTTP and classify tests pass on aarch64 under qemu"
