@@ -53,9 +53,15 @@ policy = "{policy}"
 }
 
 fn publisher(broker: &Broker, camera: &str, frame: &Path, count: u32, fps: u32) -> Child {
+    publisher_of(broker, camera, &[frame.to_path_buf()], count, fps)
+}
+
+/// `edgefn publish` sending `frames` round-robin.
+fn publisher_of(broker: &Broker, camera: &str, frames: &[PathBuf], count: u32, fps: u32) -> Child {
     common::edgefn()
         .args(["publish", "--broker", &broker.url(), "--topic", &format!("cameras/{camera}/frames")])
-        .args(["--fps", &fps.to_string(), "--count", &count.to_string(), frame.to_str().unwrap()])
+        .args(["--fps", &fps.to_string(), "--count", &count.to_string()])
+        .args(frames)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -287,18 +293,6 @@ fn covers(dapr: &FakeDapr, n: u8) -> bool {
     shades(dapr).keys().copied().eq(0..n)
 }
 
-fn publish_files(broker: &Broker, files: &[PathBuf]) {
-    let mut c = common::edgefn()
-        .args(["publish", "--broker", &broker.url(), "--topic", "cameras/cam1/frames", "--fps", "0"])
-        .args(["--count", &files.len().to_string()])
-        .args(files)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(c.wait().unwrap().success(), "edgefn publish failed");
-}
-
 /// At least once across broker restarts: every frame gets a result, and a frame whose ack
 /// the broker lost may get a second one (with its own id), never more than it redelivered.
 fn broker_restart_resumes_the_session(version: u8) {
@@ -308,20 +302,20 @@ fn broker_restart_resumes_the_session(version: u8) {
     let cfg = config(&broker, &dapr, "block", version, "");
     let mut d = Daemon::start_in(tmp.path(), &cfg);
     d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
-    publish_files(&broker, &shade_jpegs(tmp.path(), 0..10));
+    finish(publisher_of(&broker, "cam1", &shade_jpegs(tmp.path(), 0..10), 10, 0));
     dapr.wait_for(30, "frames 0..10", |_| covers(&dapr, 10));
 
     // Broker restarts under a running daemon: it reconnects and carries on.
     broker.restart();
     d.wait_metric("edgefn_mqtt_reconnects_total", 30, |v| v >= 1.0);
     d.wait_metric("edgefn_mqtt_connected", 30, |v| v == 1.0);
-    publish_files(&broker, &shade_jpegs(tmp.path(), 10..20));
+    finish(publisher_of(&broker, "cam1", &shade_jpegs(tmp.path(), 10..20), 10, 0));
     dapr.wait_for(30, "frames 0..20", |_| covers(&dapr, 20));
     let mut redelivered = d.metric("edgefn_mqtt_redelivered_total");
 
     // Daemon away, frames published, broker restarted: the persistent session kept them.
     assert!(d.stop().success());
-    publish_files(&broker, &shade_jpegs(tmp.path(), 20..30));
+    finish(publisher_of(&broker, "cam1", &shade_jpegs(tmp.path(), 20..30), 10, 0));
     broker.restart();
     let d = Daemon::start_in(tmp.path(), &cfg);
     dapr.wait_for(30, "frames 0..30 from the resumed session", |_| covers(&dapr, 30));

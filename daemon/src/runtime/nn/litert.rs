@@ -240,22 +240,20 @@ impl Model {
             let (mut n_in, mut n_out) = (0usize, 0usize);
             check("LiteRtGetNumSignatureInputs", (api.get_num_signature_inputs)(signature, &mut n_in))?;
             check("LiteRtGetNumSignatureOutputs", (api.get_num_signature_outputs)(signature, &mut n_out))?;
-            for i in 0..n_in {
-                let mut tensor = ptr::null_mut();
-                check(
-                    "LiteRtGetSignatureInputTensorByIndex",
-                    (api.get_signature_input_tensor_by_index)(signature, i, &mut tensor),
-                )?;
-                model.raw_inputs.push(ranked_type(api, tensor)?);
-            }
-            for i in 0..n_out {
-                let mut tensor = ptr::null_mut();
-                check(
-                    "LiteRtGetSignatureOutputTensorByIndex",
-                    (api.get_signature_output_tensor_by_index)(signature, i, &mut tensor),
-                )?;
-                model.raw_outputs.push(ranked_type(api, tensor)?);
-            }
+            model.raw_inputs = tensor_types(
+                api,
+                "LiteRtGetSignatureInputTensorByIndex",
+                api.get_signature_input_tensor_by_index,
+                signature,
+                n_in,
+            )?;
+            model.raw_outputs = tensor_types(
+                api,
+                "LiteRtGetSignatureOutputTensorByIndex",
+                api.get_signature_output_tensor_by_index,
+                signature,
+                n_out,
+            )?;
         }
         model.inputs = model.raw_inputs.iter().map(public_type).collect::<Result<_, _>>()?;
         model.outputs = model.raw_outputs.iter().map(public_type).collect::<Result<_, _>>()?;
@@ -325,6 +323,28 @@ impl Drop for Model {
 unsafe extern "C" fn free_cstring(p: *mut c_void) {
     // SAFETY: `p` came from `CString::into_raw` in `Model::compile`.
     drop(unsafe { CString::from_raw(p as *mut c_char) });
+}
+
+/// The types of a signature's `n` inputs or outputs, through `by_index` (the input or the
+/// output getter).
+///
+/// # Safety
+/// `signature` must be a valid signature handle of a live model.
+unsafe fn tensor_types(
+    api: &Api,
+    call: &'static str,
+    by_index: unsafe extern "C" fn(Handle, usize, *mut Handle) -> Status,
+    signature: Handle,
+    n: usize,
+) -> Result<Vec<RankedTensorType>, Error> {
+    (0..n)
+        .map(|i| {
+            let mut tensor = ptr::null_mut();
+            // SAFETY: `i < n`, the count LiteRT gave for this signature.
+            check(call, unsafe { by_index(signature, i, &mut tensor) })?;
+            unsafe { ranked_type(api, tensor) }
+        })
+        .collect()
 }
 
 unsafe fn ranked_type(api: &Api, tensor: Handle) -> Result<RankedTensorType, Error> {
