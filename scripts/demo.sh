@@ -4,8 +4,12 @@
 # sample images: front-door through grayscale, kitchen through classify (EfficientNet-Lite0 on
 # LiteRT). Prints the page's URL; Ctrl-C stops everything.
 #
-# With a Dapr sidecar running (DAPR_HTTP_PORT set and answering), results also go to its
-# `upstream` pub/sub; without one, they go to the file and MQTT sinks, and the page says so.
+# When the real daprd has been built (scripts/setup.sh or tests/run.sh build it into the cache),
+# the demo runs it beside the daemon as edgefn's sidecar, with a `pubsub.mqtt3` named `upstream`
+# on the demo's broker: results also go there (topics frames/gray and frames/classified), and
+# the page shows the sidecar as connected. A sidecar already running (DAPR_HTTP_PORT set and
+# answering) is used instead. Without either, results go to the file and MQTT sinks, and the
+# page says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -35,6 +39,34 @@ persistence_location $state/mosquitto/
 log_dest file $state/mosquitto/mosquitto.log
 CONF
 mosquitto -c "$state/mosquitto/mosquitto.conf" & pids+=($!)
+
+if [ -z "${DAPR_HTTP_PORT:-}" ] && daprd="$(scripts/build-daprd.sh --if-built)"; then
+  export DAPR_HTTP_PORT="${EDGEFN_DEMO_DAPR_PORT:-3500}"
+  mkdir -p "$state/dapr"
+  cat > "$state/dapr/pubsub.yaml" <<YAML
+apiVersion: dapr.io/v1alpha1
+kind: Component
+metadata:
+  name: upstream
+spec:
+  type: pubsub.mqtt3
+  version: v1
+  metadata:
+    - name: url
+      value: "tcp://127.0.0.1:$mqtt_port"
+    - name: qos
+      value: "1"
+    - name: consumerID
+      value: "edgefn-demo-sidecar"
+YAML
+  "$daprd" --app-id edgefn --app-port "$port" --app-protocol http --dapr-http-port "$DAPR_HTTP_PORT" \
+    --dapr-grpc-port "${EDGEFN_DEMO_DAPR_GRPC_PORT:-50001}" --metrics-port "${EDGEFN_DEMO_DAPR_METRICS_PORT:-9091}" \
+    --resources-path "$state/dapr" --log-level warn > "$state/daprd.log" 2>&1 & pids+=($!)
+  for _ in $(seq 100); do
+    curl -fsS "http://127.0.0.1:$DAPR_HTTP_PORT/v1.0/healthz/outbound" >/dev/null 2>&1 && break; sleep 0.1
+  done
+  echo "demo: daprd started as edgefn's sidecar on port $DAPR_HTTP_PORT (log: $state/daprd.log)"
+fi
 
 sinks="{ file = { path = \"$state/results.jsonl\" } }, { mqtt = { topic = \"results/{camera}/{pipeline}\" } }"
 labels="$sinks"
@@ -81,6 +113,7 @@ sinks = [$labels]
 CONF
 
 "$bin" --config "$state/edgefn.toml" run & pids+=($!)
+edgefn_pid=$!
 for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 "$bin" publish --broker "mqtt://127.0.0.1:$mqtt_port" --topic cameras/front-door/frames --fps 2 --count 0 \
   "$assets/chelsea.png" "$assets/coffee.png" & pids+=($!)
@@ -89,4 +122,4 @@ for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>
 
 echo
 echo "edgefn demo: open http://127.0.0.1:$port/   (Ctrl-C stops it)"
-wait "${pids[1]}"
+wait "$edgefn_pid"

@@ -7,6 +7,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 scripts/setup.sh
 functions/build.sh
+# The real daprd that the Dapr tests run against (built by setup.sh, cached outside the clone).
+DAPRD_BIN="$(scripts/build-daprd.sh)"
+export DAPRD_BIN
 
 echo "== grayscale and classify, native unit tests"
 host="$(rustc -vV | sed -n 's/^host: //p')"

@@ -81,11 +81,18 @@ pub struct Dapr {
     /// How long to wait for the sidecar's outbound health at start before going on without it.
     #[serde(with = "humantime_serde")]
     pub startup_wait: Duration,
+    /// The sidecar's request body limit (daprd's `--max-body-size`, 4 MiB by default). Bulk
+    /// batches are cut to fit under it, and a result that can never fit is dead-lettered.
+    pub max_request: ByteSize,
 }
 
 impl Default for Dapr {
     fn default() -> Self {
-        Dapr { url: "http://127.0.0.1:3500".into(), startup_wait: Duration::from_secs(10) }
+        Dapr {
+            url: "http://127.0.0.1:3500".into(),
+            startup_wait: Duration::from_secs(10),
+            max_request: ByteSize::mib(4),
+        }
     }
 }
 
@@ -182,6 +189,9 @@ pub struct Server {
     /// `Authorization: Bearer <token>` (or `?token=` for the page's live stream and images).
     /// Set it whenever `listen` is not loopback.
     pub token: Option<String>,
+    /// Open connections at most (also held under half the open-file limit). Past it, a new
+    /// connection replaces the oldest one that has no request in progress.
+    pub max_connections: usize,
 }
 
 impl Default for Server {
@@ -191,6 +201,7 @@ impl Default for Server {
             max_body: ByteSize::mib(16),
             shutdown_grace: Duration::from_secs(10),
             token: None,
+            max_connections: 512,
         }
     }
 }

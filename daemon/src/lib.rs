@@ -13,12 +13,14 @@
 //! - [`server`]: `edgefn run`: builds the components, reloads on SIGHUP, shuts down in order;
 //!   [`systemd`] tells systemd about it.
 //! - Shared: [`config`], [`metrics`], [`logging`], [`mqtt`] (the broker connection),
-//!   [`content_type`]; and [`publish`], the camera simulator.
+//!   [`content_type`]; [`publish`], the camera simulator; and [`control`], subcommands that
+//!   act on a running daemon.
 //!
 //! Imports point one way: ingress → pipeline → runtime; pipeline → sinks.
 
 pub mod config;
 pub mod content_type;
+pub mod control;
 pub mod ingress;
 pub mod logging;
 pub mod metrics;

@@ -56,6 +56,10 @@ enum Command {
     },
     /// Validate the configuration and print the effective result.
     CheckConfig,
+    /// Send the running daemon's dead letters back to their sinks, once their cause is fixed.
+    ///
+    /// The daemon is found at the config's server.listen, with its server.token.
+    Replay,
     /// Camera simulator: publish image files round-robin to an MQTT topic at a frame rate.
     ///
     /// The broker comes from --broker, else the config's [mqtt] section (with its TLS and
@@ -126,6 +130,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let sent = rt.block_on(edgefn::publish::run(&mqtt, opts))?;
             eprintln!("edgefn: published {sent} frames");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay => {
+            let cfg = load_config()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let answer = rt.block_on(edgefn::control::post(&cfg, "/v1/outbox/dead/replay"))?;
+            eprintln!("edgefn: replayed {} dead letters", answer["replayed"]);
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig => {

@@ -41,6 +41,12 @@ pub struct PipelineError {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DaprRequestLabel {
+    /// `publish` or `bulk`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabel {
     pub model: String,
 }
@@ -87,6 +93,8 @@ pub struct Metrics {
     pub mqtt_redelivered: Counter,
     /// 1 while the Dapr sidecar answers.
     pub dapr_reachable: Gauge,
+    /// Publish requests sent to the sidecar, single or bulk.
+    pub dapr_requests: Family<DaprRequestLabel, Counter>,
 
     /// Model files loaded; stays at the number of models until a reload.
     pub model_loads: Family<ModelLabel, Counter>,
@@ -134,6 +142,7 @@ impl Metrics {
             mqtt_reconnects: Default::default(),
             mqtt_redelivered: Default::default(),
             dapr_reachable: Default::default(),
+            dapr_requests: Default::default(),
             model_loads: Default::default(),
             model_contexts: Default::default(),
             inference: InferenceFamily::new_with_constructor(latency_histogram as fn() -> Histogram),
@@ -161,6 +170,7 @@ impl Metrics {
             self.mqtt_redelivered.clone(),
         );
         r.register("dapr_reachable", "1 while the Dapr sidecar answers", self.dapr_reachable.clone());
+        r.register("dapr_requests", "Publish requests sent to the sidecar", self.dapr_requests.clone());
         r.register("model_loads", "Model files loaded", self.model_loads.clone());
         r.register("model_contexts", "Compiled contexts per model", self.model_contexts.clone());
         r.register("inference_duration_seconds", "Time in the model per inference", self.inference.clone());

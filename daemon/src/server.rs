@@ -1,21 +1,25 @@
 //! `edgefn run`: builds every component from the config, serves, reloads, and shuts down in order.
 //!
-//! The components built from one config form a [`Generation`]. Start: functions load
-//! (compiling only what the AOT cache lacks), the outbox opens, sinks and their delivery workers
-//! start, pipelines and MQTT ingress start, then HTTP serves on the already-bound listener, and
-//! systemd hears READY=1.
+//! The components built from one config form a [`Generation`]. It is first [`Prepared`]:
+//! functions load (compiling only what the AOT cache lacks), the outbox is opened (once per
+//! daemon: generations share it), TLS files are read and sinks built. Then it starts: delivery
+//! workers, pipelines and MQTT ingress, then HTTP on the already-bound listener, and systemd
+//! hears READY=1.
 //!
 //! Stopping a generation, in this order so no accepted result is lost:
-//! 1. stop intake: HTTP stops accepting, MQTT stops taking frames (later ones stay
-//!    unacknowledged for the broker to redeliver);
+//! 1. stop intake: HTTP stops accepting and event streams end, MQTT stops taking frames (later
+//!    ones stay unacknowledged for the broker to redeliver); requests in progress get the
+//!    grace period, then their connections are cut;
 //! 2. pipelines finish the frames in hand and commit their results; queued frames go back to
 //!    the broker unacknowledged;
 //! 3. delivery workers flush what they can within the grace period; the rest stays on disk;
 //! 4. the broker connection closes.
 //!
-//! SIGHUP reads the config again. If it is valid, the running generation stops as above and a
-//! new one starts on the same listening socket; if not, the old one keeps running and the error
-//! is logged. SIGTERM and SIGINT stop the daemon.
+//! SIGHUP reads the config again and prepares a new generation while the old one serves. Only
+//! when that worked does the old one stop and the new one start on the same listening socket.
+//! An invalid config is refused; a valid one that cannot apply (a port taken, a TLS file
+//! unreadable) is reported in the log, `STATUS=` and `/healthz`, and the old generation keeps
+//! serving. SIGTERM and SIGINT stop the daemon.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,7 +33,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{self, Config, SinkConfig};
-use crate::ingress::http::{self, Api};
+use crate::ingress::http::Api;
+use crate::ingress::listener;
 use crate::ingress::mqtt::{Ingress, Route};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipelines;
@@ -55,11 +60,12 @@ pub async fn run(source: ConfigSource, mut cfg: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let mut listener = bind(&cfg).await?;
+    let listener = bind(&cfg).await?;
     let (interval, watchdog) = systemd::health_interval();
+    let shared = Shared::default();
+    let mut generation = Prepared::new(&cfg, &shared, None).await?.start(listener);
 
     loop {
-        let generation = Generation::start(&cfg, listener).await?;
         systemd::ready(&generation.status_line());
         let health = tokio::spawn(health_loop(generation.api.clone(), interval, watchdog, cfg.limits.deadline));
         let reload = loop {
@@ -79,20 +85,30 @@ pub async fn run(source: ConfigSource, mut cfg: Config) -> anyhow::Result<()> {
             }
         };
         health.abort();
-        match reload {
-            None => {
-                systemd::stopping();
-                generation.stop().await;
-                tracing::info!("edgefn stopped");
-                return Ok(());
-            }
-            Some(new) => {
-                tracing::info!("SIGHUP: reloading configuration");
-                listener = generation.stop().await;
-                if new.server.listen != cfg.server.listen {
-                    listener = bind(&new).await?;
-                }
+        let Some(new) = reload else {
+            systemd::stopping();
+            generation.stop().await;
+            tracing::info!("edgefn stopped");
+            return Ok(());
+        };
+        tracing::info!("SIGHUP: reloading configuration");
+        // Everything that can fail happens while the running generation still serves.
+        let prepared = async {
+            let listener =
+                if new.server.listen != cfg.server.listen { Some(bind(&new).await?) } else { None };
+            Prepared::new(&new, &shared, listener).await
+        };
+        match prepared.await {
+            Ok(prepared) => {
+                shared.problems.lock().expect("problems lock").clear();
+                let old_listener = generation.stop().await;
+                generation = prepared.start(old_listener);
                 cfg = new;
+            }
+            Err(e) => {
+                let problem = format!("reload failed, still running the previous config: {e:#}");
+                tracing::error!("{problem}");
+                *shared.problems.lock().expect("problems lock") = vec![problem];
             }
         }
     }
@@ -140,7 +156,11 @@ async fn health_loop(api: Arc<Api>, interval: Duration, watchdog: bool, deadline
 
 fn status_line(api: &Api) -> String {
     let rt = &api.runtime;
-    let mut line = format!("{} functions", rt.functions().count());
+    let mut line = String::new();
+    for problem in api.daemon_problems.lock().expect("problems lock").iter() {
+        line += &format!("{problem}; ");
+    }
+    line += &format!("{} functions", rt.functions().count());
     if !rt.failed().is_empty() {
         line += &format!(" ({} failed)", rt.failed().len());
     }
@@ -163,7 +183,156 @@ fn status_line(api: &Api) -> String {
     line
 }
 
-/// Everything built from one config.
+/// What outlives a generation: the outbox (one redb file, locked while open, so a reload must
+/// reuse it rather than open it again) and the daemon's own problems.
+#[derive(Default)]
+struct Shared {
+    outbox: std::sync::Mutex<Option<(PathBuf, Arc<Outbox>)>>,
+    problems: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Shared {
+    /// The outbox at `path`, opened on first use; a reload that moves `state_dir` opens the new
+    /// one (the old one closes when its last generation stops).
+    fn outbox(&self, path: &std::path::Path, cfg: &config::Outbox, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<Outbox>> {
+        let mut slot = self.outbox.lock().expect("outbox slot lock");
+        if let Some((open, outbox)) = slot.as_ref() {
+            if open == path {
+                outbox.reconfigure(cfg, metrics.clone());
+                return Ok(outbox.clone());
+            }
+        }
+        let outbox = Outbox::open(path, cfg, metrics.clone())?;
+        *slot = Some((path.to_path_buf(), outbox.clone()));
+        Ok(outbox)
+    }
+}
+
+/// A generation built and checked, not yet running: everything in it that can fail has been
+/// done (functions loaded, TLS files read, a new listen address bound), and nothing in it has
+/// touched the broker or taken a request yet.
+struct Prepared {
+    cfg: Config,
+    runtime: Arc<Runtime>,
+    pipelines: Option<Arc<Pipelines>>,
+    sinks: Vec<Arc<Sink>>,
+    /// The broker connection and the routes of MQTT-fed pipelines.
+    mqtt: Option<(crate::mqtt::Client, crate::mqtt::Connection, Vec<Route>)>,
+    listener: Option<TcpListener>,
+    problems: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Prepared {
+    async fn new(cfg: &Config, shared: &Shared, listener: Option<TcpListener>) -> anyhow::Result<Prepared> {
+        let metrics = Arc::new(Metrics::new());
+        let runtime = {
+            let (cfg, metrics) = (cfg.clone(), metrics.clone());
+            // Compiling is CPU work; keep it off the async workers.
+            Arc::new(tokio::task::spawn_blocking(move || Runtime::load(&cfg, metrics, None)).await??)
+        };
+        let mut prepared = Prepared {
+            cfg: cfg.clone(),
+            runtime: runtime.clone(),
+            pipelines: None,
+            sinks: Vec::new(),
+            mqtt: None,
+            listener,
+            problems: shared.problems.clone(),
+        };
+        if cfg.pipelines.is_empty() {
+            return Ok(prepared);
+        }
+        let dapr = Arc::new(DaprClient::new(&cfg.dapr, metrics.clone())?);
+        let max_frame = cfg.mqtt.as_ref().map_or(0, |m| m.max_frame.as_u64() as usize);
+        let mqtt = match &cfg.mqtt {
+            // Room above max_frame, so an oversized frame is received and refused, not a
+            // protocol error that would redeliver it forever.
+            Some(m) => Some(crate::mqtt::connect(m, "", (max_frame * 4).max(16 << 20))?),
+            None => None,
+        };
+        let mut sinks: BTreeMap<Arc<str>, Arc<Sink>> = BTreeMap::new();
+        for sc in cfg.pipelines.iter().flat_map(|p| &p.sinks) {
+            let sink = Sink::new(sc, &dapr, mqtt.as_ref().map(|(c, _)| c))?;
+            sinks.entry(sink.key.clone()).or_insert_with(|| Arc::new(sink));
+        }
+        let outbox = shared.outbox(&cfg.runtime.state_dir.join("outbox.redb"), &cfg.outbox, &metrics)?;
+        for stale in outbox.sinks_with_pending()? {
+            if !sinks.contains_key(stale.as_str()) {
+                tracing::warn!(sink = %stale, "results wait for a sink that is no longer configured");
+            }
+        }
+        if sinks.values().any(|s| matches!(s.kind, Kind::Dapr(_))) {
+            check_sidecar(cfg, &dapr).await;
+        }
+        let resolve = |sc: &SinkConfig| sinks[&crate::sinks::key(sc)].clone();
+        let pipelines = Pipelines::new(&cfg.pipelines, resolve, runtime, outbox, metrics);
+        prepared.mqtt = mqtt.map(|(client, conn)| {
+            let routes = pipelines
+                .iter()
+                .filter_map(|p| p.source.mqtt.clone().map(|filter| Route { filter, pipeline: p.clone() }))
+                .collect();
+            (client, conn, routes)
+        });
+        prepared.sinks = sinks.into_values().collect();
+        prepared.pipelines = Some(pipelines);
+        Ok(prepared)
+    }
+
+    /// Starts every task: delivery workers, MQTT ingress, then HTTP on `listener` (unless this
+    /// generation bound its own).
+    fn start(self, listener: TcpListener) -> Generation {
+        let cfg = &self.cfg;
+        let listener = self.listener.unwrap_or(listener);
+        let (stop_intake, intake_rx) = watch::channel(false);
+        let (stop_delivery, delivery_rx) = watch::channel(false);
+        let (stop_connection, connection_rx) = watch::channel(false);
+        let mut deliveries = tokio::task::JoinSet::new();
+        let mut ingress = None;
+        if let Some(pipelines) = &self.pipelines {
+            for sink in self.sinks {
+                let (outbox, metrics) = (pipelines.outbox().clone(), self.runtime.metrics().clone());
+                deliveries.spawn(delivery::run(sink, outbox, metrics, delivery_rx.clone(), cfg.server.shutdown_grace));
+            }
+            if let Some((client, conn, routes)) = self.mqtt {
+                let max_frame = cfg.mqtt.as_ref().map_or(0, |m| m.max_frame.as_u64() as usize);
+                let metrics = self.runtime.metrics().clone();
+                let i = Ingress { client, routes, pipelines: pipelines.clone(), metrics, max_frame };
+                ingress = Some(tokio::spawn(i.run(conn, intake_rx.clone(), connection_rx)));
+            }
+        }
+        let api = Arc::new(Api {
+            runtime: self.runtime.clone(),
+            pipelines: self.pipelines,
+            max_body: cfg.server.max_body.as_u64() as usize,
+            app_token: std::env::var("APP_API_TOKEN").ok().filter(|t| !t.is_empty()),
+            token: cfg.server.token.clone().filter(|t| !t.is_empty()),
+            closing: intake_rx.clone(),
+            event_streams: Default::default(),
+            daemon_problems: self.problems,
+        });
+        if api.token.is_none() && !cfg.server.listen.ip().is_loopback() {
+            tracing::warn!(listen = %cfg.server.listen, "listening beyond loopback without server.token: anyone on the network can use the API");
+        }
+        tracing::info!(
+            listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            functions = self.runtime.functions().count(),
+            failed = self.runtime.failed().len(),
+            models = self.runtime.models().loaded().count(),
+            pipelines = cfg.pipelines.len(),
+            version = env!("CARGO_PKG_VERSION"),
+            "edgefn ready"
+        );
+        let mut intake_closed = intake_rx;
+        let closed = async move {
+            let _ = intake_closed.changed().await;
+        };
+        let (grace, max_connections) = (cfg.server.shutdown_grace, cfg.server.max_connections);
+        let http = tokio::spawn(listener::serve(listener, api.clone(), closed, grace, max_connections));
+        Generation { api, stop_intake, stop_delivery, stop_connection, http, deliveries, ingress }
+    }
+}
+
+/// Everything running for one config.
 struct Generation {
     api: Arc<Api>,
     stop_intake: watch::Sender<bool>,
@@ -175,91 +344,6 @@ struct Generation {
 }
 
 impl Generation {
-    async fn start(cfg: &Config, listener: TcpListener) -> anyhow::Result<Generation> {
-        let metrics = Arc::new(Metrics::new());
-        let runtime = {
-            let (cfg, metrics) = (cfg.clone(), metrics.clone());
-            // Compiling is CPU work; keep it off the async workers.
-            Arc::new(tokio::task::spawn_blocking(move || Runtime::load(&cfg, metrics, None)).await??)
-        };
-
-        let (stop_intake, intake_rx) = watch::channel(false);
-        let (stop_delivery, delivery_rx) = watch::channel(false);
-        let (stop_connection, connection_rx) = watch::channel(false);
-        let mut deliveries = tokio::task::JoinSet::new();
-        let mut ingress = None;
-
-        let pipelines = if cfg.pipelines.is_empty() {
-            None
-        } else {
-            let outbox = Outbox::open(&cfg.runtime.state_dir.join("outbox.redb"), &cfg.outbox, metrics.clone())?;
-            let dapr = Arc::new(DaprClient::new(&cfg.dapr.url, metrics.clone())?);
-            let max_frame = cfg.mqtt.as_ref().map_or(0, |m| m.max_frame.as_u64() as usize);
-            let mqtt = match &cfg.mqtt {
-                // Room above max_frame, so an oversized frame is received and refused, not a
-                // protocol error that would redeliver it forever.
-                Some(m) => Some(crate::mqtt::connect(m, "", (max_frame * 4).max(16 << 20))?),
-                None => None,
-            };
-
-            let mut sinks: BTreeMap<Arc<str>, Arc<Sink>> = BTreeMap::new();
-            for sc in cfg.pipelines.iter().flat_map(|p| &p.sinks) {
-                let sink = Sink::new(sc, &dapr, mqtt.as_ref().map(|(c, _)| c))?;
-                sinks.entry(sink.key.clone()).or_insert_with(|| Arc::new(sink));
-            }
-            for stale in outbox.sinks_with_pending()? {
-                if !sinks.contains_key(stale.as_str()) {
-                    tracing::warn!(sink = %stale, "results wait for a sink that is no longer configured");
-                }
-            }
-            if sinks.values().any(|s| matches!(s.kind, Kind::Dapr(_))) {
-                check_sidecar(cfg, &dapr).await;
-            }
-            for sink in sinks.values() {
-                let (sink, outbox, metrics) = (sink.clone(), outbox.clone(), metrics.clone());
-                deliveries.spawn(delivery::run(sink, outbox, metrics, delivery_rx.clone(), cfg.server.shutdown_grace));
-            }
-            let resolve = |sc: &SinkConfig| sinks[&crate::sinks::key(sc)].clone();
-            let pipelines = Pipelines::new(&cfg.pipelines, resolve, runtime.clone(), outbox, metrics.clone());
-
-            if let Some((client, conn)) = mqtt {
-                let routes: Vec<Route> = pipelines
-                    .iter()
-                    .filter_map(|p| p.source.mqtt.clone().map(|filter| Route { filter, pipeline: p.clone() }))
-                    .collect();
-                let i = Ingress { client, routes, pipelines: pipelines.clone(), metrics: metrics.clone(), max_frame };
-                ingress = Some(tokio::spawn(i.run(conn, intake_rx.clone(), connection_rx)));
-            }
-            Some(pipelines)
-        };
-
-        let api = Arc::new(Api {
-            runtime: runtime.clone(),
-            pipelines,
-            max_body: cfg.server.max_body.as_u64() as usize,
-            app_token: std::env::var("APP_API_TOKEN").ok().filter(|t| !t.is_empty()),
-            token: cfg.server.token.clone().filter(|t| !t.is_empty()),
-        });
-        if api.token.is_none() && !cfg.server.listen.ip().is_loopback() {
-            tracing::warn!(listen = %cfg.server.listen, "listening beyond loopback without server.token: anyone on the network can use the API");
-        }
-        tracing::info!(
-            listen = %listener.local_addr()?,
-            functions = runtime.functions().count(),
-            failed = runtime.failed().len(),
-            models = runtime.models().loaded().count(),
-            pipelines = cfg.pipelines.len(),
-            version = env!("CARGO_PKG_VERSION"),
-            "edgefn ready"
-        );
-        let mut intake_closed = intake_rx.clone();
-        let closed = async move {
-            let _ = intake_closed.changed().await;
-        };
-        let http = tokio::spawn(http::serve(listener, api.clone(), closed, cfg.server.shutdown_grace));
-        Ok(Generation { api, stop_intake, stop_delivery, stop_connection, http, deliveries, ingress })
-    }
-
     fn status_line(&self) -> String {
         status_line(&self.api)
     }

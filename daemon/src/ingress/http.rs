@@ -6,8 +6,8 @@
 //! saturated or unavailable, 504 deadline, 500 the function broke (trap, memory, output cap).
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,12 +15,9 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use super::{dapr, web};
 use crate::content_type;
@@ -43,67 +40,25 @@ pub struct Api {
     pub app_token: Option<String>,
     /// `server.token`: when set, every call but the page and `/healthz` needs it as a bearer token.
     pub token: Option<String>,
+    /// Turns true when this generation stops: event streams end then.
+    pub closing: watch::Receiver<bool>,
+    /// Open event streams, capped at [`web::MAX_EVENT_STREAMS`].
+    pub event_streams: Arc<AtomicUsize>,
+    /// Problems of the daemon rather than of a generation (a reload that could not apply).
+    pub daemon_problems: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-/// Serves `listener` until `shutdown` resolves, then gives open requests `grace` to finish.
-/// Hands the listener back, so a reload keeps the socket (and its backlog) open.
-pub async fn serve(
-    listener: TcpListener,
-    api: Arc<Api>,
-    shutdown: impl Future<Output = ()>,
-    grace: Duration,
-) -> TcpListener {
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let api = api.clone();
-                let service = service_fn(move |req| {
-                    let api = api.clone();
-                    async move { Ok::<_, Infallible>(route(&api, req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, "connection ended: {e}");
-                    }
-                });
-            }
-            () = &mut shutdown => break,
-        }
-    }
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!("shutdown grace of {grace:?} over; closing open connections");
-    }
-    listener
-}
-
-async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Body> {
+pub(super) async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    if let Some(token) = &api.token {
-        if path != "/" && path != "/healthz" && !bearer_ok(&req, token) {
-            return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into(), None, "unauthorized");
-        }
-    }
-    if let Some(token) = &api.app_token {
-        let given = req.headers().get("dapr-api-token").map(|v| v.as_bytes());
-        if path != "/healthz" && given != Some(token.as_bytes()) {
-            tracing::warn!(%method, %path, "refused: missing or wrong dapr-api-token (APP_API_TOKEN is set)");
-            return error(StatusCode::UNAUTHORIZED, "missing or wrong dapr-api-token".into(), None, "unauthorized");
-        }
+    if path != "/" && path != "/healthz" && !authorized(api, &req) {
+        let wanted = match (&api.token, &api.app_token) {
+            (Some(_), Some(_)) => "a bearer token (server.token) or dapr-api-token (APP_API_TOKEN)",
+            (Some(_), None) => "a bearer token (server.token)",
+            _ => "dapr-api-token (APP_API_TOKEN)",
+        };
+        tracing::warn!(%method, %path, "refused: missing or wrong credentials");
+        return error(StatusCode::UNAUTHORIZED, format!("missing or wrong credentials: send {wanted}"), None, "unauthorized");
     }
     match (&method, path.as_str()) {
         (&Method::GET, "/") => web::page(),
@@ -136,6 +91,7 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/v1/functions") => list_functions(api),
         (&Method::GET, "/v1/pipelines") => list_pipelines(api),
         (&Method::GET, "/v1/outbox/dead") => dead_letters(api),
+        (&Method::POST, "/v1/outbox/dead/replay") => replay_dead_letters(api).await,
         (&Method::GET, "/dapr/subscribe") => {
             json_response(StatusCode::OK, &dapr::subscriptions(api.pipelines.as_deref()))
         }
@@ -161,6 +117,7 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Body> {
             dapr_event(api, &name, req).await
         }
         (_, "/healthz" | "/metrics" | "/v1/functions" | "/v1/pipelines" | "/v1/outbox/dead" | "/dapr/subscribe")
+        | (_, "/v1/outbox/dead/replay")
         | (_, "/api/image" | "/api/hello") => {
             error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed on {path}"), None, "method")
         }
@@ -260,6 +217,22 @@ fn dead_letters(api: &Api) -> Response<Body> {
     }
 }
 
+/// `POST /v1/outbox/dead/replay`: every dead letter goes back to its sink's queue.
+async fn replay_dead_letters(api: &Api) -> Response<Body> {
+    let Some(p) = &api.pipelines else {
+        return json_response(StatusCode::OK, &json!({ "replayed": 0 }));
+    };
+    let outbox = p.outbox().clone();
+    match tokio::task::spawn_blocking(move || outbox.replay_dead()).await {
+        Ok(Ok(n)) => {
+            tracing::info!(results = n, "dead letters replayed");
+            json_response(StatusCode::OK, &json!({ "replayed": n }))
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("replaying dead letters: {e:#}"), None, "outbox"),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("replaying dead letters: {e}"), None, "outbox"),
+    }
+}
+
 fn refresh_outbox_metrics(p: &Pipelines) {
     let Ok(sinks) = p.outbox().sinks_with_pending() else {
         return;
@@ -321,27 +294,41 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Response
     };
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let expects_continue = req.headers().contains_key(hyper::header::EXPECT);
-    let mut body = req.into_body();
+    let body = req.into_body();
     if declared.is_some_and(|n| n > max as u64) {
         if !expects_continue {
             drain(body).await;
         }
         return Err(too_large());
     }
-    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
-    while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading request body: {e}"), None, "body"))?;
-        if let Some(data) = frame.data_ref() {
-            if buf.len() + data.len() > max {
-                drain(body).await;
-                return Err(too_large());
+    let read = async move {
+        let mut body = body;
+        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading request body: {e}"), None, "body"))?;
+            if let Some(data) = frame.data_ref() {
+                if buf.len() + data.len() > max {
+                    drain(body).await;
+                    return Err(too_large());
+                }
+                buf.extend_from_slice(data);
             }
-            buf.extend_from_slice(data);
+        }
+        Ok(buf.freeze())
+    };
+    // A client that stops sending mid-body would otherwise hold its connection for ever.
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(result) => result,
+        Err(_) => {
+            let msg = format!("request body not received within {BODY_TIMEOUT:?}");
+            Err(error(StatusCode::REQUEST_TIMEOUT, msg, None, "body_timeout"))
         }
     }
-    Ok(buf.freeze())
 }
+
+/// Time a client has to send a whole request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 const DRAIN_CAP: usize = 256 << 20;
 const DRAIN_TIME: Duration = Duration::from_secs(10);
@@ -362,7 +349,8 @@ async fn drain(mut body: Incoming) {
 fn health(api: &Api) -> Response<Body> {
     let rt = &api.runtime;
     let metrics = rt.metrics();
-    let mut problems: Vec<String> = rt.failed().keys().map(|f| format!("function {f} not loaded")).collect();
+    let mut problems: Vec<String> = api.daemon_problems.lock().expect("problems lock").clone();
+    problems.extend(rt.failed().keys().map(|f| format!("function {f} not loaded")));
     problems.extend(rt.models().failed().keys().map(|m| format!("model {m} not loaded")));
     let outbox = api.pipelines.as_ref().map(|p| {
         let ob = p.outbox();
@@ -416,15 +404,39 @@ fn list_functions(api: &Api) -> Response<Body> {
     json_response(StatusCode::OK, &json!({ "functions": loaded, "failed": failed, "models": web::models(rt) }))
 }
 
-/// `Authorization: Bearer <token>`, or `?token=` where headers cannot be set (EventSource, img).
-fn bearer_ok(req: &Request<Incoming>, token: &str) -> bool {
-    let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if header.and_then(|h| h.strip_prefix("Bearer ")) == Some(token) {
+/// With no token configured every route is open. Otherwise a request needs one of the
+/// configured credentials: the bearer token (`server.token`) from people and scripts, or the
+/// sidecar's `dapr-api-token` (`APP_API_TOKEN`), which daprd sends on every call it makes,
+/// subscriptions, events and service invocation alike (daprd never sends `Authorization`).
+fn authorized(api: &Api, req: &Request<Incoming>) -> bool {
+    if api.token.is_none() && api.app_token.is_none() {
         return true;
     }
-    req.uri()
-        .query()
-        .is_some_and(|q| url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "token" && v == token))
+    let sidecar = api.app_token.as_deref().is_some_and(|t| {
+        req.headers().get("dapr-api-token").is_some_and(|given| same_secret(given.as_bytes(), t.as_bytes()))
+    });
+    sidecar || api.token.as_deref().is_some_and(|t| bearer_ok(req, t))
+}
+
+/// `Authorization: Bearer <token>`, or `?token=` on the routes a browser cannot send headers to
+/// (EventSource, `<img>`): the event stream and the latest images.
+fn bearer_ok(req: &Request<Incoming>, token: &str) -> bool {
+    let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if header.and_then(|h| h.strip_prefix("Bearer ")).is_some_and(|given| same_secret(given.as_bytes(), token.as_bytes())) {
+        return true;
+    }
+    let path = req.uri().path();
+    let browser_route = path == "/v1/events" || (path.starts_with("/v1/cameras/") && path.ends_with("/latest"));
+    browser_route
+        && req.uri().query().is_some_and(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .any(|(k, v)| k == "token" && same_secret(v.as_bytes(), token.as_bytes()))
+        })
+}
+
+/// Compares secrets in time that depends on their lengths only, not on where they differ.
+fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    given.len() == secret.len() && given.iter().zip(secret).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {

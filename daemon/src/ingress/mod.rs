@@ -3,5 +3,6 @@
 
 pub mod dapr;
 pub mod http;
+pub mod listener;
 pub mod mqtt;
 pub mod web;

@@ -4,6 +4,7 @@
 //! results as they commit and the status every two seconds.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -110,8 +111,23 @@ pub fn latest(api: &Api, pipeline: &str, camera: &str) -> Response<Body> {
     }
 }
 
+/// Event streams open at once at most: each one costs a connection and a status every 2 s.
+pub const MAX_EVENT_STREAMS: usize = 32;
+
 /// `text/event-stream`: `camera` events as results commit, `status` now and every 2 s.
+/// The stream ends when its generation stops, so a reload never waits on an open page.
 pub fn events(api: std::sync::Arc<Api>) -> Response<Body> {
+    let Some(slot) = StreamSlot::take(&api.event_streams) else {
+        let body = json!({ "error": format!("too many event streams open (at most {MAX_EVENT_STREAMS})"), "kind": "busy" });
+        let mut r = Response::new(full(body.to_string()));
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return r;
+    };
+    let mut closing = api.closing.clone();
+    let closed = async move {
+        let _ = closing.wait_for(|c| *c).await;
+    };
     let cameras = api.pipelines.as_ref().map(|p| BroadcastStream::new(p.board.subscribe()));
     let camera_events = futures_util::stream::iter(cameras).flatten().filter_map(|e| async move {
         // A lagging client skips missed events; the next status catches it up.
@@ -120,12 +136,33 @@ pub fn events(api: std::sync::Arc<Api>) -> Response<Body> {
     let ticks = IntervalStream::new(tokio::time::interval(Duration::from_secs(2)));
     let status_events = ticks.map(move |_| sse("status", &status(&api)));
     let stream = futures_util::stream::select(camera_events, status_events)
-        .map(|text| Ok::<_, Infallible>(Frame::data(Bytes::from(text))));
+        .take_until(closed)
+        .map(move |text| {
+            let _held = &slot;
+            Ok::<_, Infallible>(Frame::data(Bytes::from(text)))
+        });
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+/// One of the [`MAX_EVENT_STREAMS`] places, given back when the stream ends.
+struct StreamSlot(std::sync::Arc<AtomicUsize>);
+
+impl StreamSlot {
+    fn take(open: &std::sync::Arc<AtomicUsize>) -> Option<StreamSlot> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_EVENT_STREAMS).then_some(n + 1))
+            .ok()
+            .map(|_| StreamSlot(open.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn sse(event: &str, data: &Value) -> String {

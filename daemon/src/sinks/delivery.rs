@@ -5,9 +5,16 @@
 //! retry the worker backs off exponentially (0.2 s doubling to 30 s) before trying again, so a
 //! downed sidecar is polled gently and never skipped past.
 //!
+//! A result that keeps failing while the results around it are delivered is poison (a
+//! message the upstream broker will never take): after [`MAX_ATTEMPTS`] such failures it moves
+//! to the dead letters with its last error, so it cannot hold back the rest. Failures that hit
+//! every result alike (sidecar down, broker down behind it) never count: an outage must not
+//! empty the outbox into the dead letters.
+//!
 //! On shutdown a worker keeps delivering until its queue is empty, a retry is needed, or the
 //! grace period ends; whatever is left stays on disk for the next start.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +26,8 @@ use crate::metrics::{Metrics, SinkLabel};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Failures of one result, while others were delivered, before it is dead-lettered.
+pub const MAX_ATTEMPTS: u32 = 10;
 
 pub async fn run(
     sink: Arc<Sink>,
@@ -31,6 +40,7 @@ pub async fn run(
     let label = SinkLabel { sink: key.to_string() };
     let waker = outbox.waker(&key);
     let mut backoff = FIRST_BACKOFF;
+    let mut attempts: HashMap<u64, u32> = HashMap::new();
     let mut stop_at: Option<tokio::time::Instant> = None;
     loop {
         if stop_at.is_none() && *shutdown.borrow() {
@@ -59,6 +69,7 @@ pub async fn run(
         }
 
         let outcomes = sink.deliver(&batch).await;
+        let some_delivered = outcomes.iter().any(|o| *o == Outcome::Delivered);
         let mut delivered = Vec::new();
         let mut dead = Vec::new();
         let mut retry: Option<String> = None;
@@ -69,11 +80,27 @@ pub async fn run(
                     tracing::error!(sink = %key, id = %p.record.id, "dead letter: {why}");
                     dead.push((p.key, why));
                 }
+                Outcome::Retry(why) if some_delivered => {
+                    metrics.outbox_retried.get_or_create(&label).inc();
+                    let n = attempts.entry(p.key).or_default();
+                    *n += 1;
+                    if *n >= MAX_ATTEMPTS {
+                        let why = format!("failed {n} times while other results were delivered; last: {why}");
+                        tracing::error!(sink = %key, id = %p.record.id, "dead letter: {why}");
+                        attempts.remove(&p.key);
+                        dead.push((p.key, why));
+                    } else {
+                        retry.get_or_insert(why);
+                    }
+                }
                 Outcome::Retry(why) => {
                     metrics.outbox_retried.get_or_create(&label).inc();
                     retry.get_or_insert(why);
                 }
             }
+        }
+        for k in delivered.iter().chain(dead.iter().map(|(k, _)| k)) {
+            attempts.remove(k);
         }
         if let Err(e) = outbox.settle(&key, &delivered, &dead) {
             // Not settled means delivered again later: a duplicate with the same id, never a loss.

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -72,15 +72,16 @@ pub struct Outbox {
     seqs: Mutex<HashMap<String, u64>>,
     wakers: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
     state: Arc<State>,
-    max_age: Duration,
-    metrics: Arc<Metrics>,
+    /// The running generation's metrics: a reload swaps in fresh ones.
+    metrics: Arc<Mutex<Arc<Metrics>>>,
 }
 
 /// Shared with the committer thread.
 struct State {
     next_id: AtomicU64,
     bytes: AtomicU64,
-    max_bytes: u64,
+    max_bytes: AtomicU64,
+    max_age_ms: AtomicU64,
     /// The last commit error, shown in health until a commit succeeds.
     error: Mutex<Option<String>>,
 }
@@ -122,18 +123,19 @@ impl Outbox {
         let state = Arc::new(State {
             next_id: AtomicU64::new(next_id),
             bytes: AtomicU64::new(bytes),
-            max_bytes: cfg.max_bytes.as_u64(),
+            max_bytes: AtomicU64::new(cfg.max_bytes.as_u64()),
+            max_age_ms: AtomicU64::new(cfg.max_age.as_millis() as u64),
             error: Mutex::new(None),
         });
         // A full queue makes committers wait (async) for the disk, never blocks a worker thread.
         let (tx, rx) = mpsc::channel::<Commit>(1024);
+        let metrics = Arc::new(Mutex::new(metrics));
         let outbox = Arc::new(Outbox {
             db: db.clone(),
             commits: tx,
             seqs: Mutex::new(seqs),
             wakers: Mutex::new(HashMap::new()),
             state: state.clone(),
-            max_age: cfg.max_age,
             metrics: metrics.clone(),
         });
         let weak = Arc::downgrade(&outbox);
@@ -142,6 +144,17 @@ impl Outbox {
             .spawn(move || committer(db, state, metrics, rx, weak))
             .context("spawning the outbox committer")?;
         Ok(outbox)
+    }
+
+    /// A reload's caps and metrics; results already stored stay.
+    pub fn reconfigure(&self, cfg: &crate::config::Outbox, metrics: Arc<Metrics>) {
+        self.state.max_bytes.store(cfg.max_bytes.as_u64(), Ordering::Relaxed);
+        self.state.max_age_ms.store(cfg.max_age.as_millis() as u64, Ordering::Relaxed);
+        *self.metrics.lock().expect("metrics lock") = metrics;
+    }
+
+    fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.lock().expect("metrics lock").clone()
     }
 
     /// The next frame sequence number for `camera`.
@@ -172,7 +185,7 @@ impl Outbox {
     pub fn peek(&self, sink: &str, max: usize) -> anyhow::Result<Vec<Pending>> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(PENDING)?;
-        let oldest_allowed = now_ms().saturating_sub(self.max_age.as_millis() as u64);
+        let oldest_allowed = now_ms().saturating_sub(self.state.max_age_ms.load(Ordering::Relaxed));
         let mut out = Vec::new();
         let mut expired = Vec::new();
         for row in table.range((sink, 0)..=(sink, u64::MAX))? {
@@ -227,14 +240,52 @@ impl Outbox {
         self.state.bytes.fetch_sub(freed.min(self.state.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
         let label = SinkLabel { sink: sink.to_string() };
         let n = (gone.len() + dead.len()) as i64;
-        self.metrics.outbox_depth.get_or_create(&label).dec_by(n);
+        let metrics = self.metrics();
+        metrics.outbox_depth.get_or_create(&label).dec_by(n);
         if evicted {
-            self.metrics.outbox_evicted.get_or_create(&label).inc_by(gone.len() as u64);
+            metrics.outbox_evicted.get_or_create(&label).inc_by(gone.len() as u64);
         } else {
-            self.metrics.outbox_delivered.get_or_create(&label).inc_by(gone.len() as u64);
-            self.metrics.outbox_dead.get_or_create(&label).inc_by(dead.len() as u64);
+            metrics.outbox_delivered.get_or_create(&label).inc_by(gone.len() as u64);
+            metrics.outbox_dead.get_or_create(&label).inc_by(dead.len() as u64);
         }
         Ok(())
+    }
+
+    /// Moves every dead letter back to its sink's queue, where it keeps its place (its key) and
+    /// its id; returns how many. For after the cause was fixed (a scope, a component).
+    pub fn replay_dead(&self) -> anyhow::Result<u64> {
+        let txn = self.db.begin_write()?;
+        let mut moved: Vec<(String, u64)> = Vec::new();
+        let mut added = 0u64;
+        {
+            let mut dead = txn.open_table(DEAD)?;
+            let mut pending = txn.open_table(PENDING)?;
+            let rows: Vec<((String, u64), Vec<u8>)> = dead
+                .iter()?
+                .map(|row| row.map(|(k, v)| ((k.value().0.to_string(), k.value().1), v.value().to_vec())))
+                .collect::<Result<_, _>>()?;
+            for ((sink, key), bytes) in rows {
+                let (mut record, payload) = decode(&bytes)?;
+                record.error = None;
+                let value = encode(&record, &payload);
+                added += value.len() as u64;
+                pending.insert((sink.as_str(), key), value.as_slice())?;
+                dead.remove((sink.as_str(), key))?;
+                moved.push((sink, key));
+            }
+        }
+        txn.commit()?;
+        self.state.bytes.fetch_add(added, Ordering::Relaxed);
+        let metrics = self.metrics();
+        let mut sinks: Vec<&str> = moved.iter().map(|(s, _)| s.as_str()).collect();
+        sinks.dedup();
+        for sink in sinks {
+            metrics.outbox_depth.get_or_create(&SinkLabel { sink: sink.to_string() }).inc_by(
+                moved.iter().filter(|(s, _)| s == sink).count() as i64,
+            );
+            self.wake(&Arc::from(sink));
+        }
+        Ok(moved.len() as u64)
     }
 
     /// Dead letters, newest last, at most `max`.
@@ -304,7 +355,7 @@ impl Outbox {
 fn committer(
     db: Arc<Database>,
     state: Arc<State>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<Mutex<Arc<Metrics>>>,
     mut rx: mpsc::Receiver<Commit>,
     outbox: std::sync::Weak<Outbox>,
 ) {
@@ -316,7 +367,8 @@ fn committer(
                 Err(_) => break,
             }
         }
-        let result = write_batch(&db, &state, &metrics, &batch);
+        let current = metrics.lock().expect("metrics lock").clone();
+        let result = write_batch(&db, &state, &current, &batch);
         let frames = batch.len();
         // Frames are acknowledged before delivery starts: an ack still in flight when the
         // result is already upstream is what makes a broker restart redeliver a frame.
@@ -367,7 +419,7 @@ fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]
 
         // Over the byte cap: evict the oldest results, whichever sink holds them.
         let mut bytes = state.bytes.load(Ordering::Relaxed) + added;
-        while bytes > state.max_bytes {
+        while bytes > state.max_bytes.load(Ordering::Relaxed) {
             let Some((sink, id, len)) = oldest(&pending)? else {
                 break;
             };

@@ -1,7 +1,11 @@
-//! A fake Dapr sidecar that follows daprd's HTTP contract (../shared/notes/dapr-http-api.md):
-//! publish and bulk publish with their status codes and error bodies, the CloudEvent envelope
-//! rules, `metadata.*` query handling, health, metadata and the API token. daprd cannot be
-//! installed here; this is the only mock in the tests.
+//! A fake Dapr sidecar for fault injection (failures, outages, refusals on demand). The real
+//! daprd is tested in `real_daprd.rs`; this fake must refuse what daprd refuses, and
+//! `real_daprd.rs` checks that it does, request by request:
+//! publish and bulk publish (the stable route and alpha1) with their status codes and error
+//! bodies, the CloudEvent envelope rules, `metadata.*` query handling, health, metadata, the
+//! API token, and daprd's request body limit (`--max-body-size`, 4 MiB by default), answered as
+//! daprd answers it: 500 on a publish, 400 `ERR_PUBSUB_EVENTS_SER` on a bulk publish, both
+//! saying "stream too large".
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -44,7 +48,14 @@ struct State {
     events: Vec<Received>,
     seen: u64,
     unauthorized: u64,
+    max_body: usize,
+    too_large: u64,
+    /// Acts as daprd before 1.17: no stable bulk route.
+    before_1_17: bool,
 }
+
+/// daprd's default `--max-body-size`.
+pub const DAPRD_MAX_BODY: usize = 4 << 20;
 
 pub struct FakeDapr {
     pub port: u16,
@@ -63,6 +74,9 @@ impl FakeDapr {
             events: Vec::new(),
             seen: 0,
             unauthorized: 0,
+            max_body: DAPRD_MAX_BODY,
+            too_large: 0,
+            before_1_17: false,
         }));
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let listener = runtime.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port))).unwrap();
@@ -114,6 +128,16 @@ impl FakeDapr {
         self.state.lock().unwrap().unauthorized
     }
 
+    /// Answers as daprd 1.10 to 1.16 does: bulk publish only on the alpha1 route.
+    pub fn set_before_1_17(&self, yes: bool) {
+        self.state.lock().unwrap().before_1_17 = yes;
+    }
+
+    /// Requests refused for a body over the limit.
+    pub fn refused_too_large(&self) -> u64 {
+        self.state.lock().unwrap().too_large
+    }
+
     /// Waits until `pred(events)` holds, up to `secs`.
     pub fn wait_for(&self, secs: u64, what: &str, pred: impl Fn(&[Received]) -> bool) {
         let until = Instant::now() + Duration::from_secs(secs);
@@ -162,6 +186,12 @@ async fn handle(st: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Full
         req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("text/plain").to_string();
     let token = req.headers().get("dapr-api-token").and_then(|v| v.to_str().ok()).map(str::to_string);
     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let too_large = {
+        let mut s = st.lock().unwrap();
+        let over = body.len() > s.max_body;
+        s.too_large += u64::from(over);
+        over
+    };
 
     if path.starts_with("/v1.0/healthz") {
         return reply(StatusCode::NO_CONTENT, Value::Null);
@@ -185,11 +215,15 @@ async fn handle(st: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Full
             json!({"id": "edgefn", "runtimeVersion": "1.16.0-fake", "components": components, "subscriptions": []}),
         );
     }
-    if let Some(rest) = path.strip_prefix("/v1.0/publish/") {
-        return publish(st, rest, &query, &content_type, &body, false);
+    // daprd reads the body through a reader capped at --max-body-size; the handler sees
+    // "stream too large" as a read error (publish) or a JSON decode error (bulk).
+    let stable = if st.lock().unwrap().before_1_17 { None } else { path.strip_prefix("/v1.0/publish/bulk/") };
+    let bulk_route = stable.or_else(|| path.strip_prefix("/v1.0-alpha1/publish/bulk/"));
+    if let Some(rest) = bulk_route {
+        return bulk(st, rest, &body, too_large);
     }
-    if let Some(rest) = path.strip_prefix("/v1.0-alpha1/publish/bulk/") {
-        return bulk(st, rest, &body);
+    if let Some(rest) = path.strip_prefix("/v1.0/publish/") {
+        return publish(st, rest, &query, &content_type, &body, too_large);
     }
     err(404, "ERR_DIRECT_INVOKE", &format!("no route {path}"))
 }
@@ -275,7 +309,7 @@ fn publish(
     query: &str,
     content_type: &str,
     body: &[u8],
-    bulk: bool,
+    too_large: bool,
 ) -> Response<Full<Bytes>> {
     let (pubsub, topic) = split_target(rest);
     let meta: BTreeMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
@@ -287,8 +321,13 @@ fn publish(
         }
     }
     let mut s = st.lock().unwrap();
+    // daprd checks the target before it reads the body.
     if let Some(resp) = check_target(&s, &pubsub, &topic) {
         return resp;
+    }
+    if too_large {
+        let msg = format!("error when publishing to topic {topic} in pubsub {pubsub}: stream too large");
+        return err(500, "ERR_PUBSUB_PUBLISH_MESSAGE", &msg);
     }
     s.seen += 1;
     match s.mode {
@@ -304,15 +343,22 @@ fn publish(
     }
     match cloudevent(&pubsub, &topic, content_type, body, &meta) {
         Ok(event) => {
-            s.events.push(Received { pubsub, topic, event, at: Instant::now(), bulk });
+            s.events.push(Received { pubsub, topic, event, at: Instant::now(), bulk: false });
             reply(StatusCode::NO_CONTENT, Value::Null)
         }
         Err(e) => err(500, "ERR_PUBSUB_CLOUD_EVENTS_SER", &e),
     }
 }
 
-fn bulk(st: &Arc<Mutex<State>>, rest: &str, body: &[u8]) -> Response<Full<Bytes>> {
+fn bulk(st: &Arc<Mutex<State>>, rest: &str, body: &[u8], too_large: bool) -> Response<Full<Bytes>> {
     let (pubsub, topic) = split_target(rest);
+    if let Some(resp) = check_target(&st.lock().unwrap(), &pubsub, &topic) {
+        return resp;
+    }
+    if too_large {
+        let msg = format!("error when unmarshaling the request for topic {topic} pubsub {pubsub}: stream too large");
+        return err(400, "ERR_PUBSUB_EVENTS_SER", &msg);
+    }
     let Ok(Value::Array(entries)) = serde_json::from_slice::<Value>(body) else {
         return err(400, "ERR_PUBSUB_EVENTS_SER", "body is not a JSON array");
     };

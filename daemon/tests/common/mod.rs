@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod daprd;
 pub mod fake_dapr;
 
 use std::io::Cursor;
@@ -164,9 +165,12 @@ impl Daemon {
         std::fs::write(&config_path, config).unwrap();
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("daemon.log")).unwrap();
         // systemd sets WATCHDOG_PID to the service's pid; `exec` keeps the shell's pid.
-        let mut cmd = if envs.iter().any(|(k, _)| *k == "WATCHDOG_USEC") {
+        // EDGEFN_TEST_NOFILE runs the daemon under that open-file limit, as systemd's default.
+        let nofile = envs.iter().find(|(k, _)| *k == "EDGEFN_TEST_NOFILE").map(|(_, v)| v.clone());
+        let mut cmd = if envs.iter().any(|(k, _)| *k == "WATCHDOG_USEC") || nofile.is_some() {
             let mut c = Command::new("/bin/sh");
-            c.args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\"", BIN]);
+            let ulimit = nofile.map(|n| format!("ulimit -n {n} && ")).unwrap_or_default();
+            c.args(["-c", &format!("{ulimit}WATCHDOG_PID=$$ exec \"$0\" \"$@\""), BIN]);
             c
         } else {
             edgefn()
@@ -302,4 +306,48 @@ pub fn assert_gray(bytes: &[u8]) -> image::RgbImage {
         assert!(p[0] == p[1] && p[1] == p[2], "pixel {p:?} is not gray");
     }
     img
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS` in /proc).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A redis-server (Debian's) on a free loopback port, without persistence.
+pub struct Redis {
+    pub port: u16,
+    child: Child,
+}
+
+impl Redis {
+    pub fn start(dir: &Path) -> Redis {
+        std::fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/setup.sh installs it)");
+        let until = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "redis-server not listening on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { port, child }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -1,0 +1,257 @@
+//! Fault paths that ARCHITECTURE.md's promises must survive: a reload while the page is open,
+//! a reload that cannot apply, results larger than the sidecar's body limit, and slow clients
+//! holding connections open. Each test reproduced a fault before its fix.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::Daemon;
+use common::fake_dapr::{FakeDapr, Mode};
+
+fn sighup(d: &Daemon) {
+    let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+}
+
+/// Waits until the log says `what` `n` times.
+fn wait_log(d: &Daemon, what: &str, n: usize, secs: u64) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while d.log().matches(what).count() < n {
+        assert!(Instant::now() < until, "no {n}× `{what}` in {secs} s:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An open `/v1/events` stream, as the page holds it; returns once the first status arrived.
+fn open_event_stream(d: &Daemon) -> TcpStream {
+    let mut s = TcpStream::connect(d.addr).unwrap();
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: edgefn\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("event: status") {
+        let n = s.read(&mut buf).expect("the event stream sends a status");
+        assert!(n > 0, "event stream closed early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    s
+}
+
+const FILE_PIPELINE: &str = r#"
+[server]
+shutdown_grace = "1s"
+
+[[pipeline]]
+name = "echo"
+functions = ["echo"]
+sinks = [{ file = { path = "RESULTS" } }]
+"#;
+
+#[test]
+fn a_reload_with_the_page_open_keeps_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path().join("results.jsonl");
+    let cfg = FILE_PIPELINE.replace("RESULTS", results.to_str().unwrap());
+    let mut d = Daemon::start_in(&tmp.path().join("d"), &cfg);
+    assert_eq!(d.post("/v1/pipelines/echo?camera=a", b"before").status, 200);
+    let mut page = open_event_stream(&d);
+
+    sighup(&d);
+    wait_log(&d, "edgefn ready", 2, 30);
+    d.assert_alive();
+    assert_eq!(d.post("/v1/pipelines/echo?camera=a", b"after").status, 200);
+    let r = d.post("/v1/pipelines/echo?camera=a", b"again");
+    assert_eq!(r.status, 200);
+    // Sequence numbers carry on across the reload: one outbox, ids never reused.
+    assert_eq!(r.content_type, "text/plain");
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&results).unwrap_or_default();
+        if text.lines().count() == 3 {
+            for (i, line) in text.lines().enumerate() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(v["id"], format!("echo/a/{}", i + 1), "{text}");
+            }
+            break;
+        }
+        assert!(Instant::now() < until, "results: {text}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The old generation's stream was ended by the reload, not left holding it.
+    page.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rest = Vec::new();
+    let ended = page.read_to_end(&mut rest);
+    assert!(ended.is_ok(), "the old event stream was not closed within 10 s: {ended:?}");
+    d.assert_alive();
+}
+
+#[test]
+fn a_reload_that_cannot_apply_keeps_the_old_generation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path().join("results.jsonl");
+    let cfg = FILE_PIPELINE.replace("RESULTS", results.to_str().unwrap());
+    let mut d = Daemon::start_in(&tmp.path().join("d"), &cfg);
+    assert_eq!(d.post("/v1/pipelines/echo?camera=a", b"one").status, 200);
+
+    // Valid TOML and keys, but its TLS CA file cannot be read: the new generation cannot start.
+    let config = d.dir.join("edgefn.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    let missing = tmp.path().join("no-such-ca.pem");
+    std::fs::write(
+        &config,
+        format!("{good}\n[mqtt]\nurl = \"mqtts://127.0.0.1:1\"\nca = {:?}\n", missing.to_str().unwrap()),
+    )
+    .unwrap();
+    sighup(&d);
+    wait_log(&d, "reload failed", 1, 30);
+    d.assert_alive();
+    let health = d.get("/healthz").json();
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(health["problems"].to_string().contains("reload failed"), "{health}");
+    assert_eq!(d.post("/v1/pipelines/echo?camera=a", b"two").status, 200, "the old generation stopped serving");
+
+    // A good config again: the reload applies and the failure is cleared.
+    std::fs::write(&config, good).unwrap();
+    sighup(&d);
+    wait_log(&d, "edgefn ready", 2, 30);
+    let health = d.get("/healthz").json();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(d.post("/v1/pipelines/echo?camera=a", b"three").status, 200);
+    d.assert_alive();
+}
+
+/// Random bytes: incompressible, so a result's size is what is sent.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn results_over_the_sidecar_body_limit_drain_and_one_that_never_fits_is_dead_lettered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dapr = FakeDapr::start(&["upstream"], None);
+    dapr.set_mode(Mode::Down);
+    let cfg = format!(
+        r#"
+[dapr]
+url = "http://127.0.0.1:{}"
+startup_wait = "1s"
+
+[[pipeline]]
+name = "echo"
+functions = ["echo"]
+sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames" }} }}]
+"#,
+        dapr.port
+    );
+    let d = Daemon::start_in(&tmp.path().join("d"), &cfg);
+    // 40 results of 360 KB while the sidecar is away: any 12 of them are over its 4 MiB limit.
+    for i in 0..40 {
+        assert_eq!(d.post("/v1/pipelines/echo?camera=cam", &noise(360 << 10, i)).status, 200);
+    }
+    // And one result that can never fit in a request.
+    assert_eq!(d.post("/v1/pipelines/echo?camera=huge", &noise(5 << 20, 99)).status, 200);
+    for i in 40..45 {
+        assert_eq!(d.post("/v1/pipelines/echo?camera=cam", &noise(360 << 10, i)).status, 200);
+    }
+
+    dapr.set_mode(Mode::Ok);
+    dapr.wait_for(120, "45 results", |events| {
+        events.iter().map(|e| e.event["id"].as_str().unwrap_or_default().to_string()).collect::<std::collections::BTreeSet<_>>().len()
+            >= 45
+    });
+    let ids: std::collections::BTreeSet<String> = dapr.ids().into_iter().collect();
+    let want: std::collections::BTreeSet<String> = (1..=45).map(|i| format!("echo/cam/{i}")).collect();
+    assert_eq!(ids, want, "every result that fits arrived, and the huge one did not");
+    assert!(dapr.refused_too_large() > 0, "the fake sidecar never saw an oversized request");
+
+    let dead = d.get("/v1/outbox/dead").json();
+    let dead = dead["dead"].as_array().unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["record"]["id"], "echo/huge/1");
+    let why = dead[0]["record"]["error"].as_str().unwrap();
+    assert!(why.contains("body limit") || why.contains("too large"), "{why}");
+    d.wait_metric("edgefn_outbox_depth{sink=\"dapr:upstream/frames\"}", 10, |v| v == 0.0);
+}
+
+/// Raises this process's open-file limit, since it holds thousands of sockets itself.
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+}
+
+#[test]
+fn two_thousand_slow_connections_do_not_starve_healthz() {
+    raise_nofile();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start_env(&tmp.path().join("d"), "", &[("EDGEFN_TEST_NOFILE", "1024".into())]);
+
+    // Each sends half a request header and then waits, as a slowloris client does.
+    let addr = d.addr;
+    let threads: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                for _ in 0..100 {
+                    if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                        let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n");
+                        held.push(s);
+                    }
+                }
+                held
+            })
+        })
+        .collect();
+    let held: Vec<TcpStream> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert!(held.len() > 1024, "only {} slow connections opened", held.len());
+
+    let quick = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(1)))
+        .build();
+    let quick: ureq::Agent = quick.into();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = quick.get(&d.url("/healthz")).call();
+        assert!(r.is_ok(), "/healthz did not answer within 1 s with {} slow connections: {r:?}", held.len());
+        assert_eq!(r.unwrap().status(), 200);
+        eprintln!("/healthz answered in {:?} with {} slow connections open", started.elapsed(), held.len());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!d.log().contains("Too many open files"), "{}", common::tail(&d.log(), 20));
+    drop(held);
+}
+
+#[test]
+fn a_sidecar_before_dapr_1_17_gets_bulk_publishes_on_alpha1_and_nothing_is_dead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dapr = FakeDapr::start(&["upstream"], None);
+    dapr.set_before_1_17(true);
+    dapr.set_mode(Mode::Down);
+    let cfg = format!(
+        "[dapr]\nurl = \"http://127.0.0.1:{}\"\nstartup_wait = \"1s\"\n\n[[pipeline]]\nname = \"echo\"\nfunctions = [\"echo\"]\n\
+         sinks = [{{ dapr = {{ pubsub = \"upstream\", topic = \"frames\" }} }}]\n",
+        dapr.port
+    );
+    let d = Daemon::start_in(&tmp.path().join("d"), &cfg);
+    for i in 0..10 {
+        assert_eq!(d.post("/v1/pipelines/echo?camera=old", format!("r{i}").as_bytes()).status, 200);
+    }
+    dapr.set_mode(Mode::Ok);
+    dapr.wait_for(60, "10 results", |events| events.len() >= 10);
+    assert!(dapr.events().iter().all(|e| e.bulk), "the queued results did not go out in bulk");
+    assert_eq!(d.get("/v1/outbox/dead").json()["dead"].as_array().unwrap().len(), 0);
+    assert!(d.log().contains("no stable bulk publish route"), "{}", d.log());
+}
