@@ -27,8 +27,8 @@ pub async fn post(cfg: &Config, path: &str) -> anyhow::Result<serde_json::Value>
         .with_context(|| format!("no edgefn daemon answering at {addr} (server.listen)"))?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
-    let value: serde_json::Value = serde_json::from_slice(&body)
-        .with_context(|| format!("{path} answered {status} with no JSON"))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).with_context(|| format!("{path} answered {status} with no JSON"))?;
     anyhow::ensure!(status.is_success(), "{path} answered {status}: {}", value["error"].as_str().unwrap_or(""));
     Ok(value)
 }

@@ -94,8 +94,7 @@ pub async fn run(source: ConfigSource, mut cfg: Config) -> anyhow::Result<()> {
         tracing::info!("SIGHUP: reloading configuration");
         // Everything that can fail happens while the running generation still serves.
         let prepared = async {
-            let listener =
-                if new.server.listen != cfg.server.listen { Some(bind(&new).await?) } else { None };
+            let listener = if new.server.listen != cfg.server.listen { Some(bind(&new).await?) } else { None };
             Prepared::new(&new, &shared, listener).await
         };
         match prepared.await {
@@ -194,7 +193,12 @@ struct Shared {
 impl Shared {
     /// The outbox at `path`, opened on first use; a reload that moves `state_dir` opens the new
     /// one (the old one closes when its last generation stops).
-    fn outbox(&self, path: &std::path::Path, cfg: &config::Outbox, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<Outbox>> {
+    fn outbox(
+        &self,
+        path: &std::path::Path,
+        cfg: &config::Outbox,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<Arc<Outbox>> {
         let mut slot = self.outbox.lock().expect("outbox slot lock");
         if let Some((open, outbox)) = slot.as_ref() {
             if open == path {

@@ -119,8 +119,13 @@ fn publish_and_bulk_publish_reach_the_upstream_broker_as_cloudevents() {
     let upstream = Subscriber::start(&broker, "frames/gray");
     let port = common::free_port();
     let d = Daemon::start_in(&tmp.path().join("edgefn"), &sink_toml(port, "upstream", ""));
-    let mut sidecar =
-        Daprd::start_on(&tmp.path().join("daprd"), port, d.addr.port(), &[("pubsub.yaml", daprd::mqtt3("upstream", broker.port))], &[]);
+    let mut sidecar = Daprd::start_on(
+        &tmp.path().join("daprd"),
+        port,
+        d.addr.port(),
+        &[("pubsub.yaml", daprd::mqtt3("upstream", broker.port))],
+        &[],
+    );
 
     // One result: a single publish.
     let png = common::asset("chelsea.png");
@@ -183,8 +188,13 @@ fn batches_over_daprd_body_limit_drain_and_a_result_that_never_fits_is_dead_lett
     for i in 30..34 {
         assert_eq!(d.post("/v1/pipelines/echo?camera=cam", &noise(360 << 10, i)).status, 200);
     }
-    let _sidecar =
-        Daprd::start_on(&tmp.path().join("daprd"), port, d.addr.port(), &[("pubsub.yaml", daprd::mqtt3("upstream", broker.port))], &[]);
+    let _sidecar = Daprd::start_on(
+        &tmp.path().join("daprd"),
+        port,
+        d.addr.port(),
+        &[("pubsub.yaml", daprd::mqtt3("upstream", broker.port))],
+        &[],
+    );
     upstream.wait_ids(120, &ids("echo/cam", 1..=34), &d);
     assert!(!upstream.ids().contains("echo/huge/1"));
     let dead = d.get("/v1/outbox/dead").json();
@@ -237,7 +247,11 @@ fn pubsub_redis_gets_every_result() {
     };
     let got: BTreeSet<String> = events.iter().map(|e| e["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(got, ids("echo/r", 1..=5));
-    assert!(events.iter().all(|e| e["data"] == "hello redis" && e["datacontenttype"] == "text/plain"), "{events:?}");
+    assert!(
+        events.iter().all(|e| e["data"] == "hello redis"
+            && e["datacontenttype"].as_str().is_some_and(|t| t.starts_with("text/plain"))),
+        "{events:?}"
+    );
 }
 
 /// The seed's flow and the app side, through a real daprd: service invocation and a
@@ -301,7 +315,8 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames/out" }} }}]
     };
     if tokens {
         assert_eq!(d.get("/v1/functions").status, 401, "the API is open without a token");
-        let refused = common::agent().post(&sidecar.url("/v1.0/invoke/edgefn/method/api/image")).send(&b"x"[..]).unwrap();
+        let refused =
+            common::agent().post(&sidecar.url("/v1.0/invoke/edgefn/method/api/image")).send(&b"x"[..]).unwrap();
         assert_eq!(refused.status().as_u16(), 401, "daprd took a call without DAPR_API_TOKEN");
     }
 
@@ -349,8 +364,13 @@ fn a_sidecar_killed_for_a_minute_loses_nothing_and_ids_stay_unique() {
     let upstream = Subscriber::start(&broker, "frames/echo");
     let port = common::free_port();
     let d = Daemon::start_in(&tmp.path().join("edgefn"), &sink_toml(port, "upstream", ""));
-    let mut sidecar =
-        Daprd::start_on(&tmp.path().join("daprd"), port, d.addr.port(), &[("pubsub.yaml", daprd::mqtt3("upstream", broker.port))], &[]);
+    let mut sidecar = Daprd::start_on(
+        &tmp.path().join("daprd"),
+        port,
+        d.addr.port(),
+        &[("pubsub.yaml", daprd::mqtt3("upstream", broker.port))],
+        &[],
+    );
     let mut n = 0u64;
     let mut post = |d: &Daemon| {
         n += 1;
@@ -397,11 +417,15 @@ fn a_pubsub_not_ready_is_retried_and_dead_letters_can_be_replayed() {
     }
     d.wait_metric("edgefn_outbox_retried_total{sink=\"dapr:upstream/frames/echo\"}", 30, |v| v >= 3.0);
     assert!(d.log().contains("has no pub/sub `upstream`"), "{}", common::tail(&d.log(), 20));
-    assert_eq!(d.get("/v1/outbox/dead").json()["dead"].as_array().unwrap().len(), 0, "a config error was dead-lettered");
+    assert_eq!(
+        d.get("/v1/outbox/dead").json()["dead"].as_array().unwrap().len(),
+        0,
+        "a config error was dead-lettered"
+    );
 
     // The component appears, but scoped so edgefn may not publish to this topic: 403, dead.
-    let scoped = daprd::mqtt3("upstream", broker.port)
-        + "    - name: publishingScopes\n      value: \"edgefn=frames/other\"\n";
+    let scoped =
+        daprd::mqtt3("upstream", broker.port) + "    - name: publishingScopes\n      value: \"edgefn=frames/other\"\n";
     std::fs::write(sidecar.dir.join("resources/pubsub.yaml"), &scoped).unwrap();
     sidecar.restart();
     d.wait_metric("edgefn_outbox_dead_total{sink=\"dapr:upstream/frames/echo\"}", 60, |v| v == 3.0);
@@ -411,7 +435,8 @@ fn a_pubsub_not_ready_is_retried_and_dead_letters_can_be_replayed() {
     // Fixed, then replayed with the subcommand: every result goes out, with its own id.
     std::fs::write(sidecar.dir.join("resources/pubsub.yaml"), daprd::mqtt3("upstream", broker.port)).unwrap();
     sidecar.restart();
-    let out = common::edgefn().args(["--config", d.dir.join("edgefn.toml").to_str().unwrap(), "replay"])
+    let out = common::edgefn()
+        .args(["--config", d.dir.join("edgefn.toml").to_str().unwrap(), "replay"])
         .env("EDGEFN__SERVER__LISTEN", d.addr.to_string())
         .output()
         .unwrap();
@@ -435,7 +460,8 @@ fn ask(port: u16, method: &str, path: &str, content_type: &str, body: &[u8], tok
             }
             let mut resp = r.call().unwrap();
             let body = resp.body_mut().read_to_vec().unwrap_or_default();
-            let code = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["errorCode"].as_str().map(str::to_string));
+            let code =
+                serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["errorCode"].as_str().map(str::to_string));
             return (resp.status().as_u16(), code.unwrap_or_default());
         }
         _ => agent.post(&url),
@@ -447,7 +473,8 @@ fn ask(port: u16, method: &str, path: &str, content_type: &str, body: &[u8], tok
     match req.send(body) {
         Ok(mut resp) => {
             let body = resp.body_mut().read_to_vec().unwrap_or_default();
-            let code = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["errorCode"].as_str().map(str::to_string));
+            let code =
+                serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["errorCode"].as_str().map(str::to_string));
             (resp.status().as_u16(), code.unwrap_or_default())
         }
         Err(e) => (0, format!("transport: {e}")),
@@ -461,17 +488,43 @@ fn the_fake_sidecar_refuses_what_daprd_refuses() {
     let entry = |id: &str| json!({"entryId": id, "event": {"a": 1}, "contentType": "application/json"});
     let bulk = |entries: Vec<Value>| Value::Array(entries).to_string().into_bytes();
     let big = vec![b'x'; (4 << 20) + 1024];
-    let big_bulk = bulk(vec![json!({"entryId": "1", "event": String::from_utf8(big.clone()).unwrap(), "contentType": "text/plain"})]);
+    let big_bulk = bulk(vec![
+        json!({"entryId": "1", "event": String::from_utf8(big.clone()).unwrap(), "contentType": "text/plain"}),
+    ]);
     type Case = (&'static str, &'static str, String, &'static str, Vec<u8>);
     let cases: Vec<Case> = vec![
         ("publish", "POST", "/v1.0/publish/upstream/t".into(), "application/json", br#"{"a":1}"#.to_vec()),
         ("publish text", "POST", "/v1.0/publish/upstream/a/b".into(), "text/plain", b"hi".to_vec()),
         ("unknown pubsub", "POST", "/v1.0/publish/nope/t".into(), "application/json", b"{}".to_vec()),
-        ("bad rawPayload", "POST", "/v1.0/publish/upstream/t?metadata.rawPayload=maybe".into(), "text/plain", b"x".to_vec()),
+        (
+            "bad rawPayload",
+            "POST",
+            "/v1.0/publish/upstream/t?metadata.rawPayload=maybe".into(),
+            "text/plain",
+            b"x".to_vec(),
+        ),
         ("publish over 4 MiB", "POST", "/v1.0/publish/upstream/t".into(), "text/plain", big.clone()),
-        ("bulk stable", "POST", "/v1.0/publish/bulk/upstream/t".into(), "application/json", bulk(vec![entry("1"), entry("2")])),
-        ("bulk alpha1", "POST", "/v1.0-alpha1/publish/bulk/upstream/t".into(), "application/json", bulk(vec![entry("1")])),
-        ("bulk duplicate ids", "POST", "/v1.0/publish/bulk/upstream/t".into(), "application/json", bulk(vec![entry("1"), entry("1")])),
+        (
+            "bulk stable",
+            "POST",
+            "/v1.0/publish/bulk/upstream/t".into(),
+            "application/json",
+            bulk(vec![entry("1"), entry("2")]),
+        ),
+        (
+            "bulk alpha1",
+            "POST",
+            "/v1.0-alpha1/publish/bulk/upstream/t".into(),
+            "application/json",
+            bulk(vec![entry("1")]),
+        ),
+        (
+            "bulk duplicate ids",
+            "POST",
+            "/v1.0/publish/bulk/upstream/t".into(),
+            "application/json",
+            bulk(vec![entry("1"), entry("1")]),
+        ),
         ("bulk empty id", "POST", "/v1.0/publish/bulk/upstream/t".into(), "application/json", bulk(vec![entry("")])),
         ("bulk unknown pubsub", "POST", "/v1.0/publish/bulk/nope/t".into(), "application/json", bulk(vec![entry("1")])),
         ("bulk over 4 MiB", "POST", "/v1.0/publish/bulk/upstream/t".into(), "application/json", big_bulk),
@@ -493,8 +546,13 @@ fn the_fake_sidecar_refuses_what_daprd_refuses() {
         assert!(differ.is_empty(), "{label}: the fake answers differently from daprd:\n{}", differ.join("\n"));
     };
 
-    let sidecar =
-        Daprd::start_on(&tmp.path().join("a"), common::free_port(), app_port, &[("pubsub.yaml", daprd::mqtt3("upstream", broker.port))], &[]);
+    let sidecar = Daprd::start_on(
+        &tmp.path().join("a"),
+        common::free_port(),
+        app_port,
+        &[("pubsub.yaml", daprd::mqtt3("upstream", broker.port))],
+        &[],
+    );
     let fake = FakeDapr::start(&["upstream"], None);
     compare("components", sidecar.http_port, fake.port, None, &cases);
     drop(sidecar);

@@ -58,7 +58,12 @@ pub(super) async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Bo
             _ => "dapr-api-token (APP_API_TOKEN)",
         };
         tracing::warn!(%method, %path, "refused: missing or wrong credentials");
-        return error(StatusCode::UNAUTHORIZED, format!("missing or wrong credentials: send {wanted}"), None, "unauthorized");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            format!("missing or wrong credentials: send {wanted}"),
+            None,
+            "unauthorized",
+        );
     }
     match (&method, path.as_str()) {
         (&Method::GET, "/") => web::page(),
@@ -228,7 +233,9 @@ async fn replay_dead_letters(api: &Api) -> Response<Body> {
             tracing::info!(results = n, "dead letters replayed");
             json_response(StatusCode::OK, &json!({ "replayed": n }))
         }
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("replaying dead letters: {e:#}"), None, "outbox"),
+        Ok(Err(e)) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, format!("replaying dead letters: {e:#}"), None, "outbox")
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("replaying dead letters: {e}"), None, "outbox"),
     }
 }
@@ -305,8 +312,8 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Response
         let mut body = body;
         let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
         while let Some(frame) = body.frame().await {
-            let frame =
-                frame.map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading request body: {e}"), None, "body"))?;
+            let frame = frame
+                .map_err(|e| error(StatusCode::BAD_REQUEST, format!("reading request body: {e}"), None, "body"))?;
             if let Some(data) = frame.data_ref() {
                 if buf.len() + data.len() > max {
                     drain(body).await;
@@ -422,7 +429,10 @@ fn authorized(api: &Api, req: &Request<Incoming>) -> bool {
 /// (EventSource, `<img>`): the event stream and the latest images.
 fn bearer_ok(req: &Request<Incoming>, token: &str) -> bool {
     let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if header.and_then(|h| h.strip_prefix("Bearer ")).is_some_and(|given| same_secret(given.as_bytes(), token.as_bytes())) {
+    if header
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .is_some_and(|given| same_secret(given.as_bytes(), token.as_bytes()))
+    {
         return true;
     }
     let path = req.uri().path();

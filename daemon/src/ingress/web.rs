@@ -118,7 +118,8 @@ pub const MAX_EVENT_STREAMS: usize = 32;
 /// The stream ends when its generation stops, so a reload never waits on an open page.
 pub fn events(api: std::sync::Arc<Api>) -> Response<Body> {
     let Some(slot) = StreamSlot::take(&api.event_streams) else {
-        let body = json!({ "error": format!("too many event streams open (at most {MAX_EVENT_STREAMS})"), "kind": "busy" });
+        let body =
+            json!({ "error": format!("too many event streams open (at most {MAX_EVENT_STREAMS})"), "kind": "busy" });
         let mut r = Response::new(full(body.to_string()));
         *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -135,12 +136,10 @@ pub fn events(api: std::sync::Arc<Api>) -> Response<Body> {
     });
     let ticks = IntervalStream::new(tokio::time::interval(Duration::from_secs(2)));
     let status_events = ticks.map(move |_| sse("status", &status(&api)));
-    let stream = futures_util::stream::select(camera_events, status_events)
-        .take_until(closed)
-        .map(move |text| {
-            let _held = &slot;
-            Ok::<_, Infallible>(Frame::data(Bytes::from(text)))
-        });
+    let stream = futures_util::stream::select(camera_events, status_events).take_until(closed).map(move |text| {
+        let _held = &slot;
+        Ok::<_, Infallible>(Frame::data(Bytes::from(text)))
+    });
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

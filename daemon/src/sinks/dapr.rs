@@ -179,7 +179,7 @@ impl DaprSink {
             let answer = match chunk {
                 [one] if one.event.len() > self.client.max_request => {
                     let why = format!(
-                        "result {} needs a {} byte request, over dapr.max_request ({} bytes, daprd's --max-body-size): it can never be published",
+                        "result {} needs a {} byte request, over the sidecar's body limit (dapr.max_request, {} bytes; daprd's --max-body-size): it can never be published",
                         one.id,
                         one.event.len(),
                         self.client.max_request
@@ -192,7 +192,9 @@ impl DaprSink {
             match answer {
                 Answer::Outcomes(o) => o,
                 Answer::TooLarge(why) if chunk.len() == 1 => {
-                    vec![Outcome::Dead(format!("{why}; a single result over the sidecar's body limit can never be published"))]
+                    vec![Outcome::Dead(format!(
+                        "{why}; a single result over the sidecar's body limit can never be published"
+                    ))]
                 }
                 Answer::TooLarge(why) => {
                     tracing::warn!(pubsub = %self.pubsub, topic = %self.topic, results = chunk.len(), "{why}: splitting the batch");
@@ -217,10 +219,9 @@ impl DaprSink {
         match self.client.call(Method::POST, &path, "application/cloudevents+json", body).await {
             Ok(r) if r.status.is_success() => Answer::Outcomes(vec![Outcome::Delivered]),
             Ok(r) => self.refused(r.status, &r.body, 1),
-            Err(e) => Answer::Outcomes(vec![Outcome::Retry(format!(
-                "sidecar at {} unreachable: {e:#}",
-                self.client.base()
-            ))]),
+            Err(e) => {
+                Answer::Outcomes(vec![Outcome::Retry(format!("sidecar at {} unreachable: {e:#}", self.client.base()))])
+            }
         }
     }
 
@@ -307,12 +308,11 @@ impl DaprSink {
         let outcome = match (status, error_code(body).as_deref()) {
             // The sidecar is up but its pub/sub is not (yet): components still loading, or a
             // misnamed component. A config problem, not the results': keep them.
-            (StatusCode::BAD_REQUEST, Some("ERR_PUBSUB_NOT_CONFIGURED")) | (StatusCode::NOT_FOUND, Some("ERR_PUBSUB_NOT_FOUND")) => {
-                Outcome::Retry(format!(
-                    "{why}; the sidecar has no pub/sub `{}` (still loading its components, or misnamed): results are kept and retried",
-                    self.pubsub
-                ))
-            }
+            (StatusCode::BAD_REQUEST, Some("ERR_PUBSUB_NOT_CONFIGURED"))
+            | (StatusCode::NOT_FOUND, Some("ERR_PUBSUB_NOT_FOUND")) => Outcome::Retry(format!(
+                "{why}; the sidecar has no pub/sub `{}` (still loading its components, or misnamed): results are kept and retried",
+                self.pubsub
+            )),
             (StatusCode::UNAUTHORIZED, _) => Outcome::Retry(format!(
                 "{why}; the sidecar requires an API token: set DAPR_API_TOKEN to the sidecar's token"
             )),

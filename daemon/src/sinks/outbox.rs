@@ -280,9 +280,10 @@ impl Outbox {
         let mut sinks: Vec<&str> = moved.iter().map(|(s, _)| s.as_str()).collect();
         sinks.dedup();
         for sink in sinks {
-            metrics.outbox_depth.get_or_create(&SinkLabel { sink: sink.to_string() }).inc_by(
-                moved.iter().filter(|(s, _)| s == sink).count() as i64,
-            );
+            metrics
+                .outbox_depth
+                .get_or_create(&SinkLabel { sink: sink.to_string() })
+                .inc_by(moved.iter().filter(|(s, _)| s == sink).count() as i64);
             self.wake(&Arc::from(sink));
         }
         Ok(moved.len() as u64)

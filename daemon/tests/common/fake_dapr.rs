@@ -193,14 +193,23 @@ async fn handle(st: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<Full
         over
     };
 
-    if path.starts_with("/v1.0/healthz") {
+    // Outbound health (components loaded) is all the fake has; daprd's own health also waits
+    // for the app channel, and the fake has no app.
+    if path == "/v1.0/healthz/outbound" {
         return reply(StatusCode::NO_CONTENT, Value::Null);
+    }
+    if path == "/v1.0/healthz" {
+        return err(500, "ERR_HEALTH_NOT_READY", "dapr is not ready");
     }
     {
         let mut s = st.lock().unwrap();
         if s.token.is_some() && token != s.token {
             s.unauthorized += 1;
-            return err(401, "ERR_UNAUTHORIZED", "invalid api token");
+            // daprd answers with Go's http.Error: plain text, no errorCode.
+            let mut r = Response::new(Full::new(Bytes::from_static(b"invalid api token\n")));
+            *r.status_mut() = StatusCode::UNAUTHORIZED;
+            r.headers_mut().insert("content-type", "text/plain; charset=utf-8".parse().unwrap());
+            return r;
         }
     }
     if path == "/v1.0/metadata" {
@@ -293,10 +302,9 @@ fn cloudevent(
     Ok(ev)
 }
 
+/// daprd 1.18 answers an unknown pub/sub with 404 even when it has no pub/sub at all
+/// (`ERR_PUBSUB_NOT_CONFIGURED` is kept for `Mode::Status(400)`).
 fn check_target(s: &State, pubsub: &str, topic: &str) -> Option<Response<Full<Bytes>>> {
-    if s.pubsubs.is_empty() {
-        return Some(err(400, "ERR_PUBSUB_NOT_CONFIGURED", "no pubsub is configured"));
-    }
     if pubsub.is_empty() || topic.is_empty() || !s.pubsubs.iter().any(|p| p == pubsub) {
         return Some(err(404, "ERR_PUBSUB_NOT_FOUND", &format!("pubsub {pubsub} is not found")));
     }
