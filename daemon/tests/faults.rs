@@ -271,3 +271,73 @@ fn a_sidecar_before_dapr_1_17_gets_bulk_publishes_on_alpha1_and_nothing_is_dead(
     assert_eq!(d.get("/v1/outbox/dead").json()["dead"].as_array().unwrap().len(), 0);
     assert!(d.log().contains("no stable bulk publish route"), "{}", d.log());
 }
+
+/// Results for an MQTT sink made while the broker is down, then the daemon restarts before
+/// the broker is back: every one still reaches the broker.
+#[test]
+fn mqtt_sink_results_survive_a_broker_outage_and_a_daemon_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = common::broker::Broker::start(&tmp.path().join("broker"));
+    let cfg = format!(
+        "[server]\nshutdown_grace = \"2s\"\n\n[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-sink-{}\"\n\n[[pipeline]]\nname = \"echo\"\n\
+         functions = [\"echo\"]\nsinks = [{{ mqtt = {{ topic = \"results/{{camera}}\" }} }}]\n",
+        broker.url(),
+        broker.port
+    );
+    let mut d = Daemon::start_in(&tmp.path().join("d"), &cfg);
+    d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
+    broker.stop();
+    d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 0.0);
+    for i in 0..20 {
+        assert_eq!(d.post("/v1/pipelines/echo?camera=cam", format!("r{i}").as_bytes()).status, 200);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(d.stop().success());
+
+    broker.restart();
+    let upstream = common::broker::Subscriber::start(&broker, "results/#");
+    let d = Daemon::start_in(&tmp.path().join("d"), &cfg);
+    let want: std::collections::BTreeSet<String> = (0..20).map(|i| format!("r{i}")).collect();
+    let got = |m: &[serde_json::Value]| -> std::collections::BTreeSet<String> {
+        m.iter().filter_map(|v| v["not_json"].as_str().map(str::to_string)).collect()
+    };
+    upstream.wait_until(30, "20 results", |m| got(m) == want, &d.log());
+}
+
+/// A broker without persistence stops acknowledging with results in flight, dies, and comes
+/// back without our session: rumqttc drops what it had queued, and the outbox must still have
+/// every result that the broker never acknowledged.
+#[test]
+fn mqtt_sink_results_in_flight_survive_a_broker_that_forgets_the_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut broker = common::broker::Broker::start_without_persistence(&tmp.path().join("broker"));
+    let cfg = format!(
+        "[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-volatile-{}\"\nkeep_alive = \"30s\"\n\n[[pipeline]]\nname = \"echo\"\n\
+         functions = [\"echo\"]\nsinks = [{{ mqtt = {{ topic = \"results/{{camera}}\" }} }}]\n",
+        broker.url(),
+        broker.port
+    );
+    let d = Daemon::start_in(&tmp.path().join("d"), &cfg);
+    d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
+    let depth = "edgefn_outbox_depth{sink=\"mqtt:results/{camera}\"}";
+
+    // The broker hangs: publishes are written but never acknowledged.
+    broker.signal(nix::sys::signal::Signal::SIGSTOP);
+    for i in 0..30 {
+        assert_eq!(d.post("/v1/pipelines/echo?camera=cam", format!("r{i}").as_bytes()).status, 200);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(d.metric(depth), 30.0, "results left the outbox without a PUBACK");
+
+    // It dies and comes back empty.
+    broker.signal(nix::sys::signal::Signal::SIGKILL);
+    std::thread::sleep(Duration::from_secs(2));
+    broker.restart();
+    let upstream = common::broker::Subscriber::start(&broker, "results/#");
+    d.wait_metric(depth, 60, |v| v == 0.0);
+    let want: std::collections::BTreeSet<String> = (0..30).map(|i| format!("r{i}")).collect();
+    let got = |m: &[serde_json::Value]| -> std::collections::BTreeSet<String> {
+        m.iter().filter_map(|v| v["not_json"].as_str().map(str::to_string)).collect()
+    };
+    upstream.wait_until(30, "all 30 results", |m| got(m) == want, &d.log());
+}

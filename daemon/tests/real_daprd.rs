@@ -10,76 +10,25 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use common::Daemon;
-use common::broker::Broker;
+use common::broker::{Broker, Subscriber};
 use common::daprd::{self, Daprd};
 use common::fake_dapr::FakeDapr;
 use serde_json::{Value, json};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-/// Every message on `topic` at the broker, collected in the background by mosquitto_sub.
-struct Subscriber {
-    child: Child,
-    messages: Arc<Mutex<Vec<Value>>>,
+/// Waits until every id in `want` reached the upstream broker.
+fn wait_ids(upstream: &Subscriber, secs: u64, want: &BTreeSet<String>, daemon: &Daemon) {
+    upstream.wait_until(secs, "result ids", |m| want.is_subset(&ids_of(m)), &daemon.log());
 }
 
-impl Subscriber {
-    fn start(broker: &Broker, topic: &str) -> Subscriber {
-        let mut child = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1", "-t", topic])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let messages = Arc::new(Mutex::new(Vec::new()));
-        let sink = messages.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let v = serde_json::from_str(&line).unwrap_or_else(|_| json!({ "not_json": line }));
-                sink.lock().unwrap().push(v);
-            }
-        });
-        // Subscribed before anything is published.
-        std::thread::sleep(Duration::from_millis(300));
-        Subscriber { child, messages }
-    }
-
-    fn messages(&self) -> Vec<Value> {
-        self.messages.lock().unwrap().clone()
-    }
-
-    fn ids(&self) -> BTreeSet<String> {
-        self.messages().iter().filter_map(|m| m["id"].as_str().map(str::to_string)).collect()
-    }
-
-    fn wait_ids(&self, secs: u64, want: &BTreeSet<String>, daemon: &Daemon) {
-        let until = Instant::now() + Duration::from_secs(secs);
-        while !want.is_subset(&self.ids()) {
-            assert!(
-                Instant::now() < until,
-                "after {secs} s the upstream broker has {:?}, missing {:?}\n{}",
-                self.ids(),
-                want.difference(&self.ids()).collect::<Vec<_>>(),
-                common::tail(&daemon.log(), 30)
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn ids_of(messages: &[Value]) -> BTreeSet<String> {
+    messages.iter().filter_map(|m| m["id"].as_str().map(str::to_string)).collect()
 }
 
 fn ids(prefix: &str, range: std::ops::RangeInclusive<u64>) -> BTreeSet<String> {
@@ -131,7 +80,7 @@ fn publish_and_bulk_publish_reach_the_upstream_broker_as_cloudevents() {
     let png = common::asset("chelsea.png");
     let one = d.post("/v1/pipelines/gray?camera=one", &png);
     assert_eq!(one.status, 200);
-    upstream.wait_ids(30, &ids("gray/one", 1..=1), &d);
+    wait_ids(&upstream, 30, &ids("gray/one", 1..=1), &d);
 
     // Twelve results queued while the sidecar is away: bulk publishes when it is back.
     sidecar.kill();
@@ -143,7 +92,7 @@ fn publish_and_bulk_publish_reach_the_upstream_broker_as_cloudevents() {
         sent.insert(format!("gray/bulk/{i}"), r.body);
     }
     sidecar.restart();
-    upstream.wait_ids(60, &ids("gray/bulk", 1..=12), &d);
+    wait_ids(&upstream, 60, &ids("gray/bulk", 1..=12), &d);
     assert!(metric_sum(&d, "edgefn_dapr_requests_total{kind=\"bulk\"}") >= 1.0, "no bulk publish was made");
 
     sent.insert("gray/one/1".into(), one.body);
@@ -195,8 +144,8 @@ fn batches_over_daprd_body_limit_drain_and_a_result_that_never_fits_is_dead_lett
         &[("pubsub.yaml", daprd::mqtt3("upstream", broker.port))],
         &[],
     );
-    upstream.wait_ids(120, &ids("echo/cam", 1..=34), &d);
-    assert!(!upstream.ids().contains("echo/huge/1"));
+    wait_ids(&upstream, 120, &ids("echo/cam", 1..=34), &d);
+    assert!(!ids_of(&upstream.messages()).contains("echo/huge/1"));
     let dead = d.get("/v1/outbox/dead").json();
     let dead = dead["dead"].as_array().unwrap().clone();
     assert_eq!(dead.len(), 1, "{dead:?}");
@@ -341,7 +290,7 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames/out" }} }}]
         &png,
     );
     assert_eq!(status, 204, "{}", String::from_utf8_lossy(&body));
-    upstream.wait_ids(60, &ids("cloud-gray/cloudcam", 1..=1), &d);
+    wait_ids(&upstream, 60, &ids("cloud-gray/cloudcam", 1..=1), &d);
     let result = upstream.messages().into_iter().find(|m| m["id"] == "cloud-gray/cloudcam/1").unwrap();
     assert_eq!(B64.decode(result["data_base64"].as_str().unwrap()).unwrap(), gray, "the pipeline's result differs");
     assert!(!sidecar.log().contains("level=error") || !sidecar.log().contains("subscribe"), "{}", sidecar.log());
@@ -379,7 +328,7 @@ fn a_sidecar_killed_for_a_minute_loses_nothing_and_ids_stay_unique() {
     for _ in 0..10 {
         post(&d);
     }
-    upstream.wait_ids(30, &ids("echo/steady", 1..=10), &d);
+    wait_ids(&upstream, 30, &ids("echo/steady", 1..=10), &d);
     sidecar.kill();
     let down = Instant::now();
     while down.elapsed() < Duration::from_secs(60) {
@@ -393,7 +342,7 @@ fn a_sidecar_killed_for_a_minute_loses_nothing_and_ids_stay_unique() {
         post(&d);
     }
     let total = n;
-    upstream.wait_ids(120, &ids("echo/steady", 1..=total), &d);
+    wait_ids(&upstream, 120, &ids("echo/steady", 1..=total), &d);
     // Unique ids: a redelivered result carries its own id and its own payload, never another's.
     for m in upstream.messages() {
         let seq: u64 = m["id"].as_str().unwrap().rsplit('/').next().unwrap().parse().unwrap();
@@ -442,7 +391,7 @@ fn a_pubsub_not_ready_is_retried_and_dead_letters_can_be_replayed() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("replayed 3 dead letters"), "{out:?}");
-    upstream.wait_ids(60, &ids("echo/early", 1..=3), &d);
+    wait_ids(&upstream, 60, &ids("echo/early", 1..=3), &d);
     assert_eq!(d.get("/v1/outbox/dead").json()["dead"].as_array().unwrap().len(), 0);
     // The HTTP route does the same; nothing is left to replay.
     assert_eq!(d.post("/v1/outbox/dead/replay", b"").json()["replayed"], 0);

@@ -31,61 +31,41 @@ pub struct Ingress {
     pub max_frame: usize,
 }
 
+/// Frames between the connection's poller and dispatch. Larger than a broker's in-flight
+/// window for QoS 1 (mosquitto: 20), so the poller never waits on a busy pipeline.
+const HANDOFF: usize = 1024;
+
 impl Ingress {
     /// Polls the connection until `stop_connection`; stops taking frames at `stop_intake`
     /// (later frames stay unacknowledged for redelivery), while results can still be published.
+    ///
+    /// The connection is polled in a task of its own, and nothing in that task waits on a
+    /// pipeline or the client's request queue: a `block` pipeline that stops taking frames must
+    /// not stop PINGREQs, acknowledgements, or the PUBACKs the MQTT sink waits for.
     pub async fn run(
         self,
-        mut conn: Connection,
+        conn: Connection,
         mut stop_intake: watch::Receiver<bool>,
-        mut stop_connection: watch::Receiver<bool>,
+        stop_connection: watch::Receiver<bool>,
     ) {
-        let mut attempt = 0u32;
-        let mut intake = true;
+        let (frames, mut incoming) = tokio::sync::mpsc::channel::<Message>(HANDOFF);
+        let mut filters: Vec<String> = self.routes.iter().map(|r| r.filter.clone()).collect();
+        filters.dedup();
+        let poller =
+            tokio::spawn(poll(conn, self.client.clone(), filters, self.metrics.clone(), frames, stop_connection));
         loop {
-            let event = tokio::select! {
+            tokio::select! {
                 biased;
-                _ = stop_connection.changed() => break,
-                _ = stop_intake.changed(), if intake => {
-                    intake = false;
-                    continue;
-                }
-                e = conn.poll() => e,
-            };
-            match event {
-                Ok(Event::Connected { session_present }) => {
-                    attempt = 0;
-                    self.metrics.mqtt_connected.set(1);
-                    tracing::info!(session_present, "connected to the MQTT broker");
-                    let mut filters: Vec<&str> = self.routes.iter().map(|r| r.filter.as_str()).collect();
-                    filters.dedup();
-                    for f in filters {
-                        if let Err(e) = self.client.subscribe(f).await {
-                            tracing::error!(filter = f, "cannot subscribe: {e:#}");
-                        }
-                    }
-                }
-                Ok(Event::Message(m)) if intake => self.dispatch(m).await,
-                Ok(_) => {}
-                Err(e) => {
-                    if self.metrics.mqtt_connected.get() == 1 {
-                        self.metrics.mqtt_reconnects.inc();
-                    }
-                    self.metrics.mqtt_connected.set(0);
-                    let wait = mqtt::backoff(attempt);
-                    attempt += 1;
-                    tracing::warn!(retry_in = ?wait, "MQTT broker connection: {e}");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = stop_connection.changed() => break,
-                    }
-                }
+                _ = stop_intake.changed() => break,
+                m = incoming.recv() => match m {
+                    Some(m) => self.dispatch(m).await,
+                    None => break,
+                },
             }
         }
-        self.client.disconnect().await;
-        // Let the DISCONNECT go out.
-        let _ = tokio::time::timeout(std::time::Duration::from_millis(500), conn.poll()).await;
-        self.metrics.mqtt_connected.set(0);
+        // Frames not taken stay unacknowledged: the broker sends them again.
+        drop(incoming);
+        let _ = poller.await;
     }
 
     async fn dispatch(&self, m: Message) {
@@ -131,6 +111,65 @@ impl Ingress {
             self.pipelines.submit(p, frame).await;
         }
     }
+}
+
+/// The connection's poller: (re)connects, subscribes, hands frames to dispatch, and keeps
+/// acknowledgements and PUBACKs flowing, until `stop_connection`.
+async fn poll(
+    mut conn: Connection,
+    client: Client,
+    filters: Vec<String>,
+    metrics: Arc<Metrics>,
+    frames: tokio::sync::mpsc::Sender<Message>,
+    mut stop_connection: watch::Receiver<bool>,
+) {
+    let mut attempt = 0u32;
+    loop {
+        let event = tokio::select! {
+            biased;
+            _ = stop_connection.changed() => break,
+            e = conn.poll() => e,
+        };
+        match event {
+            Ok(Event::Connected { session_present }) => {
+                attempt = 0;
+                metrics.mqtt_connected.set(1);
+                tracing::info!(session_present, "connected to the MQTT broker");
+                // Subscribing queues requests on the client, which only this task drains:
+                // never await that here.
+                let (client, filters) = (client.clone(), filters.clone());
+                tokio::spawn(async move {
+                    for f in &filters {
+                        if let Err(e) = client.subscribe(f).await {
+                            tracing::error!(filter = %f, "cannot subscribe: {e:#}");
+                        }
+                    }
+                });
+            }
+            // Once dispatch has stopped, frames are left unacknowledged for redelivery.
+            Ok(Event::Message(m)) => {
+                let _ = frames.send(m).await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if metrics.mqtt_connected.get() == 1 {
+                    metrics.mqtt_reconnects.inc();
+                }
+                metrics.mqtt_connected.set(0);
+                let wait = mqtt::backoff(attempt);
+                attempt += 1;
+                tracing::warn!(retry_in = ?wait, "MQTT broker connection: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop_connection.changed() => break,
+                }
+            }
+        }
+    }
+    client.disconnect().await;
+    // Let the DISCONNECT go out.
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), conn.poll()).await;
+    metrics.mqtt_connected.set(0);
 }
 
 /// If `topic` matches `filter`, the topic level under the filter's first `+`.

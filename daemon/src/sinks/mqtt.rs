@@ -1,8 +1,12 @@
 //! MQTT sink: results published (QoS 1) to a topic built from a template with `{camera}` and
 //! `{pipeline}`, over the daemon's broker connection.
 //!
-//! Delivered means handed to the connection, which retransmits until the broker acknowledges
-//! and, with a persistent session, across reconnects.
+//! Delivered means the broker acknowledged it (PUBACK), not that rumqttc queued it: queued
+//! publishes live only in memory, and a daemon restart or a broker that lost our session
+//! drops them. So a result stays in the outbox until its PUBACK, and while the broker is
+//! offline nothing is queued at all.
+
+use std::time::Duration;
 
 use crate::mqtt::Client;
 
@@ -10,6 +14,9 @@ use super::Outcome;
 use super::outbox::Pending;
 
 pub type Publisher = Client;
+
+/// How long a batch waits for its PUBACKs before it is retried.
+const ACK_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct MqttSink {
     client: Client,
@@ -26,11 +33,21 @@ impl MqttSink {
     }
 
     pub async fn deliver(&self, batch: &[Pending]) -> Vec<Outcome> {
-        let mut out = Vec::with_capacity(batch.len());
+        let mut waits = Vec::with_capacity(batch.len());
         for p in batch {
-            out.push(match self.client.publish(&p.record.topic, p.payload.clone()).await {
-                Ok(()) => Outcome::Delivered,
-                Err(e) => Outcome::Retry(format!("mqtt publish to {}: {e:#}", p.record.topic)),
+            waits.push(self.client.publish_acked(&p.record.topic, p.payload.clone()).await);
+        }
+        let deadline = tokio::time::Instant::now() + ACK_TIMEOUT;
+        let mut out = Vec::with_capacity(batch.len());
+        for (p, wait) in batch.iter().zip(waits) {
+            let topic = &p.record.topic;
+            out.push(match wait {
+                Err(e) => Outcome::Retry(format!("mqtt publish to {topic}: {e:#}")),
+                Ok(ack) => match tokio::time::timeout_at(deadline, ack).await {
+                    Ok(Ok(())) => Outcome::Delivered,
+                    Ok(Err(_)) => Outcome::Retry(format!("mqtt publish to {topic}: lost with the broker session")),
+                    Err(_) => Outcome::Retry(format!("mqtt publish to {topic}: no PUBACK within {ACK_TIMEOUT:?}")),
+                },
             });
         }
         out

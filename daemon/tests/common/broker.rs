@@ -3,9 +3,13 @@
 //! client certificate and a password required.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
 
 pub struct Broker {
     pub port: u16,
@@ -13,6 +17,8 @@ pub struct Broker {
     child: Option<Child>,
     /// Listener settings (auth, TLS) for the config file.
     listener: String,
+    /// Sessions and queued messages survive a restart.
+    persistent: bool,
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
@@ -64,6 +70,19 @@ impl Broker {
         Broker::with_listener(dir, "allow_anonymous true\n".into())
     }
 
+    /// A broker that forgets every session when it restarts.
+    pub fn start_without_persistence(dir: &Path) -> Broker {
+        let mut b = Broker {
+            port: super::free_port(),
+            dir: dir.to_path_buf(),
+            child: None,
+            listener: "allow_anonymous true\n".into(),
+            persistent: false,
+        };
+        b.spawn();
+        b
+    }
+
     /// A TLS-only broker that wants a client certificate signed by the test CA and a password.
     pub fn start_tls(dir: &Path, tls: &Tls, user: &str, password: &str) -> Broker {
         std::fs::create_dir_all(dir).unwrap();
@@ -82,7 +101,7 @@ impl Broker {
     }
 
     fn with_listener(dir: &Path, listener: String) -> Broker {
-        let mut b = Broker { port: super::free_port(), dir: dir.to_path_buf(), child: None, listener };
+        let mut b = Broker { port: super::free_port(), dir: dir.to_path_buf(), child: None, listener, persistent: true };
         b.spawn();
         b
     }
@@ -93,10 +112,11 @@ impl Broker {
         // `user root`: as root, mosquitto would drop to its own user and lose write access to
         // the test's persistence dir, and with it the sessions a restart must keep.
         let text = format!(
-            "listener {} 127.0.0.1\n{}user root\npersistence true\npersistence_location {}/\n\
+            "listener {} 127.0.0.1\n{}user root\npersistence {}\npersistence_location {}/\n\
              max_queued_messages 100000\nmax_inflight_messages 20\nlog_type all\nlog_dest file {}/mosquitto.log\n",
             self.port,
             self.listener,
+            self.persistent,
             self.dir.display(),
             self.dir.display()
         );
@@ -126,6 +146,17 @@ impl Broker {
             let pid = nix::unistd::Pid::from_raw(c.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
             let _ = c.wait();
+        }
+    }
+
+    /// Sends `sig` to the broker (SIGSTOP: it hangs; SIGKILL: it dies without saving).
+    pub fn signal(&mut self, sig: nix::sys::signal::Signal) {
+        if let Some(c) = &mut self.child {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);
+            if sig == nix::sys::signal::Signal::SIGKILL {
+                let _ = c.wait();
+                self.child = None;
+            }
         }
     }
 
@@ -161,5 +192,61 @@ impl Drop for Broker {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Every message on `topic` at a broker, collected in the background by mosquitto_sub (QoS 1,
+/// one line each: a JSON document, or `{"not_json": line}`).
+pub struct Subscriber {
+    child: Child,
+    messages: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Subscriber {
+    pub fn start(broker: &Broker, topic: &str) -> Subscriber {
+        let mut child = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1", "-t", topic])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let sink = messages.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let v = serde_json::from_str(&line).unwrap_or_else(|_| json!({ "not_json": line }));
+                sink.lock().unwrap().push(v);
+            }
+        });
+        // Subscribed before anything is published.
+        std::thread::sleep(Duration::from_millis(300));
+        Subscriber { child, messages }
+    }
+
+    pub fn messages(&self) -> Vec<Value> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// Waits up to `secs` until `pred(messages)` holds; `log` goes in the failure report.
+    pub fn wait_until(&self, secs: u64, what: &str, pred: impl Fn(&[Value]) -> bool, log: &str) {
+        let until = Instant::now() + Duration::from_secs(secs);
+        while !pred(&self.messages()) {
+            assert!(
+                Instant::now() < until,
+                "after {secs} s, still waiting for {what}; the subscriber has {} messages: {:?}\n{}",
+                self.messages().len(),
+                self.messages().iter().take(50).collect::<Vec<_>>(),
+                super::tail(log, 30)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -117,7 +117,7 @@ impl Daprd {
                 return;
             }
             assert!(Instant::now() < until, "daprd not healthy after 60 s:\n{}", super::tail(&self.log(), 40));
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -4,27 +4,50 @@
 //! [`Client`], [`Connection`] and [`Message`]. The session is persistent (clean session off,
 //! a stable client id, and on MQTT 5 a session expiry), acknowledgements are manual, and TLS
 //! uses rustls with the ring provider.
+//!
+//! [`Client::publish_acked`] tells when the broker has a publish (its PUBACK), not merely when
+//! rumqttc queued it: rumqttc keeps unacknowledged publishes in memory only, and drops them
+//! when a broker without persistence comes back without our session. See [`acks`].
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5 as v5b;
 use rumqttc::{QoS, TlsConfiguration, Transport};
+use tokio::sync::oneshot;
 
+use self::acks::Acks;
 use crate::config;
+
+pub mod acks;
 
 /// How long a broker keeps an MQTT 5 session (and its queued frames) while we are away.
 const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
 
 #[derive(Clone)]
-pub enum Client {
+pub struct Client {
+    inner: ClientInner,
+    acks: Arc<Acks>,
+    /// Between a CONNACK and the next connection error.
+    connected: Arc<AtomicBool>,
+}
+
+#[derive(Clone)]
+enum ClientInner {
     V4(rumqttc::AsyncClient),
     V5(rumqttc::v5::AsyncClient),
 }
 
-pub enum Connection {
+pub struct Connection {
+    inner: ConnectionInner,
+    acks: Arc<Acks>,
+    connected: Arc<AtomicBool>,
+}
+
+enum ConnectionInner {
     V4(rumqttc::EventLoop),
     V5(rumqttc::v5::EventLoop),
 }
@@ -84,7 +107,8 @@ pub fn connect(cfg: &config::Mqtt, suffix: &str, max_packet: usize) -> anyhow::R
     };
     // Acks go through the request channel; it must hold a broker's whole in-flight window.
     let cap = 1024;
-    Ok(match cfg.version {
+    let (acks, connected) = (Arc::new(Acks::default()), Arc::new(AtomicBool::new(false)));
+    let (client, connection) = match cfg.version {
         5 => {
             let mut o = rumqttc::v5::MqttOptions::new(id, host, port);
             o.set_keep_alive(cfg.keep_alive)
@@ -97,7 +121,7 @@ pub fn connect(cfg: &config::Mqtt, suffix: &str, max_packet: usize) -> anyhow::R
                 o.set_credentials(u, p);
             }
             let (c, e) = rumqttc::v5::AsyncClient::new(o, cap);
-            (Client::V5(c), Connection::V5(e))
+            (ClientInner::V5(c), ConnectionInner::V5(e))
         }
         _ => {
             let mut o = rumqttc::MqttOptions::new(id, host, port);
@@ -110,9 +134,13 @@ pub fn connect(cfg: &config::Mqtt, suffix: &str, max_packet: usize) -> anyhow::R
                 o.set_credentials(u, p);
             }
             let (c, e) = rumqttc::AsyncClient::new(o, cap);
-            (Client::V4(c), Connection::V4(e))
+            (ClientInner::V4(c), ConnectionInner::V4(e))
         }
-    })
+    };
+    Ok((
+        Client { inner: client, acks: acks.clone(), connected: connected.clone() },
+        Connection { inner: connection, acks, connected },
+    ))
 }
 
 fn tls_config(cfg: &config::Mqtt) -> anyhow::Result<TlsConfiguration> {
@@ -145,27 +173,44 @@ fn tls_config(cfg: &config::Mqtt) -> anyhow::Result<TlsConfiguration> {
 
 impl Client {
     pub async fn subscribe(&self, filter: &str) -> anyhow::Result<()> {
-        match self {
-            Client::V4(c) => c.subscribe(filter, QoS::AtLeastOnce).await?,
-            Client::V5(c) => c.subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await?,
+        match &self.inner {
+            ClientInner::V4(c) => c.subscribe(filter, QoS::AtLeastOnce).await?,
+            ClientInner::V5(c) => c.subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await?,
         }
         Ok(())
     }
 
     /// Hands a QoS 1 publish to the connection, which retransmits it until the broker acks.
     pub async fn publish(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
-        match self {
-            Client::V4(c) => c.publish_bytes(topic, QoS::AtLeastOnce, false, payload).await?,
-            Client::V5(c) => c.publish_bytes(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload).await?,
+        match &self.inner {
+            ClientInner::V4(c) => c.publish_bytes(topic, QoS::AtLeastOnce, false, payload).await?,
+            ClientInner::V5(c) => {
+                c.publish_bytes(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload).await?
+            }
         }
         Ok(())
     }
 
+    /// Publishes at QoS 1; the receiver fires when the broker's PUBACK arrives, and fails if
+    /// the publish was lost with the session. Refused at once while the broker is offline, so
+    /// retries do not pile up copies in rumqttc's queue.
+    pub async fn publish_acked(&self, topic: &str, payload: Bytes) -> anyhow::Result<oneshot::Receiver<()>> {
+        anyhow::ensure!(self.connected.load(Ordering::Acquire), "not connected to the broker");
+        // Publishes enter rumqttc's queue in the order their waiters are registered.
+        let _order = self.acks.order.lock().await;
+        let ack = self.acks.expect();
+        if let Err(e) = self.publish(topic, payload).await {
+            self.acks.unexpect();
+            return Err(e);
+        }
+        Ok(ack)
+    }
+
     /// Acknowledges a received message (a no-op for QoS 0).
     pub fn ack(&self, m: &Message) {
-        let sent = match (self, m) {
-            (Client::V4(c), Message::V4(p)) => c.try_ack(p).map_err(|e| e.to_string()),
-            (Client::V5(c), Message::V5(p)) => c.try_ack(p).map_err(|e| e.to_string()),
+        let sent = match (&self.inner, m) {
+            (ClientInner::V4(c), Message::V4(p)) => c.try_ack(p).map_err(|e| e.to_string()),
+            (ClientInner::V5(c), Message::V5(p)) => c.try_ack(p).map_err(|e| e.to_string()),
             _ => Err("message from another protocol version".into()),
         };
         if let Err(e) = sent {
@@ -175,9 +220,9 @@ impl Client {
     }
 
     pub async fn disconnect(&self) {
-        let _ = match self {
-            Client::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
-            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
+        let _ = match &self.inner {
+            ClientInner::V4(c) => c.disconnect().await.map_err(|e| e.to_string()),
+            ClientInner::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
         };
     }
 }
@@ -185,26 +230,70 @@ impl Client {
 impl Connection {
     /// The next event; an error means the connection dropped (the next poll reconnects).
     pub async fn poll(&mut self) -> Result<Event, String> {
-        match self {
-            Connection::V4(e) => match e.poll().await {
+        use rumqttc::Outgoing;
+        let acks = &self.acks;
+        let event = match &mut self.inner {
+            ConnectionInner::V4(e) => match e.poll().await {
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
                     Ok(Event::Connected { session_present: a.session_present })
                 }
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => Ok(Event::Message(Message::V4(p))),
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => Ok(Event::Published),
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a))) => {
+                    acks.acked(a.pkid);
+                    Ok(Event::Published)
+                }
+                Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    acks.sent(pkid);
+                    Ok(Event::Other)
+                }
+                Ok(rumqttc::Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+                    acks.collided(pkid);
+                    Ok(Event::Other)
+                }
                 Ok(_) => Ok(Event::Other),
-                Err(e) => Err(e.to_string()),
+                Err(err) => {
+                    let unsent = e.pending.iter().filter(|r| matches!(r, rumqttc::Request::Publish(p) if p.pkid == 0));
+                    acks.disconnected(unsent.count());
+                    Err(err.to_string())
+                }
             },
-            Connection::V5(e) => match e.poll().await {
+            ConnectionInner::V5(e) => match e.poll().await {
                 Ok(rumqttc::v5::Event::Incoming(v5b::Packet::ConnAck(a))) => {
                     Ok(Event::Connected { session_present: a.session_present })
                 }
                 Ok(rumqttc::v5::Event::Incoming(v5b::Packet::Publish(p))) => Ok(Event::Message(Message::V5(p))),
-                Ok(rumqttc::v5::Event::Incoming(v5b::Packet::PubAck(_))) => Ok(Event::Published),
+                Ok(rumqttc::v5::Event::Incoming(v5b::Packet::PubAck(a))) => {
+                    acks.acked(a.pkid);
+                    Ok(Event::Published)
+                }
+                Ok(rumqttc::v5::Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    acks.sent(pkid);
+                    Ok(Event::Other)
+                }
+                Ok(rumqttc::v5::Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+                    acks.collided(pkid);
+                    Ok(Event::Other)
+                }
                 Ok(_) => Ok(Event::Other),
-                Err(e) => Err(e.to_string()),
+                Err(err) => {
+                    let unsent =
+                        e.pending.iter().filter(|r| matches!(r, rumqttc::v5::Request::Publish(p) if p.pkid == 0));
+                    acks.disconnected(unsent.count());
+                    Err(err.to_string())
+                }
             },
+        };
+        match &event {
+            Ok(Event::Connected { session_present }) => {
+                if !session_present {
+                    self.acks.session_lost();
+                }
+                self.connected.store(true, Ordering::Release);
+            }
+            Err(_) => self.connected.store(false, Ordering::Release),
+            _ => {}
         }
+        event
     }
 }
 

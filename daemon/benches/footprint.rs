@@ -1,0 +1,81 @@
+//! The sidecar's footprint beside edgefn's, on this machine (run: `cargo bench --bench
+//! footprint`). Users ask what daprd costs on a board; this answers with the real daprd built
+//! by scripts/build-daprd.sh, in one run, side by side:
+//!
+//! - start to healthy: edgefn until `/healthz` answers (functions and the model loaded, warm
+//!   AOT cache), daprd until `/v1.0/healthz/outbound` answers (components up);
+//! - idle RSS 5 s after that.
+//!
+//! Each is started 5 times, alternately; medians are printed with their ratio.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Daemon;
+use common::broker::Broker;
+use common::daprd::{self, Daprd};
+
+const RUNS: usize = 5;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"));
+    // The packaged configuration's shape: classify with its model, one pipeline to the sidecar.
+    let cfg = format!(
+        r#"
+[models.efficientnet-lite0]
+path = {:?}
+
+[functions.classify]
+dirs = {{ "/models" = {:?} }}
+
+[dapr]
+url = "http://127.0.0.1:1"
+startup_wait = "0s"
+
+[[pipeline]]
+name = "gray"
+functions = ["grayscale"]
+sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames/gray" }} }}]
+"#,
+        common::assets_dir().join("efficientnet_lite0.tflite"),
+        common::assets_dir()
+    );
+    let envs = [("EDGEFN__RUNTIME__LITERT", common::litert_lib().display().to_string())];
+    let edgefn_dir = tmp.path().join("edgefn");
+    // Warm the AOT cache once, so every measured start maps precompiled code.
+    drop(Daemon::start_env(&edgefn_dir, &cfg, &envs));
+
+    let (mut e_start, mut e_rss, mut d_start, mut d_rss) = (vec![], vec![], vec![], vec![]);
+    for i in 0..RUNS {
+        let t = Instant::now();
+        let d = Daemon::start_env(&edgefn_dir, &cfg, &envs);
+        e_start.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_secs(5));
+        e_rss.push(common::rss_kib(d.child.id()) as f64 / 1024.0);
+        drop(d);
+
+        let dir = tmp.path().join(format!("daprd-{i}"));
+        let sidecar = Daprd::start_on(
+            &dir,
+            common::free_port(),
+            common::free_port(),
+            &[("pubsub.yaml", daprd::mqtt3("upstream", broker.port))],
+            &[],
+        );
+        d_start.push(sidecar.started.as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_secs(5));
+        d_rss.push(sidecar.rss_kib() as f64 / 1024.0);
+    }
+    let (es, er, ds, dr) = (median(e_start), median(e_rss), median(d_start), median(d_rss));
+    println!("footprint, medians of {RUNS} alternate starts (daprd {})", daprd::bin().display());
+    println!("  start to healthy: edgefn {es:.0} ms, daprd {ds:.0} ms  (daprd / edgefn = {:.2})", ds / es);
+    println!("  idle RSS:         edgefn {er:.1} MiB, daprd {dr:.1} MiB  (daprd / edgefn = {:.2})", dr / er);
+}
