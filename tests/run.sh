@@ -19,6 +19,10 @@ host="$(rustc -vV | sed -n 's/^host: //p')"
 echo "== daemon tests"
 cargo test --release --workspace
 
+echo "== API: a running daemon against its OpenAPI description (schemathesis)"
+target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+tests/api/schemathesis.sh "$target/release/edgefn"
+
 echo "== system: the amd64 .deb on a real systemd (nspawn)"
 tests/system/deb-in-nspawn.sh
 

@@ -127,10 +127,17 @@ pub struct PipelineConfig {
     pub queue: usize,
     #[serde(default)]
     pub policy: Policy,
+    /// How long a silent camera keeps its place among the pipeline's 256.
+    #[serde(default = "default_camera_idle", with = "humantime_serde")]
+    pub camera_idle: Duration,
 }
 
 fn default_queue() -> usize {
     2
+}
+
+fn default_camera_idle() -> Duration {
+    Duration::from_secs(600)
 }
 
 /// Where a pipeline's frames come from. HTTP can always feed a pipeline too.
@@ -324,14 +331,23 @@ impl FunctionConfig {
 impl Config {
     /// Loads `path` (it must exist when `required`) and applies `EDGEFN__*` overrides.
     pub fn load(path: &Path, required: bool) -> anyhow::Result<Config> {
-        let built = config::Config::builder()
+        let builder = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml).required(required))
             .add_source(
                 config::Environment::with_prefix("EDGEFN").prefix_separator("__").separator("__").try_parsing(true),
-            )
-            .build()
-            .with_context(|| format!("reading config {}", path.display()))?;
-        let cfg: Config = built.try_deserialize().with_context(|| format!("invalid config {}", path.display()))?;
+            );
+        Config::build(builder, &path.display().to_string())
+    }
+
+    /// TOML text alone, without environment overrides, checked as [`Config::load`] checks a file.
+    pub fn parse(text: &str) -> anyhow::Result<Config> {
+        let builder = config::Config::builder().add_source(config::File::from_str(text, config::FileFormat::Toml));
+        Config::build(builder, "text")
+    }
+
+    fn build(builder: config::ConfigBuilder<config::builder::DefaultState>, origin: &str) -> anyhow::Result<Config> {
+        let built = builder.build().with_context(|| format!("reading config {origin}"))?;
+        let cfg: Config = built.try_deserialize().with_context(|| format!("invalid config {origin}"))?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -175,7 +175,7 @@ fn status_line(api: &Api) -> String {
         line += &format!(
             ", {} pipelines, outbox {} pending, broker {}",
             p.iter().count(),
-            p.outbox().total().unwrap_or(0),
+            p.outbox().total(),
             if m.mqtt_connected.get() == 1 { "connected" } else { "offline" }
         );
     }
@@ -260,7 +260,7 @@ impl Prepared {
             sinks.entry(sink.key.clone()).or_insert_with(|| Arc::new(sink));
         }
         let outbox = shared.outbox(&cfg.runtime.state_dir.join("outbox.redb"), &cfg.outbox, &metrics)?;
-        for stale in outbox.sinks_with_pending()? {
+        for stale in outbox.sinks_with_pending() {
             if !sinks.contains_key(stale.as_str()) {
                 tracing::warn!(sink = %stale, "results wait for a sink that is no longer configured");
             }
@@ -366,7 +366,7 @@ impl Generation {
             let _ = t.await;
         }
         if let Some(p) = &self.api.pipelines {
-            tracing::info!(undelivered = p.outbox().total().unwrap_or(0), "pipelines stopped");
+            tracing::info!(undelivered = p.outbox().total(), "pipelines stopped");
         }
         listener
     }

@@ -341,3 +341,89 @@ fn mqtt_sink_results_in_flight_survive_a_broker_that_forgets_the_session() {
     };
     upstream.wait_until(30, "all 30 results", |m| got(m) == want, &d.log());
 }
+
+/// daprd retries every answer but SUCCESS and DROP: an event that can never succeed must be
+/// dropped (and logged), or the sidecar sends it for ever.
+#[test]
+fn dapr_events_that_can_never_succeed_are_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path().join("results.jsonl");
+    let cfg = format!(
+        "[server]\nmax_body = \"64 KiB\"\n\n[[pipeline]]\nname = \"gray\"\nsource.dapr = {{ pubsub = \"up\", topic = \"in\" }}\n\
+         functions = [\"grayscale\"]\nsinks = [{{ file = {{ path = {results:?} }} }}]\n\n[[pipeline]]\nname = \"typo\"\n\
+         source.dapr = {{ pubsub = \"up\", topic = \"typo\" }}\nfunctions = [\"no-such-function\"]\n\
+         sinks = [{{ file = {{ path = {results:?} }} }}]\n"
+    );
+    let d = Daemon::start_in(&tmp.path().join("d"), &cfg);
+    use base64::Engine;
+    let event = |bytes: &[u8]| {
+        serde_json::json!({"specversion": "1.0", "id": "e", "source": "s", "type": "t",
+            "data_base64": base64::engine::general_purpose::STANDARD.encode(bytes)})
+        .to_string()
+    };
+    let too_large = d.post("/v1/dapr/events/gray", event(&noise(100 << 10, 1)).as_bytes());
+    assert_eq!((too_large.status, too_large.json()["status"].clone()), (200, "DROP".into()));
+    let unknown = d.post("/v1/dapr/events/typo", event(&common::asset("coffee.png")).as_bytes());
+    assert_eq!((unknown.status, unknown.json()["status"].clone()), (200, "DROP".into()));
+    let log = d.log();
+    assert!(log.contains("event over server.max_body"), "{log}");
+    assert!(log.contains("no-such-function"), "{log}");
+}
+
+/// Reported: the delivery backoff would not wake on shutdown. A worker 25 s into its backoff
+/// must still let the daemon stop within the grace period.
+#[test]
+fn a_delivery_worker_in_backoff_stops_with_the_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dapr = FakeDapr::start(&["upstream"], None);
+    dapr.set_mode(Mode::Fail500);
+    let cfg = format!(
+        "[server]\nshutdown_grace = \"2s\"\n\n[dapr]\nurl = \"http://127.0.0.1:{}\"\nstartup_wait = \"0s\"\n\n[[pipeline]]\n\
+         name = \"echo\"\nfunctions = [\"echo\"]\nsinks = [{{ dapr = {{ pubsub = \"upstream\", topic = \"t\" }} }}]\n",
+        dapr.port
+    );
+    let mut d = Daemon::start_in(&tmp.path().join("d"), &cfg);
+    assert_eq!(d.post("/v1/pipelines/echo?camera=c", b"x").status, 200);
+    // 0.2 + 0.4 + ... + 6.4 s: the next wait is 12.8 s.
+    d.wait_metric("edgefn_outbox_retried_total{sink=\"dapr:upstream/t\"}", 30, |v| v >= 7.0);
+    let asked = Instant::now();
+    assert!(d.stop().success());
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(6), "stopping took {took:?} with a worker in backoff");
+    assert_eq!(dapr.ids().len(), 0);
+}
+
+/// `?camera=` (and a Dapr event's subject) come from outside: a client minting ids must not
+/// grow memory without bound, and a camera that went quiet must give its place up.
+#[test]
+fn http_cameras_are_capped_per_pipeline_and_idle_ones_give_their_place_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path().join("results.jsonl");
+    let cfg = format!(
+        "[[pipeline]]\nname = \"echo\"\nfunctions = [\"echo\"]\nsinks = [{{ file = {{ path = {results:?} }} }}]\ncamera_idle = \"3s\"\n"
+    );
+    let d = Daemon::start_in(&tmp.path().join("d"), &cfg);
+    let agent = common::agent();
+    let started = Instant::now();
+    for i in 0..256 {
+        assert_eq!(d.post(&format!("/v1/pipelines/echo?camera=c{i}"), b"x").status, 200);
+    }
+    let refused = d.post("/v1/pipelines/echo?camera=minted", b"x");
+    assert!(started.elapsed() < Duration::from_secs(3), "too slow to test the cap");
+    assert_eq!(refused.status, 429, "{}", String::from_utf8_lossy(&refused.body));
+    assert_eq!(refused.json()["kind"], "too_many_cameras");
+    assert_eq!(d.post("/v1/pipelines/echo?camera=c7", b"x").status, 200, "a known camera was refused");
+    assert!(d.get("/v1/cameras").json()["cameras"].as_array().unwrap().len() <= 256);
+    drop(agent);
+
+    // Quiet for camera_idle: the new camera takes a place.
+    std::thread::sleep(Duration::from_millis(3200));
+    assert_eq!(d.post("/v1/pipelines/echo?camera=minted", b"x").status, 200);
+    let cams = d.get("/v1/cameras").json();
+    let cams = cams["cameras"].as_array().unwrap();
+    assert!(cams.len() <= 256, "{}", cams.len());
+    assert!(cams.iter().any(|c| c["camera"] == "minted"));
+    let metrics = String::from_utf8(d.get("/metrics").body).unwrap();
+    let labelled = metrics.lines().filter(|l| l.starts_with("edgefn_frames_total{")).count();
+    assert!(labelled <= 256, "{labelled} camera label sets in /metrics");
+}

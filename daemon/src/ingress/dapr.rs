@@ -3,7 +3,9 @@
 //! `GET /dapr/subscribe` lists each pipeline with a `source.dapr`; its events arrive at
 //! `POST /v1/dapr/events/{pipeline}` as CloudEvents. The reply tells the sidecar what to do,
 //! per the contract: `SUCCESS` once the result is durable in the outbox, `DROP` for an event
-//! no retry can fix (undecodable, or the function rejected it), `RETRY` for a passing problem.
+//! no retry can fix (undecodable, too large, the function rejected it, or the pipeline names a
+//! function that does not exist), `RETRY` for a passing problem (saturated, not loaded yet,
+//! the outbox failing).
 
 use base64::Engine;
 use bytes::Bytes;
@@ -40,11 +42,12 @@ pub async fn event(pipelines: &Pipelines, name: &str, body: &[u8]) -> &'static s
             return "DROP";
         }
     };
+    if !pipelines.admit(p, &camera, &topic) {
+        return "DROP";
+    }
     match pipelines.run(p, &camera, &topic, data).await {
         Ok(_) => "SUCCESS",
-        Err(PipelineError::Function(
-            e @ (InvokeError::Saturated { .. } | InvokeError::Unavailable { .. } | InvokeError::UnknownFunction { .. }),
-        )) => {
+        Err(PipelineError::Function(e @ (InvokeError::Saturated { .. } | InvokeError::Unavailable { .. }))) => {
             tracing::warn!(pipeline = name, camera = %camera, topic = %topic, "event to retry: {e}");
             "RETRY"
         }

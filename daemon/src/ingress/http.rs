@@ -19,7 +19,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::{dapr, web};
+use super::routes::{self, Endpoint, Resolved};
+use super::{dapr, openapi, web};
 use crate::content_type;
 use crate::metrics::{FunctionLabel, SinkLabel};
 use crate::pipeline::{PipelineError, Pipelines};
@@ -51,7 +52,7 @@ pub struct Api {
 pub(super) async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
-    if path != "/" && path != "/healthz" && !authorized(api, &req) {
+    if !matches!(path.as_str(), "/" | "/healthz" | "/openapi.json") && !authorized(api, &req) {
         let wanted = match (&api.token, &api.app_token) {
             (Some(_), Some(_)) => "a bearer token (server.token) or dapr-api-token (APP_API_TOKEN)",
             (Some(_), None) => "a bearer token (server.token)",
@@ -65,24 +66,33 @@ pub(super) async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Bo
             "unauthorized",
         );
     }
-    match (&method, path.as_str()) {
-        (&Method::GET, "/") => web::page(),
-        (&Method::GET, "/v1/status") => json_response(StatusCode::OK, &web::status(api)),
-        (&Method::GET, "/v1/events") => web::events(api.clone()),
-        (&Method::GET, "/v1/cameras") => {
+    let (endpoint, params) = match routes::resolve(&method, &path) {
+        Resolved::Found(endpoint, params) => (endpoint, params.into_iter().map(str::to_owned).collect::<Vec<_>>()),
+        Resolved::WrongMethod(allowed) => {
+            let allow: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+            let mut r =
+                error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed on {path}"), None, "method");
+            r.headers_mut()
+                .insert(hyper::header::ALLOW, HeaderValue::from_str(&allow.join(", ")).expect("method names"));
+            return r;
+        }
+        Resolved::NotFound => {
+            return error(StatusCode::NOT_FOUND, format!("no route for {method} {path}"), None, "route");
+        }
+    };
+    let param = |i: usize| params[i].as_str();
+    match endpoint {
+        Endpoint::Page => web::page(),
+        Endpoint::OpenApi => openapi::document(),
+        Endpoint::Status => json_response(StatusCode::OK, &web::status(api)),
+        Endpoint::Events => web::events(api.clone()),
+        Endpoint::Cameras => {
             let cameras = api.pipelines.as_ref().map(|p| p.board.cameras()).unwrap_or_default();
             json_response(StatusCode::OK, &json!({ "cameras": cameras }))
         }
-        (&Method::GET, p) if p.starts_with("/v1/cameras/") && p.ends_with("/latest") => {
-            let parts: Vec<&str> =
-                p.trim_start_matches("/v1/cameras/").trim_end_matches("/latest").split('/').collect();
-            match parts.as_slice() {
-                [pipeline, camera] => web::latest(api, pipeline, camera),
-                _ => error(StatusCode::NOT_FOUND, format!("no route for {method} {path}"), None, "route"),
-            }
-        }
-        (&Method::GET, "/healthz") => health(api),
-        (&Method::GET, "/metrics") => {
+        Endpoint::Latest => web::latest(api, param(0), param(1)),
+        Endpoint::Health => health(api),
+        Endpoint::Metrics => {
             if let Some(p) = &api.pipelines {
                 refresh_outbox_metrics(p);
             }
@@ -93,43 +103,21 @@ pub(super) async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Bo
             );
             resp
         }
-        (&Method::GET, "/v1/functions") => list_functions(api),
-        (&Method::GET, "/v1/pipelines") => list_pipelines(api),
-        (&Method::GET, "/v1/outbox/dead") => dead_letters(api),
-        (&Method::POST, "/v1/outbox/dead/replay") => replay_dead_letters(api).await,
-        (&Method::GET, "/dapr/subscribe") => {
-            json_response(StatusCode::OK, &dapr::subscriptions(api.pipelines.as_deref()))
-        }
-        (&Method::POST, "/api/image") => invoke(api, "grayscale", req, &[]).await,
-        (&Method::POST, "/api/hello") => {
-            // The seed's page picks the function with an `api` header: `go` meant classify,
-            // which answered with a sentence.
-            match req.headers().get("api").map(|v| v.as_bytes()) {
-                Some(b"go") => invoke(api, "classify", req, &[("EDGEFN_FORMAT", "text")]).await,
-                _ => invoke(api, "grayscale", req, &[]).await,
-            }
-        }
-        (&Method::POST, p) if p.starts_with("/v1/functions/") => {
-            let name = p["/v1/functions/".len()..].to_owned();
-            invoke(api, &name, req, &[]).await
-        }
-        (&Method::POST, p) if p.starts_with("/v1/pipelines/") => {
-            let name = p["/v1/pipelines/".len()..].to_owned();
-            run_pipeline(api, &name, req).await
-        }
-        (&Method::POST, p) if p.starts_with("/v1/dapr/events/") => {
-            let name = p["/v1/dapr/events/".len()..].to_owned();
-            dapr_event(api, &name, req).await
-        }
-        (_, "/healthz" | "/metrics" | "/v1/functions" | "/v1/pipelines" | "/v1/outbox/dead" | "/dapr/subscribe")
-        | (_, "/v1/outbox/dead/replay")
-        | (_, "/api/image" | "/api/hello") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed on {path}"), None, "method")
-        }
-        (_, p) if p.starts_with("/v1/functions/") || p.starts_with("/v1/pipelines/") => {
-            error(StatusCode::METHOD_NOT_ALLOWED, format!("{method} not allowed on {path}"), None, "method")
-        }
-        _ => error(StatusCode::NOT_FOUND, format!("no route for {method} {path}"), None, "route"),
+        Endpoint::Functions => list_functions(api),
+        Endpoint::Invoke => invoke(api, param(0), req, &[]).await,
+        Endpoint::Pipelines => list_pipelines(api),
+        Endpoint::RunPipeline => run_pipeline(api, param(0), req).await,
+        Endpoint::DeadLetters => dead_letters(api),
+        Endpoint::ReplayDeadLetters => replay_dead_letters(api).await,
+        Endpoint::DaprSubscribe => json_response(StatusCode::OK, &dapr::subscriptions(api.pipelines.as_deref())),
+        Endpoint::DaprEvent => dapr_event(api, param(0), req).await,
+        Endpoint::SeedImage => invoke(api, "grayscale", req, &[]).await,
+        // The seed's page picks the function with an `api` header: `go` meant classify, which
+        // answered with a sentence.
+        Endpoint::SeedHello => match req.headers().get("api").map(|v| v.as_bytes()) {
+            Some(b"go") => invoke(api, "classify", req, &[("EDGEFN_FORMAT", "text")]).await,
+            _ => invoke(api, "grayscale", req, &[]).await,
+        },
     }
 }
 
@@ -153,11 +141,15 @@ async fn run_pipeline(api: &Api, name: &str, req: Request<Incoming>) -> Response
         let msg = format!("bad camera id {camera:?}: use 1 to 128 of [A-Za-z0-9._-]");
         return error(StatusCode::BAD_REQUEST, msg, None, "camera");
     }
+    let topic = format!("http/{camera}");
+    if !pipelines.admit(&p, &camera, &topic) {
+        let msg = format!("pipeline `{name}` already tracks its most cameras, none idle: camera {camera:?} refused");
+        return error(StatusCode::TOO_MANY_REQUESTS, msg, None, "too_many_cameras");
+    }
     let input = match read_body(req, api.max_body).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    let topic = format!("http/{camera}");
     match pipelines.run(&p, &camera, &topic, input).await {
         Ok(done) => {
             let mut resp = Response::new(full(done.output));
@@ -181,6 +173,12 @@ async fn run_pipeline(api: &Api, name: &str, req: Request<Incoming>) -> Response
 async fn dapr_event(api: &Api, name: &str, req: Request<Incoming>) -> Response<Body> {
     let body = match read_body(req, api.max_body).await {
         Ok(b) => b,
+        // The sidecar retries anything but SUCCESS and DROP, and the same event will be too
+        // large every time: drop it, and say so.
+        Err(resp) if resp.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            tracing::warn!(pipeline = name, "event over server.max_body ({} bytes) dropped", api.max_body);
+            return json_response(StatusCode::OK, &json!({ "status": "DROP" }));
+        }
         Err(resp) => return resp,
     };
     let status = match &api.pipelines {
@@ -241,9 +239,7 @@ async fn replay_dead_letters(api: &Api) -> Response<Body> {
 }
 
 fn refresh_outbox_metrics(p: &Pipelines) {
-    let Ok(sinks) = p.outbox().sinks_with_pending() else {
-        return;
-    };
+    let sinks = p.outbox().sinks_with_pending();
     let metrics = p.runtime().metrics();
     for sink in p.iter().flat_map(|p| p.sinks.iter().map(|s| s.key.to_string())).chain(sinks) {
         if let Ok((depth, age)) = p.outbox().depth(&sink) {
@@ -364,7 +360,7 @@ fn health(api: &Api) -> Response<Body> {
         if let Some(e) = ob.error() {
             problems.push(format!("outbox: {e}"));
         }
-        json!({ "pending": ob.total().unwrap_or(0), "error": ob.error() })
+        json!({ "pending": ob.total(), "error": ob.error() })
     });
     let status = if problems.is_empty() { "ok" } else { "degraded" };
     json_response(

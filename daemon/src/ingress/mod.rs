@@ -5,4 +5,6 @@ pub mod dapr;
 pub mod http;
 pub mod listener;
 pub mod mqtt;
+pub mod openapi;
+pub mod routes;
 pub mod web;

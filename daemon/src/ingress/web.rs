@@ -51,8 +51,8 @@ pub fn status(api: &Api) -> Value {
         (0u64, 0f64, 0u64, Vec::new(), Vec::new(), 0, Vec::new());
     if let Some(ps) = &api.pipelines {
         let ob = ps.outbox();
-        pending = ob.total().unwrap_or(0);
-        dead = ob.dead_count().unwrap_or(0);
+        pending = ob.total();
+        dead = ob.dead_count();
         let mut keys: Vec<String> = ps.iter().flat_map(|p| p.sinks.iter().map(|s| s.key.to_string())).collect();
         keys.sort();
         keys.dedup();

@@ -89,6 +89,11 @@ impl Board {
         self.update(pipeline, camera, |c| c.errors += 1);
     }
 
+    /// A camera that gave its place up (see `cameras`).
+    pub fn forget(&self, pipeline: &str, camera: &str) {
+        self.cameras.lock().expect("board lock").remove(&(pipeline.to_string(), camera.to_string()));
+    }
+
     pub fn cameras(&self) -> Vec<Value> {
         let cams = self.cameras.lock().expect("board lock");
         cams.iter().map(|((p, c), cam)| view(p, c, cam)).collect()

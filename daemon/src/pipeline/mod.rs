@@ -6,6 +6,7 @@
 //! Dapr events call [`Pipelines::run`] directly and get the result back.
 
 pub mod board;
+pub mod cameras;
 pub mod frame;
 pub mod queue;
 
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use tokio::task::JoinSet;
 
 use self::board::Board;
+use self::cameras::{Cameras, MAX_CAMERAS};
 use self::frame::Frame;
 use self::queue::{CameraQueue, Pushed};
 use crate::config::{PipelineConfig, Policy, Source};
@@ -24,9 +26,6 @@ use crate::metrics::{CameraLabel, Metrics, PipelineError as ErrorLabel};
 use crate::runtime::{InvokeError, Runtime};
 use crate::sinks::Sink;
 use crate::sinks::outbox::{Item, Outbox, Record, now_ms};
-
-/// Cameras one pipeline tracks at most, so a publisher inventing ids cannot grow memory.
-const MAX_CAMERAS: usize = 256;
 
 /// Camera ids end up in result ids, HTTP headers, file names and metric labels: 1 to 128 of
 /// `[A-Za-z0-9._-]`. Every ingress checks this before a frame enters a pipeline.
@@ -41,6 +40,7 @@ pub struct Pipeline {
     pub sinks: Vec<Arc<Sink>>,
     pub queue: usize,
     pub policy: Policy,
+    pub camera_idle: std::time::Duration,
 }
 
 /// A frame's result, committed.
@@ -86,6 +86,7 @@ pub struct Pipelines {
     outbox: Arc<Outbox>,
     metrics: Arc<Metrics>,
     queues: Mutex<HashMap<(String, String), Arc<CameraQueue>>>,
+    cameras: Cameras,
     workers: Mutex<JoinSet<()>>,
     pub board: Board,
     /// Frames settled by camera workers; the watchdog checks that it moves.
@@ -115,6 +116,7 @@ impl Pipelines {
                     sinks: c.sinks.iter().map(&sink).collect(),
                     queue: c.queue,
                     policy: c.policy,
+                    camera_idle: c.camera_idle,
                 };
                 (c.name.clone(), Arc::new(p))
             })
@@ -125,6 +127,7 @@ impl Pipelines {
             outbox,
             metrics,
             queues: Mutex::new(HashMap::new()),
+            cameras: Cameras::default(),
             workers: Mutex::new(JoinSet::new()),
             board: Board::default(),
             settled: Default::default(),
@@ -212,28 +215,55 @@ impl Pipelines {
         self.metrics.pipeline_errors.get_or_create(&ErrorLabel { pipeline: p.name.clone(), kind }).inc();
     }
 
+    /// Lets a frame from `camera` into `p`, every ingress alike: false when the pipeline
+    /// already tracks [`MAX_CAMERAS`] cameras heard from within `camera_idle` (logged with
+    /// `topic`, counted). Cameras that gave their place up are forgotten here.
+    pub fn admit(&self, p: &Pipeline, camera: &str, topic: &str) -> bool {
+        let busy = |c: &str| {
+            let queues = self.queues.lock().expect("queues lock");
+            queues.get(&(p.name.clone(), c.to_string())).is_some_and(|q| q.len() > 0)
+        };
+        let Some(pruned) = self.cameras.admit(&p.name, camera, p.camera_idle, busy) else {
+            tracing::warn!(pipeline = %p.name, camera, topic,
+                "frame refused: the pipeline tracks {MAX_CAMERAS} cameras, none idle for {:?}", p.camera_idle);
+            self.count_error(p, "too_many_cameras");
+            return false;
+        };
+        for c in pruned {
+            if let Some(q) = self.queues.lock().expect("queues lock").remove(&(p.name.clone(), c.clone())) {
+                q.close();
+            }
+            self.board.forget(&p.name, &c);
+            let label = CameraLabel { pipeline: p.name.clone(), camera: c };
+            self.metrics.frames.remove(&label);
+            self.metrics.drops.remove(&label);
+            self.metrics.results.remove(&label);
+        }
+        true
+    }
+
     /// Queues an MQTT frame for its camera; waits only under the `block` policy when full.
     pub async fn submit(self: &Arc<Self>, p: &Arc<Pipeline>, frame: Frame) {
+        if !self.admit(p, &frame.camera, &frame.topic) {
+            // The same camera will be refused until one goes idle: settle the frame.
+            if let Some(ack) = frame.ack {
+                ack.done();
+            }
+            return;
+        }
         let key = (p.name.clone(), frame.camera.clone());
         let queue = {
             let mut queues = self.queues.lock().expect("queues lock");
             match queues.get(&key) {
                 Some(q) => q.clone(),
                 None => {
-                    let cameras = queues.keys().filter(|(name, _)| *name == p.name).count();
-                    if cameras >= MAX_CAMERAS {
-                        tracing::warn!(pipeline = %p.name, camera = %frame.camera, topic = %frame.topic,
-                            "frame refused: pipeline already tracks {MAX_CAMERAS} cameras");
-                        self.count_error(p, "too_many_cameras");
-                        if let Some(ack) = frame.ack {
-                            ack.done();
-                        }
-                        return;
-                    }
                     let q = Arc::new(CameraQueue::new(p.queue, p.policy));
                     queues.insert(key, q.clone());
                     let (this, p, camera, q2) = (self.clone(), p.clone(), frame.camera.clone(), q.clone());
-                    self.workers.lock().expect("workers lock").spawn(async move {
+                    let mut workers = self.workers.lock().expect("workers lock");
+                    // Reap the workers of cameras that gave their place up.
+                    while workers.try_join_next().is_some() {}
+                    workers.spawn(async move {
                         this.camera_worker(p, camera, q2).await;
                     });
                     q

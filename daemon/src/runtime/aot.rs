@@ -83,14 +83,19 @@ fn cache_path(engine: &Engine, cache_dir: &Path, sha256: &str) -> PathBuf {
     cache_dir.join(format!("{}-{:016x}.cwasm", &sha256[..32], h.finish()))
 }
 
-/// Writes atomically, so a crash mid-write never leaves a torn file under the final name.
+/// Writes atomically and durably: the bytes reach the disk before the file takes its final
+/// name, and the name before we return. Native code is mapped and run as it is; a power cut
+/// must never leave a torn file under a name the next start trusts.
 fn store(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    use std::io::Write;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
 }
 
 fn deserialize(engine: &Engine, path: &Path, bytes: &[u8]) -> anyhow::Result<Module> {

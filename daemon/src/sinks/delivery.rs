@@ -49,7 +49,12 @@ pub async fn run(
         if stop_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
             break;
         }
-        let batch = match outbox.peek(&key, sink.batch()) {
+        // redb reads and fsyncs on a blocking thread, never on an async worker.
+        let peeked = {
+            let (outbox, key, n) = (outbox.clone(), key.clone(), sink.batch());
+            tokio::task::spawn_blocking(move || outbox.peek(&key, n)).await.map_err(anyhow::Error::from).and_then(|r| r)
+        };
+        let batch = match peeked {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(sink = %key, "reading the outbox: {e:#}");
@@ -102,7 +107,14 @@ pub async fn run(
         for k in delivered.iter().chain(dead.iter().map(|(k, _)| k)) {
             attempts.remove(k);
         }
-        if let Err(e) = outbox.settle(&key, &delivered, &dead) {
+        let settled = {
+            let (outbox, key) = (outbox.clone(), key.clone());
+            tokio::task::spawn_blocking(move || outbox.settle(&key, &delivered, &dead))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r)
+        };
+        if let Err(e) = settled {
             // Not settled means delivered again later: a duplicate with the same id, never a loss.
             tracing::error!(sink = %key, "settling deliveries: {e:#}");
         }

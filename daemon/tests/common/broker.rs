@@ -101,7 +101,8 @@ impl Broker {
     }
 
     fn with_listener(dir: &Path, listener: String) -> Broker {
-        let mut b = Broker { port: super::free_port(), dir: dir.to_path_buf(), child: None, listener, persistent: true };
+        let mut b =
+            Broker { port: super::free_port(), dir: dir.to_path_buf(), child: None, listener, persistent: true };
         b.spawn();
         b
     }

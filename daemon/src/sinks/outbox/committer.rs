@@ -1,0 +1,133 @@
+//! The committer thread: everything waiting to be committed goes into one write transaction,
+//! one fsync (group commit), on a thread of its own so no async worker waits on the disk.
+//! The byte cap is kept in the same transaction: past `max_bytes`, the oldest results of any
+//! sink are evicted (and counted).
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, Weak};
+
+use redb::{Database, ReadableTable};
+use tokio::sync::{mpsc, oneshot};
+
+use super::record::encode;
+use super::{Item, META, Outbox, PENDING, SEQ, State};
+use crate::metrics::{Metrics, SinkLabel};
+
+pub struct Commit {
+    pub items: Vec<Item>,
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
+pub fn run(
+    db: Arc<Database>,
+    state: Arc<State>,
+    metrics: Arc<Mutex<Arc<Metrics>>>,
+    mut rx: mpsc::Receiver<Commit>,
+    outbox: Weak<Outbox>,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let current = metrics.lock().expect("metrics lock").clone();
+        let result = write_batch(&db, &state, &current, &batch);
+        let frames = batch.len();
+        // Frames are acknowledged before delivery starts: an ack still in flight when the
+        // result is already upstream is what makes a broker restart redeliver a frame.
+        for c in batch {
+            let _ = c.done.send(result.as_ref().map(|_| ()).map_err(|e| format!("{e:#}")));
+        }
+        match &result {
+            Ok(touched) => {
+                *state.error.lock().expect("error lock") = None;
+                if let Some(outbox) = outbox.upgrade() {
+                    for sink in touched {
+                        outbox.wake(sink);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("outbox commit failed ({frames} frames not acknowledged): {e:#}");
+                *state.error.lock().expect("error lock") = Some(format!("{e:#}"));
+            }
+        }
+    }
+}
+
+fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]) -> anyhow::Result<Vec<Arc<str>>> {
+    let txn = db.begin_write()?;
+    let mut touched: Vec<Arc<str>> = Vec::new();
+    let mut added = 0u64;
+    let mut evicted: Vec<(String, u64)> = Vec::new();
+    let mut next_id = state.next_id.load(Ordering::Relaxed);
+    let mut evicted_bytes = 0u64;
+    {
+        let mut pending = txn.open_table(PENDING)?;
+        let mut seq = txn.open_table(SEQ)?;
+        let mut meta = txn.open_table(META)?;
+        for item in batch.iter().flat_map(|c| &c.items) {
+            let value = encode(&item.record, &item.payload);
+            added += value.len() as u64;
+            pending.insert((&*item.sink, next_id), value.as_slice())?;
+            next_id += 1;
+            let last = seq.get(item.record.camera.as_str())?.map_or(0, |v| v.value());
+            if item.record.seq > last {
+                seq.insert(item.record.camera.as_str(), item.record.seq)?;
+            }
+            if !touched.contains(&item.sink) {
+                touched.push(item.sink.clone());
+            }
+        }
+        meta.insert("next_id", next_id)?;
+
+        // Over the byte cap: evict the oldest results, whichever sink holds them.
+        let max = state.max_bytes.load(Ordering::Relaxed);
+        while (state.bytes.load(Ordering::Relaxed) + added).saturating_sub(evicted_bytes) > max {
+            let Some((sink, id, len)) = oldest(&pending)? else {
+                break;
+            };
+            pending.remove((sink.as_str(), id))?;
+            evicted_bytes += len;
+            evicted.push((sink, id));
+        }
+    }
+    txn.commit()?;
+    // Only now, with the transaction durable, do the in-memory figures move, and by deltas:
+    // a delivery worker settling at the same time moves them too.
+    state.bytes.fetch_add(added, Ordering::Relaxed);
+    state.bytes.fetch_sub(evicted_bytes.min(state.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+    state.next_id.store(next_id, Ordering::Relaxed);
+    for item in batch.iter().flat_map(|c| &c.items) {
+        state.view.add(&item.sink, 1);
+    }
+    for (sink, _) in &evicted {
+        state.view.remove(sink, 1, 0);
+        metrics.outbox_evicted.get_or_create(&SinkLabel { sink: sink.clone() }).inc();
+    }
+    if !evicted.is_empty() {
+        tracing::warn!(count = evicted.len(), "outbox over max_bytes: evicted the oldest results");
+    }
+    Ok(touched)
+}
+
+/// The oldest pending result over all sinks: the smallest id among each sink's first entry.
+fn oldest(table: &redb::Table<(&str, u64), &[u8]>) -> anyhow::Result<Option<(String, u64, u64)>> {
+    let mut best: Option<(String, u64, u64)> = None;
+    let mut from: String = String::new();
+    loop {
+        let mut range = table.range((from.as_str(), 0)..)?;
+        let Some(row) = range.next() else { break };
+        let (k, v) = row?;
+        let (sink, id) = k.value();
+        if best.as_ref().is_none_or(|b| id < b.1) {
+            best = Some((sink.to_string(), id, v.value().len() as u64));
+        }
+        // Skip to the next sink name.
+        from = format!("{sink}\u{0}");
+    }
+    Ok(best)
+}

@@ -1,0 +1,47 @@
+//! A stored result: its [`Record`] (what is known of it besides its bytes) and the byte layout
+//! of a table value, `[u32 header length][header JSON][payload]`, so the payload stays raw.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// What is known of a result besides its bytes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    /// Stable id (`pipeline/camera/seq`): the CloudEvent id, the same on every retry.
+    pub id: String,
+    pub pipeline: String,
+    pub camera: String,
+    pub seq: u64,
+    /// The sink's resolved destination (e.g. the MQTT topic).
+    pub topic: String,
+    pub content_type: String,
+    pub created_ms: u64,
+    /// Why it was dead-lettered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn encode(record: &Record, payload: &[u8]) -> Vec<u8> {
+    let header = serde_json::to_vec(record).expect("record serialises");
+    let mut out = Vec::with_capacity(4 + header.len() + payload.len());
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A table value back into its record and payload; an error for anything malformed.
+pub fn decode(bytes: &[u8]) -> anyhow::Result<(Record, Bytes)> {
+    anyhow::ensure!(bytes.len() >= 4, "outbox entry too short");
+    let n = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
+    anyhow::ensure!(bytes.len() - 4 >= n, "outbox entry truncated");
+    let record = serde_json::from_slice(&bytes[4..4 + n]).context("outbox entry header")?;
+    Ok((record, Bytes::copy_from_slice(&bytes[4 + n..])))
+}
