@@ -123,19 +123,6 @@ fn a_reload_that_cannot_apply_keeps_the_old_generation() {
     d.assert_alive();
 }
 
-/// Random bytes: incompressible, so a result's size is what is sent.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// 45 results of 360 KB and one of 5 MiB, made while the sidecar is away; then it comes back
 /// with daprd's 4 MiB body limit. `max_request` is what edgefn believes that limit to be.
 fn results_over_the_sidecar_body_limit(max_request: &str) -> FakeDapr {
@@ -159,12 +146,12 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames" }} }}]
     let d = Daemon::start_in(&tmp.path().join("d"), &cfg);
     // 40 results of 360 KB while the sidecar is away: any 12 of them are over its 4 MiB limit.
     for i in 0..40 {
-        assert_eq!(d.post("/v1/pipelines/echo?camera=cam", &noise(360 << 10, i)).status, 200);
+        assert_eq!(d.post("/v1/pipelines/echo?camera=cam", &common::noise(360 << 10, i)).status, 200);
     }
     // And one result that can never fit in a request.
-    assert_eq!(d.post("/v1/pipelines/echo?camera=huge", &noise(5 << 20, 99)).status, 200);
+    assert_eq!(d.post("/v1/pipelines/echo?camera=huge", &common::noise(5 << 20, 99)).status, 200);
     for i in 40..45 {
-        assert_eq!(d.post("/v1/pipelines/echo?camera=cam", &noise(360 << 10, i)).status, 200);
+        assert_eq!(d.post("/v1/pipelines/echo?camera=cam", &common::noise(360 << 10, i)).status, 200);
     }
 
     dapr.set_mode(Mode::Ok);
@@ -180,6 +167,8 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames" }} }}]
     let want: std::collections::BTreeSet<String> = (1..=45).map(|i| format!("echo/cam/{i}")).collect();
     assert_eq!(ids, want, "every result that fits arrived, and the huge one did not");
 
+    // The sidecar has the last result a moment before its batch is settled.
+    d.wait_metric("edgefn_outbox_dead_total{sink=\"dapr:upstream/frames\"}", 10, |v| v == 1.0);
     let dead = d.get("/v1/outbox/dead").json();
     let dead = dead["dead"].as_array().unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
@@ -272,18 +261,23 @@ fn a_sidecar_before_dapr_1_17_gets_bulk_publishes_on_alpha1_and_nothing_is_dead(
     assert!(d.log().contains("no stable bulk publish route"), "{}", d.log());
 }
 
+/// An `echo` pipeline fed over HTTP with an MQTT sink on `broker` (`results/{camera}`).
+fn mqtt_sink_config(broker: &common::broker::Broker, extra_mqtt: &str) -> String {
+    format!(
+        "[server]\nshutdown_grace = \"2s\"\n\n[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-sink-{}\"\n{extra_mqtt}\n\n[[pipeline]]\n\
+         name = \"echo\"\nfunctions = [\"echo\"]\nsinks = [{{ mqtt = {{ topic = \"results/{{camera}}\" }} }}]\n",
+        broker.url(),
+        broker.port
+    )
+}
+
 /// Results for an MQTT sink made while the broker is down, then the daemon restarts before
 /// the broker is back: every one still reaches the broker.
 #[test]
 fn mqtt_sink_results_survive_a_broker_outage_and_a_daemon_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let mut broker = common::broker::Broker::start(&tmp.path().join("broker"));
-    let cfg = format!(
-        "[server]\nshutdown_grace = \"2s\"\n\n[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-sink-{}\"\n\n[[pipeline]]\nname = \"echo\"\n\
-         functions = [\"echo\"]\nsinks = [{{ mqtt = {{ topic = \"results/{{camera}}\" }} }}]\n",
-        broker.url(),
-        broker.port
-    );
+    let cfg = mqtt_sink_config(&broker, "");
     let mut d = Daemon::start_in(&tmp.path().join("d"), &cfg);
     d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
     broker.stop();
@@ -311,12 +305,8 @@ fn mqtt_sink_results_survive_a_broker_outage_and_a_daemon_restart() {
 fn mqtt_sink_results_in_flight_survive_a_broker_that_forgets_the_session() {
     let tmp = tempfile::tempdir().unwrap();
     let mut broker = common::broker::Broker::start_without_persistence(&tmp.path().join("broker"));
-    let cfg = format!(
-        "[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-volatile-{}\"\nkeep_alive = \"30s\"\n\n[[pipeline]]\nname = \"echo\"\n\
-         functions = [\"echo\"]\nsinks = [{{ mqtt = {{ topic = \"results/{{camera}}\" }} }}]\n",
-        broker.url(),
-        broker.port
-    );
+    // A keep-alive longer than the hang, so the connection is lost only when the broker dies.
+    let cfg = mqtt_sink_config(&broker, "keep_alive = \"30s\"");
     let d = Daemon::start_in(&tmp.path().join("d"), &cfg);
     d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
     let depth = "edgefn_outbox_depth{sink=\"mqtt:results/{camera}\"}";
@@ -361,7 +351,7 @@ fn dapr_events_that_can_never_succeed_are_dropped() {
             "data_base64": base64::engine::general_purpose::STANDARD.encode(bytes)})
         .to_string()
     };
-    let too_large = d.post("/v1/dapr/events/gray", event(&noise(100 << 10, 1)).as_bytes());
+    let too_large = d.post("/v1/dapr/events/gray", event(&common::noise(100 << 10, 1)).as_bytes());
     assert_eq!((too_large.status, too_large.json()["status"].clone()), (200, "DROP".into()));
     let unknown = d.post("/v1/dapr/events/typo", event(&common::asset("coffee.png")).as_bytes());
     assert_eq!((unknown.status, unknown.json()["status"].clone()), (200, "DROP".into()));

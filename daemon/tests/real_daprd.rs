@@ -61,20 +61,22 @@ fn metric_sum(d: &Daemon, prefix: &str) -> f64 {
     text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
+/// mosquitto as the upstream broker with a subscriber on `topic`, edgefn with the Dapr sinks of
+/// [`sink_toml`], and its daprd with a `pubsub.mqtt3` named `upstream` on that broker.
+fn mqtt_upstream(tmp: &std::path::Path, topic: &str) -> (Broker, Subscriber, Daemon, Daprd) {
+    let broker = Broker::start(&tmp.join("broker"));
+    let upstream = Subscriber::start(&broker, topic);
+    let port = common::free_port();
+    let d = Daemon::start_in(&tmp.join("edgefn"), &sink_toml(port, "upstream", ""));
+    let components = [("pubsub.yaml", daprd::mqtt3("upstream", broker.port))];
+    let sidecar = Daprd::start_on(&tmp.join("daprd"), port, d.addr.port(), &components, &[]);
+    (broker, upstream, d, sidecar)
+}
+
 #[test]
 fn publish_and_bulk_publish_reach_the_upstream_broker_as_cloudevents() {
     let tmp = tempfile::tempdir().unwrap();
-    let broker = Broker::start(&tmp.path().join("broker"));
-    let upstream = Subscriber::start(&broker, "frames/gray");
-    let port = common::free_port();
-    let d = Daemon::start_in(&tmp.path().join("edgefn"), &sink_toml(port, "upstream", ""));
-    let mut sidecar = Daprd::start_on(
-        &tmp.path().join("daprd"),
-        port,
-        d.addr.port(),
-        &[("pubsub.yaml", daprd::mqtt3("upstream", broker.port))],
-        &[],
-    );
+    let (_broker, upstream, d, mut sidecar) = mqtt_upstream(tmp.path(), "frames/gray");
 
     // One result: a single publish.
     let png = common::asset("chelsea.png");
@@ -108,19 +110,6 @@ fn publish_and_bulk_publish_reach_the_upstream_broker_as_cloudevents() {
     }
 }
 
-/// Random bytes: incompressible, so a result's size is what is sent.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn batches_over_daprd_body_limit_drain_and_a_result_that_never_fits_is_dead_lettered() {
     let tmp = tempfile::tempdir().unwrap();
@@ -131,11 +120,11 @@ fn batches_over_daprd_body_limit_drain_and_a_result_that_never_fits_is_dead_lett
     // split them on daprd's own answer.
     let d = Daemon::start_in(&tmp.path().join("edgefn"), &sink_toml(port, "upstream", "max_request = \"12 MiB\""));
     for i in 0..30 {
-        assert_eq!(d.post("/v1/pipelines/echo?camera=cam", &noise(360 << 10, i)).status, 200);
+        assert_eq!(d.post("/v1/pipelines/echo?camera=cam", &common::noise(360 << 10, i)).status, 200);
     }
-    assert_eq!(d.post("/v1/pipelines/echo?camera=huge", &noise(5 << 20, 99)).status, 200);
+    assert_eq!(d.post("/v1/pipelines/echo?camera=huge", &common::noise(5 << 20, 99)).status, 200);
     for i in 30..34 {
-        assert_eq!(d.post("/v1/pipelines/echo?camera=cam", &noise(360 << 10, i)).status, 200);
+        assert_eq!(d.post("/v1/pipelines/echo?camera=cam", &common::noise(360 << 10, i)).status, 200);
     }
     let _sidecar = Daprd::start_on(
         &tmp.path().join("daprd"),
@@ -146,6 +135,8 @@ fn batches_over_daprd_body_limit_drain_and_a_result_that_never_fits_is_dead_lett
     );
     wait_ids(&upstream, 120, &ids("echo/cam", 1..=34), &d);
     assert!(!ids_of(&upstream.messages()).contains("echo/huge/1"));
+    // The broker has the last result a moment before its batch is settled.
+    d.wait_metric("edgefn_outbox_dead_total{sink=\"dapr:upstream/frames/echo\"}", 10, |v| v == 1.0);
     let dead = d.get("/v1/outbox/dead").json();
     let dead = dead["dead"].as_array().unwrap().clone();
     assert_eq!(dead.len(), 1, "{dead:?}");
@@ -309,17 +300,7 @@ fn service_invocation_and_subscriptions_with_every_token_set() {
 #[test]
 fn a_sidecar_killed_for_a_minute_loses_nothing_and_ids_stay_unique() {
     let tmp = tempfile::tempdir().unwrap();
-    let broker = Broker::start(&tmp.path().join("broker"));
-    let upstream = Subscriber::start(&broker, "frames/echo");
-    let port = common::free_port();
-    let d = Daemon::start_in(&tmp.path().join("edgefn"), &sink_toml(port, "upstream", ""));
-    let mut sidecar = Daprd::start_on(
-        &tmp.path().join("daprd"),
-        port,
-        d.addr.port(),
-        &[("pubsub.yaml", daprd::mqtt3("upstream", broker.port))],
-        &[],
-    );
+    let (_broker, upstream, d, mut sidecar) = mqtt_upstream(tmp.path(), "frames/echo");
     let mut n = 0u64;
     let mut post = |d: &Daemon| {
         n += 1;

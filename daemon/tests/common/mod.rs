@@ -351,3 +351,16 @@ impl Drop for Redis {
         let _ = self.child.wait();
     }
 }
+
+/// Random bytes: incompressible, so a result's size is what is sent.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
