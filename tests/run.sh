@@ -23,6 +23,9 @@ echo "== API: a running daemon against its OpenAPI description (schemathesis)"
 target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 tests/api/schemathesis.sh "$target/release/edgefn"
 
+echo "== demo: scripts/demo.sh with the real daprd as its sidecar"
+tests/system/demo.sh
+
 echo "== system: the amd64 .deb on a real systemd (nspawn)"
 tests/system/deb-in-nspawn.sh
 

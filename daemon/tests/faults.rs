@@ -417,3 +417,34 @@ fn http_cameras_are_capped_per_pipeline_and_idle_ones_give_their_place_up() {
     let labelled = metrics.lines().filter(|l| l.starts_with("edgefn_frames_total{")).count();
     assert!(labelled <= 256, "{labelled} camera label sets in /metrics");
 }
+
+/// One result the upstream broker will never take must not hold back those behind it: after
+/// its attempt cap (while others were delivered) it becomes a dead letter.
+#[test]
+fn a_poison_result_is_dead_lettered_and_the_rest_flow() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dapr = FakeDapr::start(&["upstream"], None);
+    dapr.set_poison("echo/bad/1");
+    let cfg = format!(
+        "[dapr]\nurl = \"http://127.0.0.1:{}\"\nstartup_wait = \"0s\"\n\n[[pipeline]]\nname = \"echo\"\nfunctions = [\"echo\"]\n\
+         sinks = [{{ dapr = {{ pubsub = \"upstream\", topic = \"t\" }} }}]\n",
+        dapr.port
+    );
+    let d = Daemon::start_in(&tmp.path().join("d"), &cfg);
+    assert_eq!(d.post("/v1/pipelines/echo?camera=bad", b"poison").status, 200);
+    let dead = "edgefn_outbox_dead_total{sink=\"dapr:upstream/t\"}";
+    let mut sent = 0;
+    let until = Instant::now() + Duration::from_secs(60);
+    while d.metric(dead) < 1.0 {
+        assert!(Instant::now() < until, "the poison result was never dead-lettered:\n{}", common::tail(&d.log(), 20));
+        sent += 1;
+        assert_eq!(d.post("/v1/pipelines/echo?camera=good", format!("g{sent}").as_bytes()).status, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    dapr.wait_for(30, "every good result", |_| (1..=sent).all(|i| dapr.ids().contains(&format!("echo/good/{i}"))));
+    let letters = d.get("/v1/outbox/dead").json();
+    let letters = letters["dead"].as_array().unwrap();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0]["record"]["id"], "echo/bad/1");
+    assert!(letters[0]["record"]["error"].as_str().unwrap().contains("while other results were delivered"));
+}

@@ -3,7 +3,8 @@
 # systemd there, see ../shared/notes/systemd-nspawn.md). Installs the package and checks, in
 # order: active through READY=1, the startup line in the journal with its fields, an image
 # through the service, reload applying a config change, a wedged daemon restarted by the
-# watchdog, a clean stop, an upgrade keeping the edited conffile, and a purge leaving nothing.
+# watchdog, a clean stop, the example Dapr sidecar unit running the real daprd beside it, an
+# upgrade keeping the edited conffile, and a purge leaving nothing.
 # Also: systemd-analyze verify (any stderr fails) and security exposure <= 2.0.
 #
 # Needs root, debootstrap and systemd-container (scripts/setup.sh installs them). Builds the
@@ -138,6 +139,36 @@ inside systemctl stop edgefn
 [ "$(inside systemctl show -p ExecMainStatus --value edgefn)" = 0 ] || fail "exit status on stop"
 inside journalctl -u edgefn --no-pager | grep -q "edgefn stopped" || fail "no stop line"
 ok "systemctl stop exits cleanly (status 0)"
+
+# The example sidecar unit (packaging/daprd/): the real daprd under systemd with its hardening,
+# edgefn ordered after it, and the seed's service invocation through it. Test ports replace
+# the example's in a drop-in: the container shares the host's network.
+cp "$(scripts/build-daprd.sh)" packaging/daprd/daprd.service packaging/daprd/edgefn.service.d/after-daprd.conf "$DEBS/"
+free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+DHTTP=$(free); DGRPC=$(free); DMETRICS=$(free)
+printf 'apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: upstream\nspec:\n  type: pubsub.in-memory\n  version: v1\n' > "$DEBS/memory.yaml"
+printf '[Service]\nExecStart=\nExecStart=/usr/local/bin/daprd --app-id edgefn --app-port %s --app-protocol http --dapr-http-port %s --dapr-grpc-port %s --metrics-port %s --resources-path /etc/dapr/components --log-as-json\n' \
+  "$PORT" "$DHTTP" "$DGRPC" "$DMETRICS" > "$DEBS/test-ports.conf"
+inside mkdir -p /usr/local/bin /etc/dapr/components /etc/systemd/system/edgefn.service.d /etc/systemd/system/daprd.service.d
+inside cp /root/debs/daprd /usr/local/bin/daprd
+inside cp /root/debs/daprd.service /etc/systemd/system/daprd.service
+inside cp /root/debs/after-daprd.conf /etc/systemd/system/edgefn.service.d/
+inside cp /root/debs/test-ports.conf /etc/systemd/system/daprd.service.d/
+inside cp /root/debs/memory.yaml /etc/dapr/components/
+inside systemctl daemon-reload
+verify="$(inside systemd-analyze verify /etc/systemd/system/daprd.service 2>&1 >/dev/null || true)"
+[ -z "$verify" ] || fail "systemd-analyze verify daprd.service: $verify"
+inside systemctl show -p After --value edgefn | grep -q daprd.service || fail "edgefn.service is not ordered after daprd.service"
+inside systemctl start edgefn
+[ "$(inside systemctl is-active daprd)" = active ] || fail "daprd.service not started with edgefn (Wants=)"
+for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$DHTTP/v1.0/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
+curl -fsS --data-binary @"$DEBS/chelsea.png" "http://127.0.0.1:$DHTTP/v1.0/invoke/edgefn/method/api/image" -o "$DEBS/gray-dapr.png" \
+  || { inside journalctl -u daprd --no-pager -n 30 >&2; fail "service invocation through daprd.service"; }
+cmp -s "$DEBS/gray.png" "$DEBS/gray-dapr.png" || fail "the image through daprd differs from the direct answer"
+ok "daprd.service (example unit, verify clean) started with edgefn; /api/image through it matches"
+inside systemctl stop edgefn daprd
+inside rm -rf /etc/systemd/system/edgefn.service.d /etc/systemd/system/daprd.service.d /etc/systemd/system/daprd.service
+inside systemctl daemon-reload
 
 # Upgrade: the edited conffile stays; the service runs the new version.
 inside systemctl start edgefn

@@ -124,6 +124,11 @@ pub async fn run(
                 if stop_at.is_some() {
                     break;
                 }
+                // The sink took part of the batch: it works, and what failed is the results'
+                // own problem. Retry soon, so a poison result meets its attempt cap quickly.
+                if some_delivered {
+                    backoff = FIRST_BACKOFF;
+                }
                 tracing::warn!(sink = %key, retry_in = ?backoff, "delivery failed: {why}");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}

@@ -52,6 +52,8 @@ struct State {
     too_large: u64,
     /// Acts as daprd before 1.17: no stable bulk route.
     before_1_17: bool,
+    /// This event id always fails (a message the broker behind the sidecar will not take).
+    poison: Option<String>,
 }
 
 /// daprd's default `--max-body-size`.
@@ -77,6 +79,7 @@ impl FakeDapr {
             max_body: DAPRD_MAX_BODY,
             too_large: 0,
             before_1_17: false,
+            poison: None,
         }));
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let listener = runtime.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port))).unwrap();
@@ -131,6 +134,11 @@ impl FakeDapr {
     /// Answers as daprd 1.10 to 1.16 does: bulk publish only on the alpha1 route.
     pub fn set_before_1_17(&self, yes: bool) {
         self.state.lock().unwrap().before_1_17 = yes;
+    }
+
+    /// Publishing event `id` fails every time, in bulk as a failed entry.
+    pub fn set_poison(&self, id: &str) {
+        self.state.lock().unwrap().poison = Some(id.to_string());
     }
 
     /// Requests refused for a body over the limit.
@@ -337,6 +345,9 @@ fn publish(
         let msg = format!("error when publishing to topic {topic} in pubsub {pubsub}: stream too large");
         return err(500, "ERR_PUBSUB_PUBLISH_MESSAGE", &msg);
     }
+    if s.poison.is_some() && meta.get("cloudevent.id") == s.poison.as_ref() {
+        return err(500, "ERR_PUBSUB_PUBLISH_MESSAGE", "the broker refused the message");
+    }
     s.seen += 1;
     match s.mode {
         Mode::Ok => {}
@@ -395,6 +406,10 @@ fn bulk(st: &Arc<Mutex<State>>, rest: &str, body: &[u8], too_large: bool) -> Res
     }
     let mut failed = Vec::new();
     for e in entries {
+        if s.poison.is_some() && e["entryId"].as_str() == s.poison.as_deref() {
+            failed.push(json!({"entryId": e["entryId"], "error": "the broker refused the message"}));
+            continue;
+        }
         s.seen += 1;
         if let Mode::FailEvery(n) = s.mode {
             if s.seen % n == 0 {

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The README's demo command with the real daprd beside it: scripts/demo.sh on free ports must
+# reach a live page whose status shows the Dapr sidecar connected, and the demo cameras'
+# results must reach the demo broker through daprd's `pubsub.mqtt3` (topic frames/gray).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+dir=$(mktemp -d)
+export EDGEFN_DEMO_DIR="$dir" EDGEFN_DEMO_PORT=$(free) EDGEFN_DEMO_MQTT_PORT=$(free) EDGEFN_DEMO_DAPR_PORT=$(free) \
+       EDGEFN_DEMO_DAPR_GRPC_PORT=$(free) EDGEFN_DEMO_DAPR_METRICS_PORT=$(free)
+unset DAPR_HTTP_PORT
+scripts/build-daprd.sh >/dev/null
+setsid scripts/demo.sh > "$dir/demo.out" 2>&1 &
+demo=$!
+trap 'kill -- -$demo 2>/dev/null; wait $demo 2>/dev/null; rm -rf "$dir"' EXIT
+fail() { echo "demo test: $*"; tail -20 "$dir/demo.out"; tail -20 "$dir/daprd.log" 2>/dev/null; exit 1; }
+
+for _ in $(seq 600); do grep -q "open http://" "$dir/demo.out" && break; sleep 0.5; done
+grep -q "open http://" "$dir/demo.out" || fail "no page URL after 5 minutes"
+grep -q "daprd started as edgefn's sidecar" "$dir/demo.out" || fail "the demo did not start daprd"
+url="http://127.0.0.1:$EDGEFN_DEMO_PORT"
+
+# The demo cameras' results leave through daprd to the demo broker as CloudEvents.
+event=$(timeout 60 mosquitto_sub -h 127.0.0.1 -p "$EDGEFN_DEMO_MQTT_PORT" -t frames/gray -C 1) || fail "no result upstream"
+echo "$event" | python3 -c 'import json,sys; e=json.load(sys.stdin); assert e["type"]=="io.edgefn.result" and e["id"].startswith("demo-gray/"), e' \
+  || fail "not an edgefn CloudEvent: ${event:0:200}"
+status=$(curl -fsS "$url/v1/status")
+echo "$status" | python3 -c 'import json,sys; d=json.load(sys.stdin)["dapr"]; assert d=={"configured": True, "reachable": True}, d' \
+  || fail "the page does not show the sidecar as connected: $status"
+echo "demo test: page live at $url, sidecar connected, results upstream through daprd"
