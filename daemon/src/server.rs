@@ -192,7 +192,8 @@ struct Shared {
 
 impl Shared {
     /// The outbox at `path`, opened on first use; a reload that moves `state_dir` opens the new
-    /// one (the old one closes when its last generation stops).
+    /// one (the old one closes when its last generation stops). Its caps and metrics change
+    /// only when the new generation starts.
     fn outbox(
         &self,
         path: &std::path::Path,
@@ -202,7 +203,6 @@ impl Shared {
         let mut slot = self.outbox.lock().expect("outbox slot lock");
         if let Some((open, outbox)) = slot.as_ref() {
             if open == path {
-                outbox.reconfigure(cfg, metrics.clone());
                 return Ok(outbox.clone());
             }
         }
@@ -293,6 +293,7 @@ impl Prepared {
         let mut deliveries = tokio::task::JoinSet::new();
         let mut ingress = None;
         if let Some(pipelines) = &self.pipelines {
+            pipelines.outbox().reconfigure(&cfg.outbox, self.runtime.metrics().clone());
             for sink in self.sinks {
                 let (outbox, metrics) = (pipelines.outbox().clone(), self.runtime.metrics().clone());
                 deliveries.spawn(delivery::run(sink, outbox, metrics, delivery_rx.clone(), cfg.server.shutdown_grace));

@@ -603,3 +603,30 @@ fn a_full_disk_is_an_error_in_health_not_a_crash() {
     let _ = publishing.kill();
     let _ = publishing.wait();
 }
+
+/// A `block` pipeline that stops taking frames must not stop the broker connection: with
+/// the connection polled by the same task that waits on the pipeline, no PINGREQ went out and
+/// the broker dropped us after 1.5 keep-alives.
+#[test]
+fn a_blocked_pipeline_keeps_the_broker_connection_alive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"));
+    let cfg = format!(
+        "[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-blocked-{}\"\nkeep_alive = \"2s\"\n\n[functions.spin]\ndeadline = \"2s\"\n\
+         max_instances = 1\n\n[[pipeline]]\nname = \"slow\"\nsource.mqtt = \"cameras/+/frames\"\nfunctions = [\"spin\"]\n\
+         queue = 1\npolicy = \"block\"\n",
+        broker.url(),
+        broker.port
+    );
+    let d = Daemon::start_in(tmp.path(), &cfg);
+    d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
+    // Every frame spins to its 2 s deadline: eight frames keep the pipeline full for 16 s.
+    finish(publisher(&broker, "cam1", &small_jpeg(tmp.path()), 8, 0));
+    std::thread::sleep(Duration::from_secs(9));
+    // The broker's side: a client silent for 1.5 keep-alives is dropped, and says so.
+    let broker_log = std::fs::read_to_string(tmp.path().join("broker/mosquitto.log")).unwrap();
+    assert!(!broker_log.contains("exceeded timeout"), "the broker dropped us: {}", common::tail(&broker_log, 10));
+    assert_eq!(d.metric("edgefn_mqtt_reconnects_total"), 0.0, "{}", common::tail(&d.log(), 20));
+    assert_eq!(d.metric("edgefn_mqtt_connected"), 1.0);
+    assert!(d.metric("edgefn_pipeline_errors_total{pipeline=\"slow\",kind=\"deadline\"}") >= 3.0);
+}
