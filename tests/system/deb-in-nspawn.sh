@@ -145,10 +145,10 @@ ok "systemctl stop exits cleanly (status 0)"
 # the example's in a drop-in: the container shares the host's network.
 cp "$(scripts/build-daprd.sh)" packaging/daprd/daprd.service packaging/daprd/edgefn.service.d/after-daprd.conf "$DEBS/"
 free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-DHTTP=$(free); DGRPC=$(free); DMETRICS=$(free)
+DHTTP=$(free); DGRPC=$(free); DINTERNAL=$(free); DMETRICS=$(free)
 printf 'apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata:\n  name: upstream\nspec:\n  type: pubsub.in-memory\n  version: v1\n' > "$DEBS/memory.yaml"
-printf '[Service]\nExecStart=\nExecStart=/usr/local/bin/daprd --app-id edgefn --app-port %s --app-protocol http --dapr-http-port %s --dapr-grpc-port %s --metrics-port %s --resources-path /etc/dapr/components --log-as-json\n' \
-  "$PORT" "$DHTTP" "$DGRPC" "$DMETRICS" > "$DEBS/test-ports.conf"
+printf '[Service]\nExecStart=\nExecStart=/usr/local/bin/daprd --app-id edgefn --app-port %s --app-protocol http --dapr-http-port %s --dapr-grpc-port %s --dapr-internal-grpc-port %s --metrics-port %s --resources-path /etc/dapr/components --log-as-json\n' \
+  "$PORT" "$DHTTP" "$DGRPC" "$DINTERNAL" "$DMETRICS" > "$DEBS/test-ports.conf"
 inside mkdir -p /usr/local/bin /etc/dapr/components /etc/systemd/system/edgefn.service.d /etc/systemd/system/daprd.service.d
 inside cp /root/debs/daprd /usr/local/bin/daprd
 inside cp /root/debs/daprd.service /etc/systemd/system/daprd.service
