@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${EDGEFN_CACHE:-/var/cache/edgefn}
+# The machine's Go (1.26) lives in /usr/local/go; a login shell may not have it on PATH.
+command -v go >/dev/null || export PATH="$PATH:/usr/local/go/bin"
 export GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOFLAGS=-buildvcs=false
 # The pinned dapr needs at most the machine's Go; never fetch another toolchain.
 export GOTOOLCHAIN=local

@@ -8,7 +8,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 need_apt=()
 for p in rustc-web cargo-web rust-web-src wasi-libc lld python3-pip curl mosquitto mosquitto-clients openssl chromium \
-         redis-server redis-tools; do
+         redis-server redis-tools python3-venv; do
   dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -101,7 +101,6 @@ for pair in amd64:x86_64:1f15078a6725d2357d9de9221664c29afa0545d807559c5f7199ce5
   rm -rf "$tmp"
 done
 # The real Dapr sidecar, built from its Go module (tests/daprd pins the release).
-command -v go >/dev/null || export PATH="$PATH:/usr/local/go/bin"
 scripts/build-daprd.sh >/dev/null
 # The tests start their own redis-server on free ports, like mosquitto.
 if systemctl is-active --quiet redis-server 2>/dev/null; then $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true; fi
