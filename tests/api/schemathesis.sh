@@ -32,7 +32,7 @@ sinks = [{ file = { path = "$tmp/results.jsonl" } }]
 CONF
 "$bin" --config "$tmp/edgefn.toml" run 2>"$tmp/daemon.log" &
 pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$tmp"' EXIT
+trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$tmp"' EXIT
 for _ in $(seq 300); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 
 status=0

@@ -12,7 +12,7 @@ unset DAPR_HTTP_PORT
 scripts/build-daprd.sh >/dev/null
 setsid scripts/demo.sh > "$dir/demo.out" 2>&1 &
 demo=$!
-trap 'kill -- -$demo 2>/dev/null; wait $demo 2>/dev/null; rm -rf "$dir"' EXIT
+trap 'kill -- -$demo 2>/dev/null || true; wait $demo 2>/dev/null || true; rm -rf "$dir"' EXIT
 fail() { echo "demo test: $*"; tail -20 "$dir/demo.out"; tail -20 "$dir/daprd.log" 2>/dev/null; exit 1; }
 
 for _ in $(seq 600); do grep -q "open http://" "$dir/demo.out" && break; sleep 0.5; done
