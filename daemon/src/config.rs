@@ -414,3 +414,17 @@ pub fn is_valid_name(name: &str) -> bool {
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
+
+#[cfg(test)]
+mod parse_tests {
+    use super::Config;
+
+    #[test]
+    fn text_is_checked_as_a_file_is() {
+        let cfg = Config::parse("[[pipeline]]\nname = \"p\"\nfunctions = [\"echo\"]\ncamera_idle = \"2m\"\n").unwrap();
+        assert_eq!(cfg.pipelines[0].camera_idle, std::time::Duration::from_secs(120));
+        let err = Config::parse("[server]\nlisten_typo = 1\n").unwrap_err();
+        assert!(format!("{err:#}").contains("listen_typo"), "{err:#}");
+        assert!(Config::parse("[[pipeline]]\nname = \"Bad Name\"\nfunctions = [\"x\"]\n").is_err());
+    }
+}
