@@ -448,3 +448,57 @@ fn a_poison_result_is_dead_lettered_and_the_rest_flow() {
     assert_eq!(letters[0]["record"]["id"], "echo/bad/1");
     assert!(letters[0]["record"]["error"].as_str().unwrap().contains("while other results were delivered"));
 }
+
+/// The outbox's disk fills: frames cannot be committed and their acks are withheld, past the
+/// broker's in-flight window (mosquitto: 20). Once space is freed, frames flow again without a
+/// restart, and every frame published has its result.
+#[test]
+fn frames_flow_again_once_the_outbox_disk_has_room() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = common::broker::Broker::start(&tmp.path().join("broker"));
+    let results = tmp.path().join("results.jsonl");
+    let disk = common::SmallDisk::mount(&tmp.path().join("d/state"), "2m");
+    let cfg = format!(
+        "[server]\nshutdown_grace = \"1s\"\n\n[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-disk-{}\"\nmax_frame = \"64 KiB\"\n\n\
+         [[pipeline]]\nname = \"echo\"\nsource.mqtt = \"cameras/+/frames\"\nfunctions = [\"echo\"]\npolicy = \"block\"\n\
+         sinks = [{{ file = {{ path = {:?} }} }}]\n",
+        broker.url(),
+        broker.port,
+        results.to_str().unwrap()
+    );
+    let d = Daemon::start_in(&tmp.path().join("d"), &cfg);
+    d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
+    let frame = |i: usize| {
+        let mut f = format!("frame-{i:03}|").into_bytes();
+        f.resize(40 * 1024, b'.');
+        f
+    };
+    let seen = |n: usize| {
+        let text = std::fs::read_to_string(&results).unwrap_or_default();
+        (0..n).filter(|i| text.contains(&format!("frame-{i:03}|"))).count()
+    };
+    broker.publish_raw("cameras/a/frames", &["-s"], Some(&frame(0)));
+    let until = Instant::now() + Duration::from_secs(20);
+    while seen(1) < 1 {
+        assert!(Instant::now() < until, "the first frame has no result:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let filler = disk.fill();
+    for i in 1..41 {
+        broker.publish_raw("cameras/a/frames", &["-s"], Some(&frame(i)));
+    }
+    wait_log(&d, "outbox commit failed", 1, 30);
+    std::fs::remove_file(filler).unwrap();
+    for i in 41..61 {
+        broker.publish_raw("cameras/a/frames", &["-s"], Some(&frame(i)));
+    }
+    let until = Instant::now() + Duration::from_secs(60);
+    while seen(61) < 61 {
+        assert!(Instant::now() < until, "{} of 61 frames have a result a minute after the disk had room:\n{}",
+            seen(61), common::tail(&d.log(), 60));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(d.log().contains("outbox reopened after an I/O error"), "{}", d.log());
+    assert_eq!(d.get("/healthz").status, 200, "health stays degraded after the disk had room");
+}

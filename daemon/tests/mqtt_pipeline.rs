@@ -560,21 +560,8 @@ fn a_full_disk_is_an_error_in_health_not_a_crash() {
     let dapr = FakeDapr::start(&["upstream"], None);
     dapr.set_mode(Mode::Fail500);
     // The outbox lives on a 2 MiB tmpfs that frames fill up.
-    let small = tmp.path().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs", small.to_str().unwrap()])
-        .status()
-        .unwrap();
-    assert!(st.success(), "mounting a 2 MiB tmpfs needs root (CI runs as root)");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
-    let state = ("EDGEFN__RUNTIME__STATE_DIR", small.to_str().unwrap().to_string());
+    let small = common::SmallDisk::mount(&tmp.path().join("small"), "2m");
+    let state = ("EDGEFN__RUNTIME__STATE_DIR", small.dir.to_str().unwrap().to_string());
     let mut d = Daemon::start_env(tmp.path(), &config(&broker, &dapr, "block", 4, ""), &[state]);
     d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
     let big = image::load_from_memory(&common::asset("coffee.png")).unwrap();
@@ -597,8 +584,8 @@ fn a_full_disk_is_an_error_in_health_not_a_crash() {
     assert_eq!(health["status"], "degraded", "{health}");
     assert!(health["problems"][0].as_str().unwrap().contains("outbox"), "{health}");
     assert!(d.log().contains("outbox commit failed"), "{}", d.log());
-    // Frames that could not be stored were not acknowledged: the broker keeps them.
-    assert!(d.log().contains("frame not acknowledged"), "{}", d.log());
+    // Frames that could not be stored are tried again, not given up and left unacknowledged.
+    assert!(d.log().contains("result not stored, trying again"), "{}", d.log());
     d.assert_alive();
     let _ = publishing.kill();
     let _ = publishing.wait();

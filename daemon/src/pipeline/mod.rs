@@ -43,7 +43,16 @@ pub struct Pipeline {
     pub camera_idle: std::time::Duration,
 }
 
+/// A frame's result, with what the outbox must store for it.
+#[derive(Clone)]
+struct Made {
+    processed: Processed,
+    camera: String,
+    items: Vec<Item>,
+}
+
 /// A frame's result, committed.
+#[derive(Clone)]
 pub struct Processed {
     pub id: String,
     pub seq: u64,
@@ -158,6 +167,12 @@ impl Pipelines {
         topic: &str,
         payload: Bytes,
     ) -> Result<Processed, PipelineError> {
+        let made = self.make(p, camera, topic, payload).await?;
+        self.store(p, made).await
+    }
+
+    /// Runs `payload` through `p`'s functions: the result and its outbox items, not yet stored.
+    async fn make(&self, p: &Pipeline, camera: &str, topic: &str, payload: Bytes) -> Result<Made, PipelineError> {
         let seq = self.outbox.next_seq(camera);
         let seq_text = seq.to_string();
         let env = [
@@ -166,8 +181,7 @@ impl Pipelines {
             ("EDGEFN_CAMERA", camera),
             ("EDGEFN_SEQ", seq_text.as_str()),
         ];
-        let label = CameraLabel { pipeline: p.name.clone(), camera: camera.to_string() };
-        self.metrics.frames.get_or_create(&label).inc();
+        self.metrics.frames.get_or_create(&CameraLabel { pipeline: p.name.clone(), camera: camera.to_string() }).inc();
         let mut data = payload;
         for f in &p.functions {
             match self.runtime.invoke(f, data, &env).await {
@@ -200,15 +214,43 @@ impl Pipelines {
                 payload: data.clone(),
             })
             .collect();
-        if !items.is_empty() {
-            if let Err(e) = self.outbox.commit(items).await {
+        Ok(Made { processed: Processed { id, seq, output: data, content_type }, camera: camera.to_string(), items })
+    }
+
+    /// Commits a made result for every sink; only then does it count and show on the board.
+    async fn store(&self, p: &Pipeline, made: Made) -> Result<Processed, PipelineError> {
+        if !made.items.is_empty() {
+            if let Err(e) = self.outbox.commit(made.items).await {
                 self.count_error(p, "outbox");
                 return Err(PipelineError::Outbox(format!("{e:#}")));
             }
         }
+        let r = made.processed;
+        let label = CameraLabel { pipeline: p.name.clone(), camera: made.camera.clone() };
         self.metrics.results.get_or_create(&label).inc();
-        self.board.result(&p.name, camera, &id, content_type, &data);
-        Ok(Processed { id, seq, output: data, content_type })
+        self.board.result(&p.name, &made.camera, &r.id, r.content_type, &r.output);
+        Ok(r)
+    }
+
+    /// Stores a camera frame's result, trying again while the outbox fails (a full disk) until
+    /// it has room or the queue closes. Giving up at once would withhold the frame's ack, and
+    /// past the broker's in-flight window (mosquitto: 20) the broker sends nothing more.
+    async fn store_until_durable(&self, p: &Pipeline, made: Made, queue: &CameraQueue) -> Result<Processed, PipelineError> {
+        let mut wait = std::time::Duration::from_millis(250);
+        loop {
+            match self.store(p, made.clone()).await {
+                Err(PipelineError::Outbox(e)) if !queue.is_closed() => {
+                    tracing::error!(pipeline = %p.name, camera = %made.camera, retry_in = ?wait,
+                        "result not stored, trying again: {e}");
+                    let until = tokio::time::Instant::now() + wait;
+                    while tokio::time::Instant::now() < until && !queue.is_closed() {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
     }
 
     fn count_error(&self, p: &Pipeline, kind: &'static str) {
@@ -288,7 +330,10 @@ impl Pipelines {
 
     async fn camera_worker(self: Arc<Self>, p: Arc<Pipeline>, camera: String, queue: Arc<CameraQueue>) {
         while let Some(frame) = queue.pop().await {
-            let outcome = self.run(&p, &camera, &frame.topic, frame.payload).await;
+            let outcome = match self.make(&p, &camera, &frame.topic, frame.payload).await {
+                Ok(made) => self.store_until_durable(&p, made, &queue).await,
+                Err(e) => Err(e),
+            };
             self.settled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match outcome {
                 Ok(_) => {

@@ -109,6 +109,11 @@ impl CameraQueue {
         left
     }
 
+    /// Closed for shutdown (or because its camera gave its place up).
+    pub fn is_closed(&self) -> bool {
+        self.frames.lock().expect("queue lock").closed
+    }
+
     pub fn len(&self) -> usize {
         self.frames.lock().expect("queue lock").queue.len()
     }

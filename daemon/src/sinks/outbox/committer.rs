@@ -7,6 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 
 use redb::{Database, ReadableTable};
+
+use super::db::Db;
 use tokio::sync::{mpsc, oneshot};
 
 use super::record::encode;
@@ -19,7 +21,7 @@ pub struct Commit {
 }
 
 pub fn run(
-    db: Arc<Database>,
+    db: Arc<Db>,
     state: Arc<State>,
     metrics: Arc<Mutex<Arc<Metrics>>>,
     mut rx: mpsc::Receiver<Commit>,
@@ -34,7 +36,7 @@ pub fn run(
             }
         }
         let current = metrics.lock().expect("metrics lock").clone();
-        let result = write_batch(&db, &state, &current, &batch);
+        let result = db.with(|db| write_batch(db, &state, &current, &batch));
         let frames = batch.len();
         // Frames are acknowledged before delivery starts: an ack still in flight when the
         // result is already upstream is what makes a broker restart redeliver a frame.

@@ -11,6 +11,7 @@
 //! results older than `max_age` are evicted instead of delivered.
 
 mod committer;
+mod db;
 mod record;
 mod view;
 
@@ -21,10 +22,11 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use self::committer::Commit;
+use self::db::Db;
 use self::record::encode;
 pub use self::record::{Record, decode, now_ms};
 use self::view::View;
@@ -45,6 +47,7 @@ pub struct Pending {
 }
 
 /// One result for one sink, to be committed.
+#[derive(Clone)]
 pub struct Item {
     pub sink: Arc<str>,
     pub record: Record,
@@ -52,7 +55,7 @@ pub struct Item {
 }
 
 pub struct Outbox {
-    db: Arc<Database>,
+    db: Arc<Db>,
     commits: mpsc::Sender<Commit>,
     seqs: Mutex<HashMap<String, u64>>,
     wakers: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
@@ -77,9 +80,9 @@ impl Outbox {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let db = Database::create(path).with_context(|| format!("opening outbox {}", path.display()))?;
-        let txn = db.begin_write()?;
-        let (next_id, seqs, bytes, per_sink, dead) = {
+        let db = Db::open(path)?;
+        let (next_id, seqs, bytes, per_sink, dead) = db.with(|db| {
+            let txn = db.begin_write()?;
             let pending = txn.open_table(PENDING)?;
             let seq = txn.open_table(SEQ)?;
             let meta = txn.open_table(META)?;
@@ -95,9 +98,10 @@ impl Outbox {
                 *per_sink.entry(k.value().0.to_string()).or_default() += 1;
             }
             let dead = txn.open_table(DEAD)?.iter()?.count() as u64;
-            (next_id, seqs, bytes, per_sink, dead)
-        };
-        txn.commit()?;
+            drop((pending, seq, meta));
+            txn.commit()?;
+            Ok((next_id, seqs, bytes, per_sink, dead))
+        })?;
 
         let db = Arc::new(db);
         let state = Arc::new(State {
@@ -165,25 +169,26 @@ impl Outbox {
 
     /// Up to `max` of the oldest results for `sink`. Expired ones are evicted on the way.
     pub fn peek(&self, sink: &str, max: usize) -> anyhow::Result<Vec<Pending>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(PENDING)?;
         let oldest_allowed = now_ms().saturating_sub(self.state.max_age_ms.load(Ordering::Relaxed));
-        let mut out = Vec::new();
-        let mut expired = Vec::new();
-        for row in table.range((sink, 0)..=(sink, u64::MAX))? {
-            let (k, v) = row?;
-            let (record, payload) = decode(v.value())?;
-            if record.created_ms < oldest_allowed {
-                expired.push(k.value().1);
-                continue;
+        let (out, expired) = self.db.with(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(PENDING)?;
+            let mut out = Vec::new();
+            let mut expired = Vec::new();
+            for row in table.range((sink, 0)..=(sink, u64::MAX))? {
+                let (k, v) = row?;
+                let (record, payload) = decode(v.value())?;
+                if record.created_ms < oldest_allowed {
+                    expired.push(k.value().1);
+                    continue;
+                }
+                out.push(Pending { key: k.value().1, record, payload });
+                if out.len() >= max {
+                    break;
+                }
             }
-            out.push(Pending { key: k.value().1, record, payload });
-            if out.len() >= max {
-                break;
-            }
-        }
-        drop(table);
-        drop(txn);
+            Ok((out, expired))
+        })?;
         if !expired.is_empty() {
             tracing::warn!(sink, count = expired.len(), "evicting results older than outbox.max_age");
             self.remove(sink, &expired, &[], true)?;
@@ -197,9 +202,9 @@ impl Outbox {
     }
 
     fn remove(&self, sink: &str, gone: &[u64], dead: &[(u64, String)], evicted: bool) -> anyhow::Result<()> {
-        let txn = self.db.begin_write()?;
-        let (mut freed, mut removed, mut buried) = (0u64, 0u64, 0u64);
-        {
+        let (freed, removed, buried) = self.db.with(|db| {
+            let txn = db.begin_write()?;
+            let (mut freed, mut removed, mut buried) = (0u64, 0u64, 0u64);
             let mut pending = txn.open_table(PENDING)?;
             let mut dead_table = txn.open_table(DEAD)?;
             for key in gone {
@@ -219,8 +224,10 @@ impl Outbox {
                     buried += 1;
                 }
             }
-        }
-        txn.commit()?;
+            drop((pending, dead_table));
+            txn.commit()?;
+            Ok((freed, removed, buried))
+        })?;
         // Counted by what this transaction removed: an eviction may have taken some already.
         self.state.bytes.fetch_sub(freed.min(self.state.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
         self.state.view.remove(sink, removed + buried, buried);
@@ -238,10 +245,10 @@ impl Outbox {
     /// Moves every dead letter back to its sink's queue, where it keeps its place (its key) and
     /// its id; returns how many. For after the cause was fixed (a scope, a component).
     pub fn replay_dead(&self) -> anyhow::Result<u64> {
-        let txn = self.db.begin_write()?;
-        let mut moved: Vec<(String, u64)> = Vec::new();
-        let mut added = 0u64;
-        {
+        let (moved, added) = self.db.with(|db| {
+            let txn = db.begin_write()?;
+            let mut moved: Vec<(String, u64)> = Vec::new();
+            let mut added = 0u64;
             let mut dead = txn.open_table(DEAD)?;
             let mut pending = txn.open_table(PENDING)?;
             let rows: Vec<((String, u64), Vec<u8>)> = dead
@@ -257,8 +264,10 @@ impl Outbox {
                 dead.remove((sink.as_str(), key))?;
                 moved.push((sink, key));
             }
-        }
-        txn.commit()?;
+            drop((dead, pending));
+            txn.commit()?;
+            Ok((moved, added))
+        })?;
         self.state.bytes.fetch_add(added, Ordering::Relaxed);
         let mut per_sink: BTreeMap<String, u64> = BTreeMap::new();
         for (sink, _) in &moved {
@@ -273,14 +282,16 @@ impl Outbox {
 
     /// Dead letters, newest last, at most `max`.
     pub fn dead_letters(&self, max: usize) -> anyhow::Result<Vec<(String, Record)>> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(DEAD)?;
-        let mut out = Vec::new();
-        for row in table.iter()?.take(max) {
-            let (k, v) = row?;
-            out.push((k.value().0.to_string(), decode(v.value())?.0));
-        }
-        Ok(out)
+        self.db.with(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(DEAD)?;
+            let mut out = Vec::new();
+            for row in table.iter()?.take(max) {
+                let (k, v) = row?;
+                out.push((k.value().0.to_string(), decode(v.value())?.0));
+            }
+            Ok(out)
+        })
     }
 
     /// Pending results for `sink` (from the view) and the age of the oldest, in seconds (one
@@ -290,12 +301,15 @@ impl Outbox {
         if n == 0 {
             return Ok((0, 0.0));
         }
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(PENDING)?;
-        let oldest = match table.range((sink, 0)..=(sink, u64::MAX))?.next() {
-            Some(row) => decode(row?.1.value())?.0.created_ms,
-            None => return Ok((0, 0.0)),
-        };
+        let oldest = self.db.with(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(PENDING)?;
+            Ok(match table.range((sink, 0)..=(sink, u64::MAX))?.next() {
+                Some(row) => Some(decode(row?.1.value())?.0.created_ms),
+                None => None,
+            })
+        })?;
+        let Some(oldest) = oldest else { return Ok((0, 0.0)) };
         Ok((n, now_ms().saturating_sub(oldest) as f64 / 1000.0))
     }
 
