@@ -99,9 +99,10 @@ impl Default for Dapr {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Outbox {
-    /// Oldest results are evicted (and counted) beyond this size.
+    /// What the outbox file may take on disk, dead letters included; the oldest are evicted
+    /// (and counted) to stay under it.
     pub max_bytes: ByteSize,
-    /// Results older than this are evicted (and counted) instead of delivered.
+    /// Results and dead letters older than this are evicted (and counted), in every sink.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
 }

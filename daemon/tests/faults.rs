@@ -502,3 +502,101 @@ fn frames_flow_again_once_the_outbox_disk_has_room() {
     assert!(d.log().contains("outbox reopened after an I/O error"), "{}", d.log());
     assert_eq!(d.get("/healthz").status, 200, "health stays degraded after the disk had room");
 }
+
+/// Bytes the state dir takes on disk (the larger of length and allocated blocks per file).
+fn disk_usage(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len().max(m.blocks() * 512)).sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Two sinks that never deliver: a misnamed pub/sub (retried for ever, 404) and a topic the
+/// sidecar refuses (403, dead letters). Frames posted as fast as the daemon takes them must
+/// not take the state dir past `outbox.max_bytes`, pending and dead letters together.
+#[test]
+fn a_misnamed_pubsub_at_full_rate_keeps_the_state_dir_under_max_bytes() {
+    let dapr = FakeDapr::start(&["upstream"], None);
+    dapr.set_mode(Mode::Status(403));
+    let cfg = format!(
+        "[dapr]\nurl = \"http://127.0.0.1:{}\"\nstartup_wait = \"0s\"\n\n[outbox]\nmax_bytes = \"4 MiB\"\n\n\
+         [[pipeline]]\nname = \"echo\"\nfunctions = [\"echo\"]\n\
+         sinks = [{{ dapr = {{ pubsub = \"upstram\", topic = \"t\" }} }}, {{ dapr = {{ pubsub = \"upstream\", topic = \"refused\" }} }}]\n",
+        dapr.port
+    );
+    let d = Daemon::start(&cfg);
+    let state = d.dir.join("state");
+    let max = 4u64 << 20;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let posters: Vec<_> = (0..2)
+        .map(|t| {
+            let (addr, stop) = (d.addr, stop.clone());
+            std::thread::spawn(move || {
+                let agent = common::agent();
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let body = common::noise(100 * 1024, t * 1_000_000 + n);
+                    let r = agent.post(&format!("http://{addr}/v1/pipelines/echo?camera=c{t}")).send(&body[..]);
+                    assert!(r.is_ok(), "post {n} failed: {r:?}");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let (mut peak, until) = (0u64, Instant::now() + Duration::from_secs(15));
+    while Instant::now() < until {
+        peak = peak.max(disk_usage(&state));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let frames: u64 = posters.into_iter().map(|p| p.join().unwrap()).sum();
+    peak = peak.max(disk_usage(&state));
+    let status = d.get("/v1/status").json();
+    eprintln!("{frames} frames of 100 KiB; state dir peak {peak} bytes; outbox {}", status["outbox"]);
+    assert!(frames * 100 * 1024 > 4 * max, "only {frames} frames: the test did not fill the cap");
+    assert!(status["outbox"]["dead"].as_u64().unwrap() > 0, "no dead letters: {status}");
+    assert!(peak <= max, "the state dir reached {peak} bytes, over max_bytes ({max}), after {frames} frames");
+}
+
+/// Results for a sink no longer configured have no worker to read them, and dead letters are
+/// never read at all: both must still go once older than `outbox.max_age`.
+#[test]
+fn results_for_a_removed_sink_and_dead_letters_expire_with_max_age() {
+    let dapr = FakeDapr::start(&["upstream"], None);
+    dapr.set_mode(Mode::Status(403));
+    let tmp = tempfile::tempdir().unwrap();
+    let sinks = "{ dapr = { pubsub = \"upstram\", topic = \"t\" } }, { dapr = { pubsub = \"upstream\", topic = \"refused\" } }";
+    let cfg = |sinks: &str| {
+        format!(
+            "[dapr]\nurl = \"http://127.0.0.1:{}\"\nstartup_wait = \"0s\"\n\n[outbox]\nmax_age = \"4s\"\n\n\
+             [[pipeline]]\nname = \"echo\"\nfunctions = [\"echo\"]\nsinks = [{sinks}]\n",
+            dapr.port
+        )
+    };
+    let mut d = Daemon::start_in(tmp.path(), &cfg(sinks));
+    for i in 0..5 {
+        assert_eq!(d.post("/v1/pipelines/echo?camera=a", format!("r{i}").as_bytes()).status, 200);
+    }
+    let outbox = |d: &Daemon| d.get("/v1/status").json()["outbox"].clone();
+    let until = Instant::now() + Duration::from_secs(10);
+    while outbox(&d)["dead"] != 5 {
+        assert!(Instant::now() < until, "5 dead letters expected: {}", outbox(&d));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(outbox(&d)["pending"], 5, "{}", outbox(&d));
+    assert!(d.stop().success());
+
+    // The misnamed sink is gone from the config; its results and the dead letters stay behind.
+    let d = Daemon::start_in(tmp.path(), &cfg(""));
+    assert_eq!(outbox(&d)["pending"], 5, "{}", outbox(&d));
+    let until = Instant::now() + Duration::from_secs(15);
+    while outbox(&d)["pending"] != 0 || outbox(&d)["dead"] != 0 {
+        assert!(Instant::now() < until, "nothing expired 15 s after max_age (4 s): {}", outbox(&d));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(d.metric("edgefn_outbox_evicted_total{sink=\"dapr:upstram/t\"}"), 5.0);
+    assert_eq!(d.metric("edgefn_outbox_evicted_total{sink=\"dapr:upstream/refused\"}"), 5.0);
+}

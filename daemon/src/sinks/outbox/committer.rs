@@ -1,7 +1,6 @@
 //! The committer thread: everything waiting to be committed goes into one write transaction,
 //! one fsync (group commit), on a thread of its own so no async worker waits on the disk.
-//! The byte cap is kept in the same transaction: past `max_bytes`, the oldest results of any
-//! sink are evicted (and counted).
+//! The byte cap is kept in the same transaction (see [`super::eviction`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
@@ -11,9 +10,10 @@ use redb::{Database, ReadableTable};
 use super::db::Db;
 use tokio::sync::{mpsc, oneshot};
 
-use super::record::encode;
-use super::{Item, META, Outbox, PENDING, SEQ, State};
-use crate::metrics::{Metrics, SinkLabel};
+use super::record::{disk_cost, encode};
+use super::eviction::{self, Evicted};
+use super::{DEAD, Item, META, Outbox, PENDING, SEQ, State};
+use crate::metrics::Metrics;
 
 pub struct Commit {
     pub items: Vec<Item>,
@@ -64,16 +64,16 @@ fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]
     let txn = db.begin_write()?;
     let mut touched: Vec<Arc<str>> = Vec::new();
     let mut added = 0u64;
-    let mut evicted: Vec<(String, u64)> = Vec::new();
     let mut next_id = state.next_id.load(Ordering::Relaxed);
-    let mut evicted_bytes = 0u64;
+    let evicted: Evicted;
     {
         let mut pending = txn.open_table(PENDING)?;
+        let mut dead = txn.open_table(DEAD)?;
         let mut seq = txn.open_table(SEQ)?;
         let mut meta = txn.open_table(META)?;
         for item in batch.iter().flat_map(|c| &c.items) {
             let value = encode(&item.record, &item.payload);
-            added += value.len() as u64;
+            added += disk_cost(value.len());
             pending.insert((&*item.sink, next_id), value.as_slice())?;
             next_id += 1;
             let last = seq.get(item.record.camera.as_str())?.map_or(0, |v| v.value());
@@ -85,51 +85,21 @@ fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]
             }
         }
         meta.insert("next_id", next_id)?;
-
-        // Over the byte cap: evict the oldest results, whichever sink holds them.
-        let max = state.max_bytes.load(Ordering::Relaxed);
-        while (state.bytes.load(Ordering::Relaxed) + added).saturating_sub(evicted_bytes) > max {
-            let Some((sink, id, len)) = oldest(&pending)? else {
-                break;
-            };
-            pending.remove((sink.as_str(), id))?;
-            evicted_bytes += len;
-            evicted.push((sink, id));
-        }
+        let excess = (state.bytes.load(Ordering::Relaxed) + added).saturating_sub(eviction::budget(state));
+        evicted = eviction::over_cap(&mut pending, &mut dead, excess)?;
     }
     txn.commit()?;
     // Only now, with the transaction durable, do the in-memory figures move, and by deltas:
     // a delivery worker settling at the same time moves them too.
     state.bytes.fetch_add(added, Ordering::Relaxed);
-    state.bytes.fetch_sub(evicted_bytes.min(state.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
     state.next_id.store(next_id, Ordering::Relaxed);
     for item in batch.iter().flat_map(|c| &c.items) {
         state.view.add(&item.sink, 1);
     }
-    for (sink, _) in &evicted {
-        state.view.remove(sink, 1, 0);
-        metrics.outbox_evicted.get_or_create(&SinkLabel { sink: sink.clone() }).inc();
-    }
+    evicted.apply(state, metrics);
     if !evicted.is_empty() {
-        tracing::warn!(count = evicted.len(), "outbox over max_bytes: evicted the oldest results");
+        tracing::warn!(pending = evicted.pending.len(), dead_letters = evicted.dead.len(),
+            "outbox over max_bytes: evicted the oldest");
     }
     Ok(touched)
-}
-
-/// The oldest pending result over all sinks: the smallest id among each sink's first entry.
-fn oldest(table: &redb::Table<(&str, u64), &[u8]>) -> anyhow::Result<Option<(String, u64, u64)>> {
-    let mut best: Option<(String, u64, u64)> = None;
-    let mut from: String = String::new();
-    loop {
-        let mut range = table.range((from.as_str(), 0)..)?;
-        let Some(row) = range.next() else { break };
-        let (k, v) = row?;
-        let (sink, id) = k.value();
-        if best.as_ref().is_none_or(|b| id < b.1) {
-            best = Some((sink.to_string(), id, v.value().len() as u64));
-        }
-        // Skip to the next sink name.
-        from = format!("{sink}\u{0}");
-    }
-    Ok(best)
 }

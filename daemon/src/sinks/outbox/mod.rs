@@ -7,11 +7,12 @@
 //! threads (their callers use `spawn_blocking`). The status routes read the in-memory
 //! [`view`], never the tables.
 //!
-//! Caps keep the disk safe: past `max_bytes` the oldest results are evicted (and counted), and
-//! results older than `max_age` are evicted instead of delivered.
+//! Caps keep the disk safe ([`eviction`]): `max_bytes` bounds pending results and dead letters
+//! together, and whatever is older than `max_age` is evicted, in every sink, configured or not.
 
 mod committer;
 mod db;
+mod eviction;
 mod record;
 mod view;
 
@@ -27,7 +28,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use self::committer::Commit;
 use self::db::Db;
-use self::record::encode;
+use self::record::{disk_cost, encode};
 pub use self::record::{Record, decode, now_ms};
 use self::view::View;
 use crate::metrics::{Metrics, SinkLabel};
@@ -94,10 +95,15 @@ impl Outbox {
             let mut per_sink: BTreeMap<String, u64> = BTreeMap::new();
             for row in pending.iter()? {
                 let (k, v) = row?;
-                bytes += v.value().len() as u64;
+                bytes += disk_cost(v.value().len());
                 *per_sink.entry(k.value().0.to_string()).or_default() += 1;
             }
-            let dead = txn.open_table(DEAD)?.iter()?.count() as u64;
+            // Dead letters count against max_bytes too.
+            let mut dead = 0u64;
+            for row in txn.open_table(DEAD)?.iter()? {
+                bytes += disk_cost(row?.1.value().len());
+                dead += 1;
+            }
             drop((pending, seq, meta));
             txn.commit()?;
             Ok((next_id, seqs, bytes, per_sink, dead))
@@ -129,6 +135,11 @@ impl Outbox {
             .name("edgefn-outbox".into())
             .spawn(move || committer::run(db, state, metrics, rx, weak))
             .context("spawning the outbox committer")?;
+        let weak = Arc::downgrade(&outbox);
+        std::thread::Builder::new()
+            .name("edgefn-outbox-sweep".into())
+            .spawn(move || eviction::sweep_thread(weak))
+            .context("spawning the outbox sweep")?;
         Ok(outbox)
     }
 
@@ -202,14 +213,14 @@ impl Outbox {
     }
 
     fn remove(&self, sink: &str, gone: &[u64], dead: &[(u64, String)], evicted: bool) -> anyhow::Result<()> {
-        let (freed, removed, buried) = self.db.with(|db| {
+        let (freed, buried_bytes, removed, buried) = self.db.with(|db| {
             let txn = db.begin_write()?;
-            let (mut freed, mut removed, mut buried) = (0u64, 0u64, 0u64);
+            let (mut freed, mut buried_bytes, mut removed, mut buried) = (0u64, 0u64, 0u64, 0u64);
             let mut pending = txn.open_table(PENDING)?;
             let mut dead_table = txn.open_table(DEAD)?;
             for key in gone {
                 if let Some(v) = pending.remove((sink, *key))? {
-                    freed += v.value().len() as u64;
+                    freed += disk_cost(v.value().len());
                     removed += 1;
                 }
             }
@@ -217,18 +228,21 @@ impl Outbox {
                 if let Some(v) = pending.remove((sink, *key))? {
                     let bytes = v.value().to_vec();
                     drop(v);
-                    freed += bytes.len() as u64;
+                    freed += disk_cost(bytes.len());
                     let (mut record, payload) = decode(&bytes)?;
                     record.error = Some(why.clone());
-                    dead_table.insert((sink, *key), encode(&record, &payload).as_slice())?;
+                    let value = encode(&record, &payload);
+                    buried_bytes += disk_cost(value.len());
+                    dead_table.insert((sink, *key), value.as_slice())?;
                     buried += 1;
                 }
             }
             drop((pending, dead_table));
             txn.commit()?;
-            Ok((freed, removed, buried))
+            Ok((freed, buried_bytes, removed, buried))
         })?;
         // Counted by what this transaction removed: an eviction may have taken some already.
+        self.state.bytes.fetch_add(buried_bytes, Ordering::Relaxed);
         self.state.bytes.fetch_sub(freed.min(self.state.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
         self.state.view.remove(sink, removed + buried, buried);
         let label = SinkLabel { sink: sink.to_string() };
@@ -245,10 +259,10 @@ impl Outbox {
     /// Moves every dead letter back to its sink's queue, where it keeps its place (its key) and
     /// its id; returns how many. For after the cause was fixed (a scope, a component).
     pub fn replay_dead(&self) -> anyhow::Result<u64> {
-        let (moved, added) = self.db.with(|db| {
+        let (moved, added, freed) = self.db.with(|db| {
             let txn = db.begin_write()?;
             let mut moved: Vec<(String, u64)> = Vec::new();
-            let mut added = 0u64;
+            let (mut added, mut freed) = (0u64, 0u64);
             let mut dead = txn.open_table(DEAD)?;
             let mut pending = txn.open_table(PENDING)?;
             let rows: Vec<((String, u64), Vec<u8>)> = dead
@@ -259,16 +273,18 @@ impl Outbox {
                 let (mut record, payload) = decode(&bytes)?;
                 record.error = None;
                 let value = encode(&record, &payload);
-                added += value.len() as u64;
+                added += disk_cost(value.len());
+                freed += disk_cost(bytes.len());
                 pending.insert((sink.as_str(), key), value.as_slice())?;
                 dead.remove((sink.as_str(), key))?;
                 moved.push((sink, key));
             }
             drop((dead, pending));
             txn.commit()?;
-            Ok((moved, added))
+            Ok((moved, added, freed))
         })?;
         self.state.bytes.fetch_add(added, Ordering::Relaxed);
+        self.state.bytes.fetch_sub(freed.min(self.state.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
         let mut per_sink: BTreeMap<String, u64> = BTreeMap::new();
         for (sink, _) in &moved {
             *per_sink.entry(sink.clone()).or_default() += 1;

@@ -37,11 +37,28 @@ pub fn encode(record: &Record, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// What a table value of `len` bytes costs on disk, which is what `max_bytes` counts. redb
+/// gives a value larger than a page a run of pages of its own, a power of two from 4 KiB (a
+/// 70 KB result takes 128 KiB); smaller ones share leaf pages, which split half full.
+pub fn disk_cost(len: usize) -> u64 {
+    let len = len as u64 + 64;
+    if len < 2048 { 2 * len } else { len.next_power_of_two().max(4096) }
+}
+
 /// A table value back into its record and payload; an error for anything malformed.
 pub fn decode(bytes: &[u8]) -> anyhow::Result<(Record, Bytes)> {
+    let (record, n) = parse_header(bytes)?;
+    Ok((record, Bytes::copy_from_slice(&bytes[4 + n..])))
+}
+
+/// Only the record of a table value, leaving the payload where it is.
+pub fn header(bytes: &[u8]) -> anyhow::Result<Record> {
+    Ok(parse_header(bytes)?.0)
+}
+
+fn parse_header(bytes: &[u8]) -> anyhow::Result<(Record, usize)> {
     anyhow::ensure!(bytes.len() >= 4, "outbox entry too short");
     let n = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
     anyhow::ensure!(bytes.len() - 4 >= n, "outbox entry truncated");
-    let record = serde_json::from_slice(&bytes[4..4 + n]).context("outbox entry header")?;
-    Ok((record, Bytes::copy_from_slice(&bytes[4 + n..])))
+    Ok((serde_json::from_slice(&bytes[4..4 + n]).context("outbox entry header")?, n))
 }

@@ -46,6 +46,12 @@ impl View {
         c.dead += dead;
     }
 
+    /// `n` dead letters were evicted.
+    pub fn bury_gone(&self, n: u64) {
+        let mut c = self.counts();
+        c.dead = c.dead.saturating_sub(n);
+    }
+
     /// Dead letters went back to their queues.
     pub fn revive(&self, per_sink: &BTreeMap<String, u64>) {
         let mut c = self.counts();
