@@ -197,13 +197,20 @@ fn misusing_wasi_nn_gets_an_error_and_leaves_the_pool_whole() {
     let mut d = start(&tempfile::tempdir().unwrap().keep(), &toml, common::litert_lib());
     // Warm the context with a real result, which the probe must not be able to read back.
     assert_eq!(d.post("/v1/functions/classify", &common::asset("chelsea.png")).status, 200);
-    for mode in ["unknown-model", "wrong-shape", "two-contexts", "no-compute"] {
+    // `no-input` computes on the input buffer the last call (classify, above) left behind.
+    for mode in ["unknown-model", "wrong-shape", "two-contexts", "no-compute", "no-input"] {
         let r = d.post("/v1/functions/nnprobe", mode.as_bytes());
         let body = String::from_utf8_lossy(&r.body).to_string();
         assert_eq!(r.status, 200, "{mode}: {body}");
         let errno: u32 = body.strip_prefix("errno ").and_then(|n| n.parse().ok()).expect(&body);
         assert_ne!(errno, 0, "{mode}: the host accepted it");
     }
+    // Each load_by_name takes a slot in the call's graph table: capped per call.
+    let r = d.post("/v1/functions/nnprobe", b"load-loop");
+    let body = String::from_utf8_lossy(&r.body).to_string();
+    assert_eq!(r.status, 200, "load-loop: {body}");
+    let loaded: u32 = body.strip_prefix("loaded ").and_then(|b| b.split(' ').next()?.parse().ok()).expect(&body);
+    assert!(loaded <= 64, "the host allowed {loaded} loads in one call");
     // Out-of-bounds pointers make wasmtime-wasi-nn panic inside the host call: one failed call.
     let r = d.post("/v1/functions/nnprobe", b"bad-pointer");
     assert_eq!(r.status, 500, "{}", String::from_utf8_lossy(&r.body));

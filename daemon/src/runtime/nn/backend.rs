@@ -3,6 +3,7 @@
 //! is dropped.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -61,8 +62,9 @@ impl BackendGraph for PooledGraph {
             .expect("pool lock")
             .pop()
             .ok_or_else(|| backend_error(format!("model {}: one execution context per call", self.0.name)))?;
+        let inputs = vec![false; ctx.model().inputs.len()];
         let boxed: Box<dyn BackendExecutionContext> =
-            Box::new(Borrowed { ctx: Some(ctx), pool: self.0.clone(), computed: false });
+            Box::new(Borrowed { ctx: Some(ctx), pool: self.0.clone(), computed: false, inputs });
         Ok(boxed.into())
     }
 }
@@ -71,9 +73,12 @@ impl BackendGraph for PooledGraph {
 struct Borrowed {
     ctx: Option<Compiled>,
     pool: Arc<ContextPool>,
-    /// Outputs are readable only after this call's own compute: the buffers still hold the
-    /// previous call's result, which may belong to another function.
+    /// Outputs are readable only after this call's own compute, and compute runs only once
+    /// this call has set every input: a context comes back to the pool cleared, but a guest
+    /// must never be able to compute on, or read, what another call left in it.
     computed: bool,
+    /// Which inputs this call has set.
+    inputs: Vec<bool>,
 }
 
 impl Borrowed {
@@ -84,7 +89,10 @@ impl Borrowed {
 
 impl Drop for Borrowed {
     fn drop(&mut self) {
-        if let Some(ctx) = self.ctx.take() {
+        if let Some(mut ctx) = self.ctx.take() {
+            if let Err(e) = ctx.clear() {
+                tracing::warn!(model = %self.pool.name, "clearing a context's buffers: {e}");
+            }
             self.pool.idle.lock().expect("pool lock").push(ctx);
         }
     }
@@ -112,7 +120,9 @@ impl BackendExecutionContext for Borrowed {
                 tensor.dimensions
             )));
         }
-        ctx.write_input(index, &tensor.data).map_err(into_backend)
+        ctx.write_input(index, &tensor.data).map_err(into_backend)?;
+        self.inputs[index] = true;
+        Ok(())
     }
 
     fn get_output(&mut self, id: Id) -> Result<Tensor, BackendError> {
@@ -133,6 +143,9 @@ impl BackendExecutionContext for Borrowed {
         if inputs.is_some() {
             // Named tensors belong to the component-model API, which we do not link.
             return Err(backend_error("named-tensor compute is not supported".to_string()));
+        }
+        if let Some(missing) = self.inputs.iter().position(|set| !set) {
+            return Err(backend_error(format!("compute before set_input for input {missing}")));
         }
         let started = Instant::now();
         self.ctx().run().map_err(into_backend)?;
@@ -168,15 +181,40 @@ fn into_backend(e: litert::Error) -> BackendError {
     backend_error(e.to_string())
 }
 
-/// The graphs one call may load by name.
-pub(super) struct Registry(pub(super) HashMap<String, Graph>);
+/// Loads one call may make: each takes a slot in the call's graph table that lives as long as
+/// the call, so a guest looping on `load_by_name` would grow host memory without bound.
+pub(super) const MAX_LOADS: usize = 16;
 
+/// The graphs one call may load by name, at most [`MAX_LOADS`] times.
+pub(super) struct Registry {
+    graphs: HashMap<String, Graph>,
+    loads: AtomicUsize,
+}
+
+impl Registry {
+    pub(super) fn new(graphs: HashMap<String, Graph>) -> Registry {
+        Registry { graphs, loads: AtomicUsize::new(0) }
+    }
+}
+
+impl Registry {
+    fn admit(&self) -> bool {
+        let n = self.loads.fetch_add(1, Ordering::Relaxed);
+        if n == MAX_LOADS {
+            // Once per call: a guest in a loop must not flood the journal either.
+            tracing::warn!("wasi-nn: more than {MAX_LOADS} load_by_name calls in one call, refused");
+        }
+        n < MAX_LOADS
+    }
+}
+
+// wasmtime-wasi-nn's `load_by_name` asks through `get_mut`; both count.
 impl GraphRegistry for Registry {
     fn get(&self, name: &str) -> Option<&Graph> {
-        self.0.get(name)
+        if self.admit() { self.graphs.get(name) } else { None }
     }
 
     fn get_mut(&mut self, name: &str) -> Option<&mut Graph> {
-        self.0.get_mut(name)
+        if self.admit() { self.graphs.get_mut(name) } else { None }
     }
 }

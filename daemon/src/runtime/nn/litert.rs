@@ -428,6 +428,16 @@ impl Compiled {
         Ok(out)
     }
 
+    /// Zeroes every input and output buffer, so nothing of one call is left for the next.
+    pub fn clear(&mut self) -> Result<(), Error> {
+        let model = self.model.clone();
+        let buffers = self.inputs.iter().zip(&model.inputs).chain(self.outputs.iter().zip(&model.outputs));
+        for (buf, ty) in buffers {
+            self.with_locked(*buf, LOCK_WRITE, |mem| mem.fill(0), ty.byte_len())?;
+        }
+        Ok(())
+    }
+
     fn with_locked(&self, buf: Handle, mode: c_int, f: impl FnOnce(&mut [u8]), len: usize) -> Result<(), Error> {
         let api = &self.model.lib.api;
         let mut mem = ptr::null_mut();

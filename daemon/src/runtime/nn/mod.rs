@@ -149,7 +149,7 @@ impl Grant {
         let graphs = self.models.iter().map(|m| (m.name.clone(), m.graph.clone())).collect();
         wasmtime_wasi_nn::witx::WasiNnCtx::new(
             Vec::<wasmtime_wasi_nn::Backend>::new(),
-            backend::Registry(graphs).into(),
+            backend::Registry::new(graphs).into(),
         )
     }
 }
