@@ -287,3 +287,43 @@ policy = "block"
     }
     std::thread::sleep(Duration::from_millis(100));
 }
+
+/// `unavailable` (a model that did not load) passes once the config is fixed, like
+/// `saturated`: Dapr answers RETRY for both, and an MQTT frame must not be settled either.
+/// The frame that arrived while the model was missing is classified after the reload.
+#[test]
+fn an_mqtt_frame_that_meets_a_missing_model_is_classified_once_it_is_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = common::broker::Broker::start(&tmp.path().join("broker"));
+    let results = tmp.path().join("results.jsonl");
+    let cfg = |models: &str| {
+        format!(
+            "{models}\n[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-nn-{}\"\n\n[[pipeline]]\nname = \"labels\"\n\
+             source.mqtt = \"cameras/+/frames\"\nfunctions = [\"classify\"]\nsinks = [{{ file = {{ path = {:?} }} }}]\n",
+            broker.url(),
+            broker.port,
+            results.to_str().unwrap()
+        )
+    };
+    let good = models_toml(1);
+    let missing = good.replace(model_file().to_str().unwrap(), "/nonexistent/model.tflite");
+    assert_ne!(good, missing);
+    let d = start(&tmp.path().join("d"), &cfg(&missing), common::litert_lib());
+    d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
+    broker.publish_raw("cameras/door/frames", &["-s"], Some(&common::asset("chelsea.png")));
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !d.log().contains("cannot run") {
+        assert!(std::time::Instant::now() < until, "the frame never met the missing model:\n{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let config = d.dir.join("edgefn.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace("/nonexistent/model.tflite", model_file().to_str().unwrap());
+    std::fs::write(&config, text).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.child.id() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_to_string(&results).unwrap_or_default().contains("Egyptian cat") {
+        assert!(std::time::Instant::now() < until, "no result for the frame after the model came back:\n{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -585,7 +585,7 @@ fn a_full_disk_is_an_error_in_health_not_a_crash() {
     assert!(health["problems"][0].as_str().unwrap().contains("outbox"), "{health}");
     assert!(d.log().contains("outbox commit failed"), "{}", d.log());
     // Frames that could not be stored are tried again, not given up and left unacknowledged.
-    assert!(d.log().contains("result not stored, trying again"), "{}", d.log());
+    assert!(d.log().contains("trying again: result not stored"), "{}", d.log());
     d.assert_alive();
     let _ = publishing.kill();
     let _ = publishing.wait();

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use serde_json::{Value, json};
 
 use crate::pipeline::{PipelineError, Pipelines};
-use crate::runtime::InvokeError;
 
 pub fn route(pipeline: &str) -> String {
     format!("/v1/dapr/events/{pipeline}")
@@ -47,7 +46,7 @@ pub async fn event(pipelines: &Pipelines, name: &str, body: &[u8]) -> &'static s
     }
     match pipelines.run(p, &camera, &topic, data).await {
         Ok(_) => "SUCCESS",
-        Err(PipelineError::Function(e @ (InvokeError::Saturated { .. } | InvokeError::Unavailable { .. }))) => {
+        Err(PipelineError::Function(e)) if e.passes() => {
             tracing::warn!(pipeline = name, camera = %camera, topic = %topic, "event to retry: {e}");
             "RETRY"
         }

@@ -60,12 +60,15 @@ pub struct Processed {
     pub content_type: &'static str,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    #[error(transparent)]
     Function(InvokeError),
     /// The result could not be made durable; the frame must not be acknowledged.
+    #[error("result not stored: {0}")]
     Outbox(String),
     /// Shutting down.
+    #[error("shutting down")]
     Closed,
 }
 
@@ -75,16 +78,6 @@ impl PipelineError {
             PipelineError::Function(e) => e.kind(),
             PipelineError::Outbox(_) => "outbox",
             PipelineError::Closed => "closed",
-        }
-    }
-}
-
-impl std::fmt::Display for PipelineError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PipelineError::Function(e) => e.fmt(f),
-            PipelineError::Outbox(e) => write!(f, "result not stored: {e}"),
-            PipelineError::Closed => f.write_str("shutting down"),
         }
     }
 }
@@ -232,27 +225,6 @@ impl Pipelines {
         Ok(r)
     }
 
-    /// Stores a camera frame's result, trying again while the outbox fails (a full disk) until
-    /// it has room or the queue closes. Giving up at once would withhold the frame's ack, and
-    /// past the broker's in-flight window (mosquitto: 20) the broker sends nothing more.
-    async fn store_until_durable(&self, p: &Pipeline, made: Made, queue: &CameraQueue) -> Result<Processed, PipelineError> {
-        let mut wait = std::time::Duration::from_millis(250);
-        loop {
-            match self.store(p, made.clone()).await {
-                Err(PipelineError::Outbox(e)) if !queue.is_closed() => {
-                    tracing::error!(pipeline = %p.name, camera = %made.camera, retry_in = ?wait,
-                        "result not stored, trying again: {e}");
-                    let until = tokio::time::Instant::now() + wait;
-                    while tokio::time::Instant::now() < until && !queue.is_closed() {
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                    wait = (wait * 2).min(std::time::Duration::from_secs(2));
-                }
-                other => return other,
-            }
-        }
-    }
-
     fn count_error(&self, p: &Pipeline, kind: &'static str) {
         self.metrics.pipeline_errors.get_or_create(&ErrorLabel { pipeline: p.name.clone(), kind }).inc();
     }
@@ -330,10 +302,7 @@ impl Pipelines {
 
     async fn camera_worker(self: Arc<Self>, p: Arc<Pipeline>, camera: String, queue: Arc<CameraQueue>) {
         while let Some(frame) = queue.pop().await {
-            let outcome = match self.make(&p, &camera, &frame.topic, frame.payload).await {
-                Ok(made) => self.store_until_durable(&p, made, &queue).await,
-                Err(e) => Err(e),
-            };
+            let outcome = self.run_until_settled(&p, &camera, &frame, &queue).await;
             self.settled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match outcome {
                 Ok(_) => {
@@ -341,7 +310,7 @@ impl Pipelines {
                         ack.done();
                     }
                 }
-                Err(PipelineError::Function(e)) => {
+                Err(PipelineError::Function(e)) if !e.passes() => {
                     tracing::warn!(pipeline = %p.name, camera = %camera, topic = %frame.topic, "frame failed: {e}");
                     // Retrying the same bytes gives the same failure: settle the frame.
                     if let Some(ack) = frame.ack {
@@ -349,10 +318,54 @@ impl Pipelines {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(pipeline = %p.name, camera = %camera, topic = %frame.topic,
+                    tracing::warn!(pipeline = %p.name, camera = %camera, topic = %frame.topic,
                         "frame not acknowledged, the broker will redeliver it: {e}");
                 }
             }
+        }
+    }
+
+    /// Runs a camera frame and stores its result, trying again while the failure is one that
+    /// passes: a full disk, no free instance, a model not loaded. Giving up would withhold the
+    /// frame's ack, and past the broker's in-flight window (mosquitto: 20) the broker sends
+    /// nothing more; settling it would lose it. Only a closing queue (shutdown, reload) ends
+    /// the wait, leaving the frame for the broker to redeliver.
+    async fn run_until_settled(
+        &self,
+        p: &Pipeline,
+        camera: &str,
+        frame: &Frame,
+        queue: &CameraQueue,
+    ) -> Result<Processed, PipelineError> {
+        let mut wait = std::time::Duration::from_millis(250);
+        let mut made = None;
+        loop {
+            let outcome = match made.take() {
+                Some(m) => self.store(p, m).await,
+                None => match self.make(p, camera, &frame.topic, frame.payload.clone()).await {
+                    Ok(m) => {
+                        made = Some(m.clone());
+                        self.store(p, m).await.inspect(|_| made = None)
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            let passes = match &outcome {
+                Err(PipelineError::Outbox(_)) => true,
+                Err(PipelineError::Function(e)) => e.passes(),
+                _ => false,
+            };
+            if !passes || queue.is_closed() {
+                return outcome;
+            }
+            if let Err(e) = &outcome {
+                tracing::warn!(pipeline = %p.name, camera, topic = %frame.topic, retry_in = ?wait, "trying again: {e}");
+            }
+            let until = tokio::time::Instant::now() + wait;
+            while tokio::time::Instant::now() < until && !queue.is_closed() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            wait = (wait * 2).min(std::time::Duration::from_secs(2));
         }
     }
 
