@@ -93,6 +93,8 @@ pub struct Pipelines {
     pub board: Board,
     /// Frames settled by camera workers; the watchdog checks that it moves.
     settled: std::sync::atomic::AtomicU64,
+    /// Set by `shutdown` under the queues lock: no queue or worker is made after it took stock.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Pipelines {
@@ -133,6 +135,7 @@ impl Pipelines {
             workers: Mutex::new(JoinSet::new()),
             board: Board::default(),
             settled: Default::default(),
+            closing: Default::default(),
         })
     }
 
@@ -268,6 +271,10 @@ impl Pipelines {
         let key = (p.name.clone(), frame.camera.clone());
         let queue = {
             let mut queues = self.queues.lock().expect("queues lock");
+            if self.closing.load(std::sync::atomic::Ordering::Relaxed) {
+                // Not acknowledged: the broker redelivers it to the next generation.
+                return;
+            }
             match queues.get(&key) {
                 Some(q) => q.clone(),
                 None => {
@@ -382,7 +389,11 @@ impl Pipelines {
     /// Stops taking frames, lets each worker finish the frame in hand, and waits for them.
     /// Waiting frames are left unacknowledged for the broker to redeliver.
     pub async fn shutdown(&self) {
-        let queues: Vec<Arc<CameraQueue>> = self.queues.lock().expect("queues lock").values().cloned().collect();
+        let queues: Vec<Arc<CameraQueue>> = {
+            let queues = self.queues.lock().expect("queues lock");
+            self.closing.store(true, std::sync::atomic::Ordering::Relaxed);
+            queues.values().cloned().collect()
+        };
         let mut returned = 0;
         for q in queues {
             returned += q.close().len();
