@@ -8,7 +8,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 need_apt=()
 for p in rustc-web cargo-web rust-web-src wasi-libc lld python3-pip curl mosquitto mosquitto-clients openssl chromium \
-         redis-server redis-tools python3-venv; do
+         redis-server redis-tools python3-venv faketime; do
   dpkg -s "$p" >/dev/null 2>&1 || need_apt+=("$p")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -39,6 +39,7 @@ fn fill(state: &std::path::Path) {
                             topic: "frames".into(),
                             content_type: "application/octet-stream".into(),
                             created_ms: edgefn::sinks::outbox::now_ms(),
+                            boot: edgefn::sinks::outbox::Boot::now(),
                             error: None,
                         },
                         payload: payload.clone(),

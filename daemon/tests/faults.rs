@@ -600,3 +600,43 @@ fn results_for_a_removed_sink_and_dead_letters_expire_with_max_age() {
     assert_eq!(d.metric("edgefn_outbox_evicted_total{sink=\"dapr:upstram/t\"}"), 5.0);
     assert_eq!(d.metric("edgefn_outbox_evicted_total{sink=\"dapr:upstream/refused\"}"), 5.0);
 }
+
+/// A board without a real-time clock boots with a stale clock (here a year behind), makes
+/// results while the sidecar is away, then NTP moves the clock forward a year. Measured by the
+/// wall clock those results are a year old, past `max_age`; they are minutes old, and must be
+/// delivered. The daemon runs under libfaketime (Debian's `faketime`), monotonic clocks real.
+#[test]
+fn results_survive_the_wall_clock_jumping_forward_at_ntp_sync() {
+    let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    assert!(std::path::Path::new(lib).exists(), "{lib} missing: scripts/setup.sh installs faketime");
+    let tmp = tempfile::tempdir().unwrap();
+    let offset = tmp.path().join("faketime");
+    std::fs::write(&offset, "-365d\n").unwrap();
+    let dapr = FakeDapr::start(&["upstream"], None);
+    dapr.set_mode(Mode::Down);
+    let cfg = format!(
+        "[dapr]\nurl = \"http://127.0.0.1:{}\"\nstartup_wait = \"0s\"\n\n[outbox]\nmax_age = \"1h\"\n\n\
+         [[pipeline]]\nname = \"echo\"\nfunctions = [\"echo\"]\nsinks = [{{ dapr = {{ pubsub = \"upstream\", topic = \"t\" }} }}]\n",
+        dapr.port
+    );
+    let envs = [
+        ("LD_PRELOAD", lib.to_string()),
+        ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap().to_string()),
+        ("FAKETIME_CACHE_DURATION", "1".to_string()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+    ];
+    let d = Daemon::start_env(&tmp.path().join("d"), &cfg, &envs);
+    for i in 0..5 {
+        assert_eq!(d.post("/v1/pipelines/echo?camera=a", format!("r{i}").as_bytes()).status, 200);
+    }
+    let last_seen = d.get("/v1/status").json()["cameras"][0]["last_seen_ms"].as_u64().unwrap();
+    let real_now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    assert!(real_now - last_seen > 300 * 24 * 3600 * 1000, "the daemon's clock is not a year behind");
+
+    // NTP syncs: the clock jumps forward a year.
+    std::fs::write(&offset, "+0d\n").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    dapr.set_mode(Mode::Ok);
+    dapr.wait_for(60, "the 5 results made before the clock jumped", |e| e.len() >= 5);
+    assert_eq!(d.metric("edgefn_outbox_evicted_total{sink=\"dapr:upstream/t\"}"), 0.0, "{}", d.log());
+}

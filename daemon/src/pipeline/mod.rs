@@ -25,7 +25,7 @@ use crate::content_type;
 use crate::metrics::{CameraLabel, Metrics, PipelineError as ErrorLabel};
 use crate::runtime::{InvokeError, Runtime};
 use crate::sinks::Sink;
-use crate::sinks::outbox::{Item, Outbox, Record, now_ms};
+use crate::sinks::outbox::{Boot, Item, Outbox, Record, now_ms};
 
 /// Camera ids end up in result ids, HTTP headers, file names and metric labels: 1 to 128 of
 /// `[A-Za-z0-9._-]`. Every ingress checks this before a frame enters a pipeline.
@@ -192,6 +192,7 @@ impl Pipelines {
         let content_type = content_type::sniff(&data);
         let id = format!("{}/{camera}/{seq}", p.name);
         let created_ms = now_ms();
+        let boot = Boot::now();
         let items: Vec<Item> = p
             .sinks
             .iter()
@@ -205,6 +206,7 @@ impl Pipelines {
                     topic: s.destination(&p.name, camera),
                     content_type: content_type.to_string(),
                     created_ms,
+                    boot: boot.clone(),
                     error: None,
                 },
                 payload: data.clone(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use redb::{ReadableTable, Table};
 
-use super::record::{disk_cost, header};
+use super::record::{Boot, disk_cost, header};
 use super::{DEAD, Outbox, PENDING, State};
 use crate::metrics::{Metrics, SinkLabel};
 
@@ -74,9 +74,10 @@ pub fn over_cap<'t>(pending: &mut Rows<'t>, dead: &mut Rows<'t>, excess: u64) ->
     Ok(out)
 }
 
-/// Evicts every row created before `cutoff_ms`, in every sink.
-pub fn expired<'t>(pending: &mut Rows<'t>, dead: &mut Rows<'t>, cutoff_ms: u64) -> anyhow::Result<Evicted> {
+/// Evicts every row older than `max_age_ms`, in every sink.
+pub fn expired<'t>(pending: &mut Rows<'t>, dead: &mut Rows<'t>, max_age_ms: u64) -> anyhow::Result<Evicted> {
     let mut out = Evicted::default();
+    let now = Boot::now();
     for (table, is_dead) in [(pending, false), (dead, true)] {
         for sink in sinks(table)? {
             // Keys grow with creation, so a sink's expired rows are its first ones.
@@ -84,7 +85,7 @@ pub fn expired<'t>(pending: &mut Rows<'t>, dead: &mut Rows<'t>, cutoff_ms: u64) 
             for row in table.range((sink.as_str(), 0)..=(sink.as_str(), u64::MAX))? {
                 let (k, v) = row?;
                 match header(v.value()) {
-                    Ok(r) if r.created_ms >= cutoff_ms => break,
+                    Ok(r) if r.age_ms(&now) <= max_age_ms => break,
                     // An unreadable row can never be delivered either.
                     _ => old.push((k.value().1, disk_cost(v.value().len()))),
                 }
@@ -142,13 +143,13 @@ pub fn sweep_thread(outbox: Weak<Outbox>) {
 impl Outbox {
     /// Evicts results and dead letters older than `max_age`, in every sink.
     pub fn sweep(self: &Arc<Self>) -> anyhow::Result<()> {
-        let cutoff = super::now_ms().saturating_sub(self.state.max_age_ms.load(Ordering::Relaxed));
+        let max_age_ms = self.state.max_age_ms.load(Ordering::Relaxed);
         let evicted = self.db.with(|db| {
             let txn = db.begin_write()?;
             let evicted = {
                 let mut pending = txn.open_table(PENDING)?;
                 let mut dead = txn.open_table(DEAD)?;
-                expired(&mut pending, &mut dead, cutoff)?
+                expired(&mut pending, &mut dead, max_age_ms)?
             };
             if evicted.is_empty() {
                 txn.abort()?;

@@ -29,7 +29,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use self::committer::Commit;
 use self::db::Db;
 use self::record::{disk_cost, encode};
-pub use self::record::{Record, decode, now_ms};
+pub use self::record::{Boot, Record, decode, now_ms};
 use self::view::View;
 use crate::metrics::{Metrics, SinkLabel};
 
@@ -180,7 +180,8 @@ impl Outbox {
 
     /// Up to `max` of the oldest results for `sink`. Expired ones are evicted on the way.
     pub fn peek(&self, sink: &str, max: usize) -> anyhow::Result<Vec<Pending>> {
-        let oldest_allowed = now_ms().saturating_sub(self.state.max_age_ms.load(Ordering::Relaxed));
+        let max_age_ms = self.state.max_age_ms.load(Ordering::Relaxed);
+        let now = Boot::now();
         let (out, expired) = self.db.with(|db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(PENDING)?;
@@ -189,7 +190,7 @@ impl Outbox {
             for row in table.range((sink, 0)..=(sink, u64::MAX))? {
                 let (k, v) = row?;
                 let (record, payload) = decode(v.value())?;
-                if record.created_ms < oldest_allowed {
+                if record.age_ms(&now) > max_age_ms {
                     expired.push(k.value().1);
                     continue;
                 }
@@ -321,12 +322,12 @@ impl Outbox {
             let txn = db.begin_read()?;
             let table = txn.open_table(PENDING)?;
             Ok(match table.range((sink, 0)..=(sink, u64::MAX))?.next() {
-                Some(row) => Some(decode(row?.1.value())?.0.created_ms),
+                Some(row) => Some(record::header(row?.1.value())?.age_ms(&Boot::now())),
                 None => None,
             })
         })?;
-        let Some(oldest) = oldest else { return Ok((0, 0.0)) };
-        Ok((n, now_ms().saturating_sub(oldest) as f64 / 1000.0))
+        let Some(age_ms) = oldest else { return Ok((0, 0.0)) };
+        Ok((n, age_ms as f64 / 1000.0))
     }
 
     /// Every sink with pending results, including ones no longer configured.

@@ -19,6 +19,9 @@ pub struct Record {
     pub topic: String,
     pub content_type: String,
     pub created_ms: u64,
+    /// When it was made on the boot's own clock, which wall-clock jumps do not move: its age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Boot>,
     /// Why it was dead-lettered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -26,6 +29,39 @@ pub struct Record {
 
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A point on one boot's `CLOCK_BOOTTIME`. Boards without a real-time clock start with a stale
+/// wall clock and jump (by months) when NTP syncs; measured by the wall clock, every result
+/// made before the jump would look that old and be evicted past `max_age`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Boot {
+    pub id: String,
+    pub ms: u64,
+}
+
+impl Boot {
+    pub fn now() -> Option<Boot> {
+        static ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let id = ID
+            .get_or_init(|| {
+                std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
+            })
+            .clone()?;
+        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+        Some(Boot { id, ms: t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000 })
+    }
+}
+
+impl Record {
+    /// How long ago the result was made: on the boot clock when it was made on this boot, else
+    /// (a result from before a reboot) by the wall clock, the only clock the two boots share.
+    pub fn age_ms(&self, now: &Option<Boot>) -> u64 {
+        match (&self.boot, now) {
+            (Some(then), Some(now)) if then.id == now.id => now.ms.saturating_sub(then.ms),
+            _ => now_ms().saturating_sub(self.created_ms),
+        }
+    }
 }
 
 pub fn encode(record: &Record, payload: &[u8]) -> Vec<u8> {
