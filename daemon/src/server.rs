@@ -149,37 +149,8 @@ async fn health_loop(api: Arc<Api>, interval: Duration, watchdog: bool, deadline
         if watchdog {
             systemd::watchdog_ping();
         }
-        systemd::status(&status_line(&api));
+        systemd::status(&crate::ingress::status::Snapshot::take(&api).line());
     }
-}
-
-fn status_line(api: &Api) -> String {
-    let rt = &api.runtime;
-    let mut line = String::new();
-    for problem in api.daemon_problems.lock().expect("problems lock").iter() {
-        line += &format!("{problem}; ");
-    }
-    line += &format!("{} functions", rt.functions().count());
-    if !rt.failed().is_empty() {
-        line += &format!(" ({} failed)", rt.failed().len());
-    }
-    let models = rt.models();
-    if models.loaded().count() + models.failed().len() > 0 {
-        line += &format!(", {} models", models.loaded().count());
-        if !models.failed().is_empty() {
-            line += &format!(" ({} failed)", models.failed().len());
-        }
-    }
-    if let Some(p) = &api.pipelines {
-        let m = rt.metrics();
-        line += &format!(
-            ", {} pipelines, outbox {} pending, broker {}",
-            p.iter().count(),
-            p.outbox().total(),
-            if m.mqtt_connected.get() == 1 { "connected" } else { "offline" }
-        );
-    }
-    line
 }
 
 /// What outlives a generation: the outbox (one redb file, locked while open, so a reload must
@@ -350,7 +321,7 @@ struct Generation {
 
 impl Generation {
     fn status_line(&self) -> String {
-        status_line(&self.api)
+        crate::ingress::status::Snapshot::take(&self.api).line()
     }
 
     /// Stops in the documented order and hands back the listening socket.

@@ -63,7 +63,7 @@ pub async fn event(pipelines: &Pipelines, name: &str, body: &[u8]) -> &'static s
 
 /// (camera, topic, data) from a CloudEvent: `data_base64` decoded, a string `data` as its
 /// bytes, other JSON `data` re-serialised. The camera is the event's `subject`, else `dapr`.
-fn unwrap_event(body: &[u8]) -> Result<(String, String, Bytes), String> {
+pub fn unwrap_event(body: &[u8]) -> Result<(String, String, Bytes), String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
     let camera = match v["subject"].as_str() {
         None | Some("") => "dapr".to_string(),

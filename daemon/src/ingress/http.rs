@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use super::routes::{self, Endpoint, Resolved};
 use super::{dapr, openapi, web};
 use crate::content_type;
-use crate::metrics::{FunctionLabel, SinkLabel};
+use crate::metrics::FunctionLabel;
 use crate::pipeline::{PipelineError, Pipelines};
 use crate::runtime::{InvokeError, Runtime};
 
@@ -93,9 +93,7 @@ pub(super) async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Bo
         Endpoint::Latest => web::latest(api, param(0), param(1)),
         Endpoint::Health => health(api),
         Endpoint::Metrics => {
-            if let Some(p) = &api.pipelines {
-                refresh_outbox_metrics(p);
-            }
+            super::status::Snapshot::take(api).set_gauges(api.runtime.metrics());
             let mut resp = Response::new(full(api.runtime.metrics().encode()));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
@@ -238,18 +236,6 @@ async fn replay_dead_letters(api: &Api) -> Response<Body> {
     }
 }
 
-fn refresh_outbox_metrics(p: &Pipelines) {
-    let sinks = p.outbox().sinks_with_pending();
-    let metrics = p.runtime().metrics();
-    for sink in p.iter().flat_map(|p| p.sinks.iter().map(|s| s.key.to_string())).chain(sinks) {
-        if let Ok((depth, age)) = p.outbox().depth(&sink) {
-            let label = SinkLabel { sink };
-            metrics.outbox_depth.get_or_create(&label).set(depth as i64);
-            metrics.outbox_oldest_age.get_or_create(&label).set(age);
-        }
-    }
-}
-
 async fn invoke(api: &Api, name: &str, req: Request<Incoming>, env: &[(&str, &str)]) -> Response<Body> {
     let input = match read_body(req, api.max_body).await {
         Ok(b) => b,
@@ -350,33 +336,7 @@ async fn drain(mut body: Incoming) {
 }
 
 fn health(api: &Api) -> Response<Body> {
-    let rt = &api.runtime;
-    let metrics = rt.metrics();
-    let mut problems: Vec<String> = api.daemon_problems.lock().expect("problems lock").clone();
-    problems.extend(rt.failed().keys().map(|f| format!("function {f} not loaded")));
-    problems.extend(rt.models().failed().keys().map(|m| format!("model {m} not loaded")));
-    let outbox = api.pipelines.as_ref().map(|p| {
-        let ob = p.outbox();
-        if let Some(e) = ob.error() {
-            problems.push(format!("outbox: {e}"));
-        }
-        json!({ "pending": ob.total(), "error": ob.error() })
-    });
-    let status = if problems.is_empty() { "ok" } else { "degraded" };
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "status": status,
-            "problems": problems,
-            "functions": rt.functions().count(),
-            "failed": rt.failed(),
-            "pipelines": api.pipelines.as_ref().map_or(0, |p| p.iter().count()),
-            "queued_frames": api.pipelines.as_ref().map_or(0, |p| p.queued()),
-            "outbox": outbox,
-            "mqtt_connected": metrics.mqtt_connected.get() == 1,
-            "dapr_reachable": metrics.dapr_reachable.get() == 1,
-        }),
-    )
+    json_response(StatusCode::OK, &super::status::Snapshot::take(api).health())
 }
 
 fn list_functions(api: &Api) -> Response<Body> {

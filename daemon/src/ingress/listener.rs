@@ -57,6 +57,23 @@ pub fn connection_cap(configured: usize) -> usize {
     configured.min(files / 2).max(1)
 }
 
+/// Serves one HTTP/1 connection over any byte stream, with the API's routes and the same
+/// header timeout as the listener (the HTTP fuzz target drives it with arbitrary bytes).
+pub async fn serve_connection<I>(api: Arc<Api>, io: I) -> hyper::Result<()>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let api = api.clone();
+        async move { Ok::<_, Infallible>(super::http::route(&api, req).await) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(io), service)
+        .await
+}
+
 /// Serves `listener` until `shutdown` resolves, then gives open requests `grace` to finish and
 /// cuts the rest. Hands the listener back, so a reload keeps the socket (and its backlog).
 pub async fn serve(

@@ -7,4 +7,5 @@ pub mod listener;
 pub mod mqtt;
 pub mod openapi;
 pub mod routes;
+pub mod status;
 pub mod web;

@@ -19,7 +19,6 @@ use crate::runtime::Runtime;
 use tokio_stream::wrappers::{BroadcastStream, IntervalStream};
 
 use super::http::{Api, Body, full};
-use crate::sinks::Kind;
 
 const PAGE: &str = include_str!("web/index.html");
 
@@ -47,32 +46,19 @@ pub fn status(api: &Api) -> Value {
             })
         })
         .collect();
-    let (mut pending, mut oldest, mut dead, mut sinks, mut cameras, mut dapr_sinks, mut pipelines) =
-        (0u64, 0f64, 0u64, Vec::new(), Vec::new(), 0, Vec::new());
-    if let Some(ps) = &api.pipelines {
-        let ob = ps.outbox();
-        pending = ob.total();
-        dead = ob.dead_count();
-        let mut keys: Vec<String> = ps.iter().flat_map(|p| p.sinks.iter().map(|s| s.key.to_string())).collect();
-        keys.sort();
-        keys.dedup();
-        for key in keys {
-            let (depth, age) = ob.depth(&key).unwrap_or((0, 0.0));
-            oldest = oldest.max(age);
-            sinks.push(json!({ "sink": key, "depth": depth, "oldest_age_s": age }));
-        }
-        dapr_sinks = ps.iter().flat_map(|p| &p.sinks).filter(|s| matches!(s.kind, Kind::Dapr(_))).count();
-        cameras = ps.board.cameras();
-        pipelines = ps.iter().map(|p| json!({ "name": p.name, "functions": p.functions })).collect();
-    }
-    let notice = (dapr_sinks == 0 && api.pipelines.is_some())
+    let snap = super::status::Snapshot::take(api);
+    let (cameras, pipelines): (Vec<Value>, Vec<Value>) = match &api.pipelines {
+        Some(ps) => (ps.board.cameras(), ps.iter().map(|p| json!({ "name": p.name, "functions": p.functions })).collect()),
+        None => (Vec::new(), Vec::new()),
+    };
+    let notice = (!snap.dapr_configured && api.pipelines.is_some())
         .then_some("No Dapr sidecar configured: results go to the file and MQTT sinks.");
     json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "mqtt_connected": m.mqtt_connected.get() == 1,
-        "dapr": { "configured": dapr_sinks > 0, "reachable": m.dapr_reachable.get() == 1 },
+        "mqtt_connected": snap.mqtt_connected,
+        "dapr": { "configured": snap.dapr_configured, "reachable": snap.dapr_reachable },
         "notice": notice,
-        "outbox": { "pending": pending, "oldest_age_s": oldest, "dead": dead, "sinks": sinks },
+        "outbox": snap.outbox(),
         "functions": functions,
         "failed": rt.failed(),
         "models": models(rt),

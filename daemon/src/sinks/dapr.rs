@@ -256,18 +256,7 @@ impl DaprSink {
             return Answer::Outcomes(vec![Outcome::Delivered; chunk.len()]);
         }
         // A 500 names the entries that failed; the rest were published.
-        let failed: Option<Vec<(String, String)>> = serde_json::from_slice::<Value>(&reply.body)
-            .ok()
-            .and_then(|v| v["failedEntries"].as_array().cloned())
-            .map(|arr| {
-                arr.iter()
-                    .map(|e| {
-                        let id = e["entryId"].as_str().unwrap_or_default().to_string();
-                        (id, e["error"].as_str().unwrap_or("failed").to_string())
-                    })
-                    .collect()
-            });
-        match failed {
+        match failed_entries(&reply.body) {
             Some(failed) if reply.status == StatusCode::INTERNAL_SERVER_ERROR => Answer::Outcomes(
                 chunk
                     .iter()
@@ -345,7 +334,23 @@ impl Entry {
     }
 }
 
-fn error_code(body: &[u8]) -> Option<String> {
+/// The `(entryId, error)` pairs of a bulk publish reply's `failedEntries`, if it has them.
+pub fn failed_entries(body: &[u8]) -> Option<Vec<(String, String)>> {
+    let v = serde_json::from_slice::<Value>(body).ok()?;
+    let entries = v["failedEntries"].as_array()?;
+    Some(
+        entries
+            .iter()
+            .map(|e| {
+                let id = e["entryId"].as_str().unwrap_or_default().to_string();
+                (id, e["error"].as_str().unwrap_or("failed").to_string())
+            })
+            .collect(),
+    )
+}
+
+/// The `errorCode` of a sidecar's error body.
+pub fn error_code(body: &[u8]) -> Option<String> {
     serde_json::from_slice::<Value>(body).ok()?["errorCode"].as_str().map(str::to_string)
 }
 

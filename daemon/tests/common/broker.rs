@@ -205,8 +205,19 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn start(broker: &Broker, topic: &str) -> Subscriber {
+        Subscriber::spawn(broker, topic, &[])
+    }
+
+    /// A subscriber with a persistent session (`client_id`): across a broker restart the broker
+    /// keeps what was published for it, so nothing is missed while it reconnects.
+    pub fn start_persistent(broker: &Broker, topic: &str, client_id: &str) -> Subscriber {
+        Subscriber::spawn(broker, topic, &["-c", "-i", client_id])
+    }
+
+    fn spawn(broker: &Broker, topic: &str, extra: &[&str]) -> Subscriber {
         let mut child = Command::new("mosquitto_sub")
             .args(["-h", "127.0.0.1", "-p", &broker.port.to_string(), "-q", "1", "-t", topic])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

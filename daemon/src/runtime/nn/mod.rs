@@ -112,6 +112,11 @@ impl Model {
         Ok(Model { name: name.to_string(), pool, graph, permits: Arc::new(Semaphore::new(mc.contexts as usize)) })
     }
 
+    /// The model as wasi-nn hands it to a guest (the wasi-nn fuzz target drives it directly).
+    pub fn graph(&self) -> &wasmtime_wasi_nn::Graph {
+        &self.graph
+    }
+
     /// Compiled contexts that exist (all created at start).
     pub fn contexts(&self) -> usize {
         self.pool.size()

@@ -28,8 +28,8 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use self::committer::Commit;
 use self::db::Db;
-use self::record::{disk_cost, encode};
-pub use self::record::{Boot, Record, decode, now_ms};
+use self::record::disk_cost;
+pub use self::record::{Boot, Record, decode, encode, now_ms};
 use self::view::View;
 use crate::metrics::{Metrics, SinkLabel};
 
