@@ -19,6 +19,12 @@ host="$(rustc -vV | sed -n 's/^host: //p')"
 echo "== daemon tests"
 cargo test --release --workspace
 
+echo "== fuzzing: every parser that takes outside bytes, a minute each (cargo-fuzz)"
+scripts/fuzz.sh
+
+echo "== soak: 3 minutes of MQTT load with the sidecar, the broker and the config failing under it"
+EDGEFN_SOAK_SECS=180 cargo bench --bench soak
+
 echo "== API: a running daemon against its OpenAPI description (schemathesis)"
 target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 tests/api/schemathesis.sh "$target/release/edgefn"

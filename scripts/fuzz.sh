@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every cargo-fuzz target in daemon/fuzz for a bounded time (EDGEFN_FUZZ_SECS, default 60)
+# on its corpus (daemon/fuzz/corpus/<target>, kept in the repo; inputs found are added there),
+# and prints each target's runs per second. A crash fails the run and leaves its input in
+# daemon/fuzz/artifacts/<target>/.
+#
+# Stable Rust: `--sanitizer none` needs no nightly flag (libFuzzer's coverage instrumentation
+# is plain -C/-Cllvm-args). The instrumented build is cached under /var/cache/edgefn.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --quiet
+export CARGO_TARGET_DIR=/var/cache/edgefn/fuzz-target
+secs="${EDGEFN_FUZZ_SECS:-60}"
+# The http target serves the echo fixture (functions/build.sh); wasi_nn runs the real model.
+export EDGEFN_FUZZ_FUNCTIONS="$PWD/functions/out/fixtures"
+export EDGEFN_FUZZ_LITERT="${EDGEFN_LITERT_DIR:-/var/cache/edgefn/litert}/amd64/libLiteRt.so"
+export EDGEFN_FUZZ_MODEL="${EDGEFN_ASSETS:-/var/cache/edgefn/assets}/efficientnet_lite0.tflite"
+
+cd daemon/fuzz
+echo "fuzz: building the targets (instrumented; cached in $CARGO_TARGET_DIR)"
+cargo fuzz build --sanitizer none
+for target in $(cargo fuzz list); do
+  mkdir -p "corpus/$target"
+  log="$(mktemp)"
+  if ! cargo fuzz run --sanitizer none "$target" "corpus/$target" -- \
+      -max_total_time="$secs" -rss_limit_mb=4096 -timeout=20 -print_final_stats=1 >"$log" 2>&1; then
+    tail -60 "$log"
+    echo "fuzz: $target FAILED: the input is in daemon/fuzz/artifacts/$target/" >&2
+    exit 1
+  fi
+  runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")"
+  echo "fuzz: $target: ${runs:-?} runs in ${secs} s ($(( ${runs:-0} / secs ))/s), corpus $(ls "corpus/$target" | wc -l) inputs, nothing found"
+  rm -f "$log"
+done
