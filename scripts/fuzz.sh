@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target in daemon/fuzz for a bounded time (EDGEFN_FUZZ_SECS, default 60)
-# on its corpus (daemon/fuzz/corpus/<target>, kept in the repo; inputs found are added there),
-# and prints each target's runs per second. A crash fails the run and leaves its input in
+# on its corpus (daemon/fuzz/corpus/<target>, kept in the repo, minimised with `cargo fuzz
+# cmin`; new inputs go to a scratch dir, not into the clone), and prints runs per second. A crash fails the run and leaves its input in
 # daemon/fuzz/artifacts/<target>/.
 #
 # Stable Rust: `--sanitizer none` needs no nightly flag (libFuzzer's coverage instrumentation
@@ -23,13 +23,14 @@ cargo fuzz build --sanitizer none
 for target in $(cargo fuzz list); do
   mkdir -p "corpus/$target"
   log="$(mktemp)"
-  if ! cargo fuzz run --sanitizer none "$target" "corpus/$target" -- \
+  found="$(mktemp -d)"
+  if ! cargo fuzz run --sanitizer none "$target" "$found" "corpus/$target" -- \
       -max_total_time="$secs" -rss_limit_mb=4096 -timeout=20 -print_final_stats=1 >"$log" 2>&1; then
     tail -60 "$log"
     echo "fuzz: $target FAILED: the input is in daemon/fuzz/artifacts/$target/" >&2
     exit 1
   fi
   runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")"
-  echo "fuzz: $target: ${runs:-?} runs in ${secs} s ($(( ${runs:-0} / secs ))/s), corpus $(ls "corpus/$target" | wc -l) inputs, nothing found"
-  rm -f "$log"
+  echo "fuzz: $target: ${runs:-?} runs in ${secs} s ($(( ${runs:-0} / secs ))/s), corpus $(ls "corpus/$target" | wc -l) + $(ls "$found" | wc -l) new inputs, nothing found"
+  rm -rf "$log" "$found"
 done
