@@ -144,15 +144,22 @@ fn main() {
     let publisher = rt.spawn(publish(broker.port, fps, published.clone(), stop.clone()));
     let started = Instant::now();
     let every = |fraction: f64| Duration::from_secs_f64(secs as f64 * fraction);
-    let (kill_every, broker_every, reload_every, sample_every) = (every(1.0 / 6.0), every(7.0 / 30.0), every(0.1), every(0.1).max(Duration::from_secs(10)));
-    let (mut next_kill, mut next_broker, mut next_reload, mut next_sample) = (kill_every, broker_every, reload_every, Duration::ZERO);
+    let (kill_every, broker_every, reload_every, sample_every) =
+        (every(1.0 / 6.0), every(7.0 / 30.0), every(0.1), every(0.1).max(Duration::from_secs(10)));
+    let (mut next_kill, mut next_broker, mut next_reload, mut next_sample) =
+        (kill_every, broker_every, reload_every, Duration::ZERO);
     let (mut kills, mut broker_restarts, mut reloads) = (0, 0, 0);
     let mut rss: Vec<(u64, u64)> = Vec::new();
     while started.elapsed() < total {
         let t = started.elapsed();
         if t >= next_sample {
             rss.push((t.as_secs(), common::rss_kib(d.child.id())));
-            println!("soak: t={:>5} s  rss {:>7} KiB  frames in {:>8}", t.as_secs(), rss.last().unwrap().1, published.acked.lock().unwrap().len());
+            println!(
+                "soak: t={:>5} s  rss {:>7} KiB  frames in {:>8}",
+                t.as_secs(),
+                rss.last().unwrap().1,
+                published.acked.lock().unwrap().len()
+            );
             next_sample += sample_every;
         }
         if t >= next_kill {
@@ -168,7 +175,8 @@ fn main() {
             next_broker += broker_every;
         }
         if t >= next_reload {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.child.id() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.child.id() as i32), nix::sys::signal::Signal::SIGHUP)
+                .unwrap();
             reloads += 1;
             next_reload += reload_every;
         }
@@ -192,10 +200,11 @@ fn main() {
     let seen = |s: &Subscriber| -> BTreeSet<u64> { s.messages().iter().filter_map(frame_of).collect() };
     let until = Instant::now() + Duration::from_secs(120);
     let missing = loop {
-        let missing: Vec<(&str, usize)> = [("dapr", seen(&via_dapr)), ("mqtt", seen(&via_mqtt)), ("file", file_frames())]
-            .into_iter()
-            .map(|(name, got)| (name, frames_in.difference(&got).count()))
-            .collect();
+        let missing: Vec<(&str, usize)> =
+            [("dapr", seen(&via_dapr)), ("mqtt", seen(&via_mqtt)), ("file", file_frames())]
+                .into_iter()
+                .map(|(name, got)| (name, frames_in.difference(&got).count()))
+                .collect();
         if missing.iter().all(|(_, n)| *n == 0) || Instant::now() > until {
             break missing;
         }
@@ -208,7 +217,10 @@ fn main() {
     );
     let steady: Vec<u64> = rss.iter().skip(2).map(|(_, kib)| *kib).collect();
     if let (Some(lo), Some(hi)) = (steady.iter().min(), steady.iter().max()) {
-        println!("soak: rss after warm-up {lo}..{hi} KiB: spread {:.1} % (flat means within 5 %)", (*hi - *lo) as f64 * 100.0 / *lo as f64);
+        println!(
+            "soak: rss after warm-up {lo}..{hi} KiB: spread {:.1} % (flat means within 5 %)",
+            (*hi - *lo) as f64 * 100.0 / *lo as f64
+        );
     }
     drop(sidecar);
     if missing.iter().any(|(_, n)| *n > 0) {

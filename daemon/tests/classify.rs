@@ -318,7 +318,8 @@ fn an_mqtt_frame_that_meets_a_missing_model_is_classified_once_it_is_back() {
     }
 
     let config = d.dir.join("edgefn.toml");
-    let text = std::fs::read_to_string(&config).unwrap().replace("/nonexistent/model.tflite", model_file().to_str().unwrap());
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("/nonexistent/model.tflite", model_file().to_str().unwrap());
     std::fs::write(&config, text).unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.child.id() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
     let until = std::time::Instant::now() + std::time::Duration::from_secs(60);

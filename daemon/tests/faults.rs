@@ -495,8 +495,12 @@ fn frames_flow_again_once_the_outbox_disk_has_room() {
     }
     let until = Instant::now() + Duration::from_secs(60);
     while seen(61) < 61 {
-        assert!(Instant::now() < until, "{} of 61 frames have a result a minute after the disk had room:\n{}",
-            seen(61), common::tail(&d.log(), 60));
+        assert!(
+            Instant::now() < until,
+            "{} of 61 frames have a result a minute after the disk had room:\n{}",
+            seen(61),
+            common::tail(&d.log(), 60)
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(d.log().contains("outbox reopened after an I/O error"), "{}", d.log());
@@ -507,9 +511,7 @@ fn frames_flow_again_once_the_outbox_disk_has_room() {
 fn disk_usage(dir: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(dir)
-        .map(|entries| {
-            entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len().max(m.blocks() * 512)).sum()
-        })
+        .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len().max(m.blocks() * 512)).sum())
         .unwrap_or(0)
 }
 
@@ -568,7 +570,8 @@ fn results_for_a_removed_sink_and_dead_letters_expire_with_max_age() {
     let dapr = FakeDapr::start(&["upstream"], None);
     dapr.set_mode(Mode::Status(403));
     let tmp = tempfile::tempdir().unwrap();
-    let sinks = "{ dapr = { pubsub = \"upstram\", topic = \"t\" } }, { dapr = { pubsub = \"upstream\", topic = \"refused\" } }";
+    let sinks =
+        "{ dapr = { pubsub = \"upstram\", topic = \"t\" } }, { dapr = { pubsub = \"upstream\", topic = \"refused\" } }";
     let cfg = |sinks: &str| {
         format!(
             "[dapr]\nurl = \"http://127.0.0.1:{}\"\nstartup_wait = \"0s\"\n\n[outbox]\nmax_age = \"4s\"\n\n\

@@ -36,7 +36,12 @@ async fn a_frame_submitted_after_shutdown_is_handed_back_not_run() {
             acks.fetch_add(1, Ordering::SeqCst);
         })
         .pop();
-        Frame { camera: camera.into(), topic: format!("cameras/{camera}/frames"), payload: Bytes::from_static(b"x"), ack }
+        Frame {
+            camera: camera.into(),
+            topic: format!("cameras/{camera}/frames"),
+            payload: Bytes::from_static(b"x"),
+            ack,
+        }
     };
     // A frame before shutdown runs and is acknowledged: the set-up works.
     let before = Arc::new(AtomicUsize::new(0));

@@ -85,7 +85,8 @@ impl Snapshot {
         configured.sort();
         configured.dedup();
         let stale: Vec<String> = ob.sinks_with_pending().into_iter().filter(|s| !configured.contains(s)).collect();
-        for (sink, is_configured) in configured.into_iter().map(|s| (s, true)).chain(stale.into_iter().map(|s| (s, false)))
+        for (sink, is_configured) in
+            configured.into_iter().map(|s| (s, true)).chain(stale.into_iter().map(|s| (s, false)))
         {
             let (depth, oldest_age_s) = ob.depth(&sink).unwrap_or((0, 0.0));
             snap.sinks.push(SinkDepth { sink, depth, oldest_age_s, configured: is_configured });

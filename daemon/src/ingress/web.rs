@@ -48,7 +48,9 @@ pub fn status(api: &Api) -> Value {
         .collect();
     let snap = super::status::Snapshot::take(api);
     let (cameras, pipelines): (Vec<Value>, Vec<Value>) = match &api.pipelines {
-        Some(ps) => (ps.board.cameras(), ps.iter().map(|p| json!({ "name": p.name, "functions": p.functions })).collect()),
+        Some(ps) => {
+            (ps.board.cameras(), ps.iter().map(|p| json!({ "name": p.name, "functions": p.functions })).collect())
+        }
         None => (Vec::new(), Vec::new()),
     };
     let notice = (!snap.dapr_configured && api.pipelines.is_some())

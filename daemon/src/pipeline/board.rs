@@ -37,8 +37,7 @@ impl Tiles {
     /// Lets go of the outputs updated longest ago until `kept` is within the cap.
     fn trim(&mut self) {
         while self.kept > MAX_BOARD_BYTES {
-            let Some(cam) = self.by_camera.values_mut().filter(|c| c.output.is_some()).min_by_key(|c| c.updated)
-            else {
+            let Some(cam) = self.by_camera.values_mut().filter(|c| c.output.is_some()).min_by_key(|c| c.updated) else {
                 break;
             };
             self.kept -= cam.output.take().map_or(0, |b| b.len());

@@ -289,16 +289,9 @@ impl Function {
 }
 
 /// Raised from the epoch callback; its type tells a deadline from any other trap.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("deadline exceeded")]
 struct DeadlineHit;
-
-impl std::fmt::Display for DeadlineHit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("deadline exceeded")
-    }
-}
-
-impl std::error::Error for DeadlineHit {}
 
 fn last_line(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);

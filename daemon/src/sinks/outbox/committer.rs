@@ -10,8 +10,8 @@ use redb::{Database, ReadableTable};
 use super::db::Db;
 use tokio::sync::{mpsc, oneshot};
 
-use super::record::{disk_cost, encode};
 use super::eviction::{self, Evicted};
+use super::record::{disk_cost, encode};
 use super::{DEAD, Item, META, Outbox, PENDING, SEQ, State};
 use crate::metrics::Metrics;
 
@@ -98,8 +98,11 @@ fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]
     }
     evicted.apply(state, metrics);
     if !evicted.is_empty() {
-        tracing::warn!(pending = evicted.pending.len(), dead_letters = evicted.dead.len(),
-            "outbox over max_bytes: evicted the oldest");
+        tracing::warn!(
+            pending = evicted.pending.len(),
+            dead_letters = evicted.dead.len(),
+            "outbox over max_bytes: evicted the oldest"
+        );
     }
     Ok(touched)
 }

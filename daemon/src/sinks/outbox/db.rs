@@ -65,6 +65,7 @@ fn storage_failed(e: &anyhow::Error) -> bool {
             || c.downcast_ref::<TransactionError>().is_some_and(|t| matches!(t, TransactionError::Storage(s) if io(s)))
             || c.downcast_ref::<CommitError>().is_some_and(|t| matches!(t, CommitError::Storage(s) if io(s)))
             || c.downcast_ref::<TableError>().is_some_and(|t| matches!(t, TableError::Storage(s) if io(s)))
-            || c.downcast_ref::<redb::Error>().is_some_and(|t| matches!(t, redb::Error::Io(_) | redb::Error::PreviousIo))
+            || c.downcast_ref::<redb::Error>()
+                .is_some_and(|t| matches!(t, redb::Error::Io(_) | redb::Error::PreviousIo))
     })
 }

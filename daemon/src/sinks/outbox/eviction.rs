@@ -160,8 +160,11 @@ impl Outbox {
         })?;
         if !evicted.is_empty() {
             evicted.apply(&self.state, &self.metrics());
-            tracing::warn!(pending = evicted.pending.len(), dead_letters = evicted.dead.len(),
-                "evicted results older than outbox.max_age");
+            tracing::warn!(
+                pending = evicted.pending.len(),
+                dead_letters = evicted.dead.len(),
+                "evicted results older than outbox.max_age"
+            );
         }
         Ok(())
     }
