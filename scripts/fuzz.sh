@@ -19,12 +19,12 @@ export EDGEFN_FUZZ_MODEL="${EDGEFN_ASSETS:-/var/cache/edgefn/assets}/efficientne
 
 cd daemon/fuzz
 echo "fuzz: building the targets (instrumented; cached in $CARGO_TARGET_DIR)"
-cargo fuzz build --sanitizer none
+cargo fuzz build --sanitizer none --codegen-units 16
 for target in $(cargo fuzz list); do
   mkdir -p "corpus/$target"
   log="$(mktemp)"
   found="$(mktemp -d)"
-  if ! cargo fuzz run --sanitizer none "$target" "$found" "corpus/$target" -- \
+  if ! cargo fuzz run --sanitizer none --codegen-units 16 "$target" "$found" "corpus/$target" -- \
       -max_total_time="$secs" -rss_limit_mb=4096 -timeout=20 -print_final_stats=1 >"$log" 2>&1; then
     tail -60 "$log"
     echo "fuzz: $target FAILED: the input is in daemon/fuzz/artifacts/$target/" >&2
