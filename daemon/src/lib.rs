@@ -12,7 +12,7 @@
 //!   MQTT or files.
 //! - [`server`]: `edgefn run`: builds the components, reloads on SIGHUP, shuts down in order;
 //!   [`systemd`] tells systemd about it.
-//! - Shared: [`config`], [`metrics`], [`logging`], [`mqtt`] (the broker connection),
+//! - Shared: [`config`], [`metrics`], [`logging`], [`memory`] (the allocator), [`mqtt`] (the broker connection),
 //!   [`content_type`]; [`publish`], the camera simulator; and [`control`], subcommands that
 //!   act on a running daemon.
 //!
@@ -23,6 +23,7 @@ pub mod content_type;
 pub mod control;
 pub mod ingress;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod mqtt;
 pub mod pipeline;

@@ -88,6 +88,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> ExitCode {
+    edgefn::memory::init();
     let cli = Cli::parse();
     edgefn::logging::init();
     match dispatch(cli) {

@@ -643,3 +643,27 @@ fn results_survive_the_wall_clock_jumping_forward_at_ntp_sync() {
     dapr.wait_for(60, "the 5 results made before the clock jumped", |e| e.len() >= 5);
     assert_eq!(d.metric("edgefn_outbox_evicted_total{sink=\"dapr:upstream/t\"}"), 0.0, "{}", d.log());
 }
+
+/// A backlog read back after an outage must not stay in memory: redb caches the pages it
+/// reads and writes, 1 GiB by default, which on a board is most of its RAM.
+#[test]
+fn a_drained_backlog_does_not_stay_in_memory() {
+    let dapr = FakeDapr::start(&["upstream"], None);
+    dapr.set_mode(Mode::Down);
+    let cfg = format!(
+        "[dapr]\nurl = \"http://127.0.0.1:{}\"\nstartup_wait = \"0s\"\n\n[outbox]\nmax_bytes = \"2 GiB\"\n\n\
+         [[pipeline]]\nname = \"echo\"\nfunctions = [\"echo\"]\nsinks = [{{ dapr = {{ pubsub = \"upstream\", topic = \"t\" }} }}]\n",
+        dapr.port
+    );
+    let d = Daemon::start(&cfg);
+    let idle = common::rss_kib(d.child.id());
+    for i in 0..120 {
+        assert_eq!(d.post("/v1/pipelines/echo?camera=a", &common::noise(1 << 20, i)).status, 200);
+    }
+    dapr.set_mode(Mode::Ok);
+    dapr.wait_for(120, "the 120 results of 1 MiB", |e| e.len() >= 120);
+    std::thread::sleep(Duration::from_secs(2));
+    let after = common::rss_kib(d.child.id());
+    eprintln!("rss idle {idle} KiB, after 120 MiB through the outbox {after} KiB");
+    assert!(after < idle + 64 * 1024, "RSS grew from {idle} KiB to {after} KiB and stayed");
+}

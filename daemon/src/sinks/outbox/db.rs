@@ -12,6 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use redb::{CommitError, Database, StorageError, TableError, TransactionError};
 
+/// redb's page cache. Its default (1 GiB) kept a drained 120 MiB backlog resident: 280 MB of
+/// RSS against 56 MB idle. The outbox reads each result once, in order, so a small cache costs
+/// nothing in speed.
+const CACHE_BYTES: usize = 16 << 20;
+
 pub struct Db {
     path: PathBuf,
     /// `None` only between closing a broken file and opening it again.
@@ -21,7 +26,7 @@ pub struct Db {
 
 impl Db {
     pub fn open(path: &Path) -> anyhow::Result<Db> {
-        let db = Database::create(path).with_context(|| format!("opening outbox {}", path.display()))?;
+        let db = create(path).with_context(|| format!("opening outbox {}", path.display()))?;
         Ok(Db { path: path.to_path_buf(), slot: RwLock::new(Some(db)), broken: AtomicBool::new(false) })
     }
 
@@ -48,13 +53,17 @@ impl Db {
             return Ok(());
         }
         drop(slot.take());
-        let db = Database::create(&self.path)
+        let db = create(&self.path)
             .with_context(|| format!("reopening outbox {} after an I/O error", self.path.display()))?;
         *slot = Some(db);
         self.broken.store(false, Ordering::Release);
         tracing::info!(path = %self.path.display(), "outbox reopened after an I/O error");
         Ok(())
     }
+}
+
+fn create(path: &Path) -> Result<Database, redb::DatabaseError> {
+    Database::builder().set_cache_size(CACHE_BYTES).create(path)
 }
 
 /// Whether `e` is redb failing to read or write its file, as opposed to a bad record.
