@@ -48,7 +48,8 @@ for arch in "${arches[@]}"; do
       CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
       CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
         /usr/bin/cargo build --release --quiet --target "$triple" --bin edgefn "${features[@]}"
-      aarch64-linux-gnu-strip --strip-debug "$host_target/$triple/release/edgefn"
+      # Symbols too, as cargo-deb --strip does for amd64 (lintian: unstripped-binary-or-object).
+      aarch64-linux-gnu-strip --strip-unneeded --remove-section=.comment "$host_target/$triple/release/edgefn"
       target=(--target "$triple")
       strip=(--no-strip)
       ;;

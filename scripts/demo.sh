@@ -14,9 +14,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-scripts/setup.sh
+scripts/setup.sh demo
 functions/build.sh
-cargo build --release --quiet --bin edgefn
+cargo build --release --bin edgefn
 target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 bin="$target/release/edgefn"
 

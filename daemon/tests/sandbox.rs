@@ -7,9 +7,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, asset, functions_dir};
-use edgefn::config::Config;
-use edgefn::metrics::Metrics;
+use common::{Daemon, asset, runtime};
 use edgefn::runtime::{InvokeError, Runtime};
 
 const HOSTILE: &str = r#"
@@ -23,19 +21,6 @@ max_output = "1 MiB"
 env = { GRANTED = "by-config" }
 args = ["--mode", "test"]
 "#;
-
-fn runtime(extra: &str) -> (Runtime, tempfile::TempDir) {
-    let tmp = tempfile::tempdir().unwrap();
-    let toml = format!(
-        "[runtime]\nfunctions_dir = {:?}\ncache_dir = {:?}\n{extra}",
-        functions_dir(),
-        tmp.path().join("cache")
-    );
-    let path = tmp.path().join("edgefn.toml");
-    std::fs::write(&path, toml).unwrap();
-    let cfg = Config::load(&path, true).unwrap();
-    (Runtime::load(&cfg, Arc::new(Metrics::new()), None).unwrap(), tmp)
-}
 
 async fn good_call_works(rt: &Runtime) {
     let out = rt.invoke("grayscale", asset("chelsea.png").into(), &[]).await.expect("good call after a hostile one");

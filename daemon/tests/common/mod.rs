@@ -59,6 +59,21 @@ pub fn functions_dir() -> PathBuf {
     .clone()
 }
 
+/// The runtime in-process, over `functions_dir()` with `extra` config, and its scratch dir.
+pub fn runtime(extra: &str) -> (edgefn::runtime::Runtime, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[runtime]\nfunctions_dir = {:?}\ncache_dir = {:?}\n{extra}",
+        functions_dir(),
+        tmp.path().join("cache")
+    );
+    let path = tmp.path().join("edgefn.toml");
+    std::fs::write(&path, toml).unwrap();
+    let cfg = edgefn::config::Config::load(&path, true).unwrap();
+    let metrics = std::sync::Arc::new(edgefn::metrics::Metrics::new());
+    (edgefn::runtime::Runtime::load(&cfg, metrics, None).unwrap(), tmp)
+}
+
 pub fn wasm(name: &str) -> PathBuf {
     functions_dir().join(format!("{name}.wasm"))
 }
@@ -310,10 +325,15 @@ pub fn assert_gray(bytes: &[u8]) -> image::RgbImage {
 
 /// Resident memory of process `pid` in KiB (`VmRSS` in /proc).
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// One `kB` field of `/proc/<pid>/status` (`RssAnon`, `RssFile`, `Threads` is a count).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
