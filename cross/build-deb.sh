@@ -31,6 +31,11 @@ cargo build --release --quiet --bin edgefn
 host_target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
 edgefn="$host_target/release/edgefn"
 mkdir -p "$out"
+# The man pages and bash completion, from the CLI's own definition (the same for every arch).
+docs=packaging/staging/docs
+rm -rf "$docs"
+cargo run --release --quiet --example docs -- "$docs"
+gzip -9n "$docs"/*.1
 
 for arch in "${arches[@]}"; do
   case "$arch" in

@@ -35,5 +35,8 @@ tests/system/demo.sh
 echo "== system: the amd64 .deb on a real systemd (nspawn)"
 tests/system/deb-in-nspawn.sh
 
+echo "== system: both .debs through lintian (no errors), their man pages and bash completion"
+tests/system/lintian.sh
+
 echo "== system: aarch64 (arm64 .deb, cross-AOT parity, tests under qemu)"
 tests/system/aarch64.sh

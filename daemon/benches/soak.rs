@@ -37,9 +37,12 @@ struct Published {
 /// sent in windows of 10 and count as in when their PUBACK arrives; a window cut by a broker
 /// restart is not counted (its frames may or may not have reached the broker).
 async fn publish(port: u16, fps: u32, published: Arc<Published>, stop: Arc<AtomicBool>) {
-    let mut opts = MqttOptions::new(format!("soak-pub-{port}"), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(5));
-    let (client, mut events) = AsyncClient::new(opts, 64);
+    let connect = || {
+        let mut opts = MqttOptions::new(format!("soak-pub-{port}"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        AsyncClient::new(opts, 64)
+    };
+    let (mut client, mut events) = connect();
     let started = Instant::now();
     let mut sent = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -53,7 +56,11 @@ async fn publish(port: u16, fps: u32, published: Arc<Published>, stop: Arc<Atomi
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while acked.len() < window.len() {
             match tokio::time::timeout_at(deadline, events.poll()).await {
-                Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => pkids.push_back((pkid, window[pkids.len()])),
+                Ok(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
+                    if let Some(&n) = window.get(pkids.len()) {
+                        pkids.push_back((pkid, n));
+                    }
+                }
                 Ok(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
                     if let Some(&(_, n)) = pkids.iter().find(|(p, _)| *p == ack.pkid) {
                         acked.push(n);
@@ -61,9 +68,12 @@ async fn publish(port: u16, fps: u32, published: Arc<Published>, stop: Arc<Atomi
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(_)) | Err(_) => {
-                    // The broker is away: the window is uncertain; wait and go on.
+                    // The broker is away: the window is uncertain, so none of it counts as in.
+                    // A new client, so that no packet of it is resent into the next window's
+                    // packet ids (rumqttc resends unacknowledged publishes on reconnect).
                     acked.clear();
                     tokio::time::sleep(Duration::from_millis(500)).await;
+                    (client, events) = connect();
                     break;
                 }
             }
@@ -119,7 +129,13 @@ fn main() {
     let mut broker = Broker::start(&tmp.path().join("broker"));
     let results = tmp.path().join("results.jsonl");
     let daprd_port = common::free_port();
-    let d = Daemon::start_in(&tmp.path().join("edgefn"), &config(&broker, daprd_port, &results));
+    // Only the function the soak runs, as on a board: every other module would be one more
+    // mapping whose resident pages the kernel, not the daemon, decides.
+    let functions = tmp.path().join("functions");
+    std::fs::create_dir_all(&functions).unwrap();
+    std::os::unix::fs::symlink(common::wasm("echo"), functions.join("echo.wasm")).unwrap();
+    let d =
+        Daemon::start_with_functions(&tmp.path().join("edgefn"), &functions, &config(&broker, daprd_port, &results));
     let components = [("pubsub.yaml", daprd::mqtt3("upstream", broker.port))];
     let mut sidecar = Daprd::start_on(&tmp.path().join("daprd"), daprd_port, d.addr.port(), &components, &[]);
     let via_dapr = Subscriber::start_persistent(&broker, "soak-dapr", "soak-sub-dapr");
@@ -154,10 +170,14 @@ fn main() {
         let t = started.elapsed();
         if t >= next_sample {
             rss.push((t.as_secs(), common::rss_kib(d.child.id())));
+            let pid = d.child.id();
             println!(
-                "soak: t={:>5} s  rss {:>7} KiB  frames in {:>8}",
+                "soak: t={:>5} s  rss {:>7} KiB (anon {:>6}, file {:>6}, {:>2} threads)  frames in {:>8}",
                 t.as_secs(),
                 rss.last().unwrap().1,
+                common::status_kib(pid, "RssAnon"),
+                common::status_kib(pid, "RssFile"),
+                common::status_kib(pid, "Threads"),
                 published.acked.lock().unwrap().len()
             );
             next_sample += sample_every;

@@ -12,12 +12,13 @@
 //!   MQTT or files.
 //! - [`server`]: `edgefn run`: builds the components, reloads on SIGHUP, shuts down in order;
 //!   [`systemd`] tells systemd about it.
-//! - Shared: [`config`], [`metrics`], [`logging`], [`memory`] (the allocator), [`mqtt`] (the broker connection),
-//!   [`content_type`]; [`publish`], the camera simulator; and [`control`], subcommands that
-//!   act on a running daemon.
+//! - Shared: [`cli`] (the command line), [`config`], [`metrics`], [`logging`], [`memory`] (the
+//!   allocator), [`mqtt`] (the broker connection), [`content_type`]; [`publish`], the camera
+//!   simulator; and [`control`], subcommands that act on a running daemon.
 //!
 //! Imports point one way: ingress → pipeline → runtime; pipeline → sinks.
 
+pub mod cli;
 pub mod config;
 pub mod content_type;
 pub mod control;

@@ -86,6 +86,10 @@ pub struct Metrics {
     pub outbox_evicted: Family<SinkLabel, Counter>,
 
     /// 1 while connected to the MQTT broker.
+    /// When this process started (Unix seconds): a change is a restart, by the watchdog or not.
+    pub start_time: Gauge<f64, AtomicU64>,
+    /// 1 while the health loop withholds the watchdog ping (pipelines made no progress).
+    pub wedged: Gauge,
     pub mqtt_connected: Gauge,
     pub mqtt_reconnects: Counter,
     /// Frames the broker sent again (DUP set) after a lost connection. If the first copy was
@@ -138,6 +142,8 @@ impl Metrics {
             outbox_retried: Default::default(),
             outbox_dead: Default::default(),
             outbox_evicted: Default::default(),
+            start_time: Default::default(),
+            wedged: Default::default(),
             mqtt_connected: Default::default(),
             mqtt_reconnects: Default::default(),
             mqtt_redelivered: Default::default(),
@@ -162,6 +168,9 @@ impl Metrics {
         r.register("outbox_retried", "Delivery attempts that will be retried", self.outbox_retried.clone());
         r.register("outbox_dead", "Results moved to the dead letters", self.outbox_dead.clone());
         r.register("outbox_evicted", "Results evicted by the outbox caps", self.outbox_evicted.clone());
+        self.start_time.set(process_start());
+        r.register("start_time_seconds", "When the process started, in Unix seconds", self.start_time.clone());
+        r.register("wedged", "1 while the watchdog ping is withheld: frames wait, none settle", self.wedged.clone());
         r.register("mqtt_connected", "1 while connected to the broker", self.mqtt_connected.clone());
         r.register("mqtt_reconnects", "Broker connections lost", self.mqtt_reconnects.clone());
         r.register(
@@ -177,12 +186,56 @@ impl Metrics {
         self
     }
 
+    // Series that exist at zero from the start. Prometheus's `increase()` cannot see a counter's
+    // first event: a series first scraped at 3 has, as far as it knows, always been 3, so an
+    // alert on the first dead letters or errors would never fire.
+
+    /// A loaded function's calls, latency and every error kind.
+    pub fn declare_function(&self, function: &str, kinds: &[&'static str]) {
+        let label = FunctionLabel { function: function.to_string() };
+        drop(self.invocations.get_or_create(&label));
+        drop(self.latency.get_or_create(&label));
+        for &kind in kinds {
+            drop(self.errors.get_or_create(&ErrorLabel { function: function.to_string(), kind }));
+        }
+    }
+
+    /// A pipeline's failures, by every kind it can count.
+    pub fn declare_pipeline(&self, pipeline: &str, kinds: impl IntoIterator<Item = &'static str>) {
+        for kind in kinds {
+            drop(self.pipeline_errors.get_or_create(&PipelineError { pipeline: pipeline.to_string(), kind }));
+        }
+    }
+
+    /// A configured sink's delivery counters.
+    pub fn declare_sink(&self, sink: &str) {
+        let label = SinkLabel { sink: sink.to_string() };
+        for family in [&self.outbox_delivered, &self.outbox_retried, &self.outbox_dead, &self.outbox_evicted] {
+            drop(family.get_or_create(&label));
+        }
+    }
+
+    /// A camera's frames, drops and results, once it sends its first frame.
+    pub fn declare_camera(&self, label: &CameraLabel) {
+        for family in [&self.frames, &self.drops, &self.results] {
+            drop(family.get_or_create(label));
+        }
+    }
+
     /// The registry in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
     }
+}
+
+/// The process's start, read once: each generation's registry reports the same instant.
+fn process_start() -> f64 {
+    static START: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *START.get_or_init(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    })
 }
 
 impl Default for Metrics {

@@ -139,6 +139,7 @@ async fn health_loop(api: Arc<Api>, interval: Duration, watchdog: bool, deadline
             }
             last.1.elapsed() > stall_limit
         });
+        api.runtime.metrics().wedged.set(wedged as i64);
         if wedged {
             tracing::error!(
                 "pipelines made no progress for {stall_limit:?} with frames waiting: withholding the watchdog ping"
@@ -154,10 +155,12 @@ async fn health_loop(api: Arc<Api>, interval: Duration, watchdog: bool, deadline
 }
 
 /// What outlives a generation: the outbox (one redb file, locked while open, so a reload must
-/// reuse it rather than open it again) and the daemon's own problems.
+/// reuse it rather than open it again), the page's board, and the daemon's own problems.
 #[derive(Default)]
 struct Shared {
     outbox: std::sync::Mutex<Option<(PathBuf, Arc<Outbox>)>>,
+    /// The page's board, so a reload keeps the cameras' history.
+    board: Arc<crate::pipeline::board::Board>,
     problems: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -240,7 +243,7 @@ impl Prepared {
             check_sidecar(cfg, &dapr).await;
         }
         let resolve = |sc: &SinkConfig| sinks[&crate::sinks::key(sc)].clone();
-        let pipelines = Pipelines::new(&cfg.pipelines, resolve, runtime, outbox, metrics);
+        let pipelines = Pipelines::new(&cfg.pipelines, resolve, runtime, outbox, metrics, shared.board.clone());
         prepared.mqtt = mqtt.map(|(client, conn)| {
             let routes = pipelines
                 .iter()

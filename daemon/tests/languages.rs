@@ -57,10 +57,16 @@ async fn frameinfo_in_assemblyscript_reads_png_and_jpeg_headers() {
     let (rt, _tmp) = runtime("");
     let png = asset("coffee.png");
     let out = json(&rt.invoke("frameinfo", png.clone().into(), &[]).await.unwrap().stdout);
-    assert_eq!(out, serde_json::json!({"format": "png", "width": 600, "height": 400, "channels": 3, "bytes": png.len()}));
+    assert_eq!(
+        out,
+        serde_json::json!({"format": "png", "width": 600, "height": 400, "channels": 3, "bytes": png.len()})
+    );
     let jpeg = camera_jpeg();
     let out = json(&rt.invoke("frameinfo", jpeg.clone().into(), &[]).await.unwrap().stdout);
-    assert_eq!(out, serde_json::json!({"format": "jpeg", "width": 640, "height": 480, "channels": 3, "bytes": jpeg.len()}));
+    assert_eq!(
+        out,
+        serde_json::json!({"format": "jpeg", "width": 640, "height": 480, "channels": 3, "bytes": jpeg.len()})
+    );
     let gray = flat_png(9);
     let out = json(&rt.invoke("frameinfo", gray.into(), &[]).await.unwrap().stdout);
     assert_eq!((out["width"].as_u64(), out["channels"].as_u64()), (Some(320), Some(1)), "{out}");

@@ -27,7 +27,8 @@ async fn a_frame_submitted_after_shutdown_is_handed_back_not_run() {
     let metrics = Arc::new(Metrics::new());
     let runtime = Arc::new(Runtime::load(&cfg, metrics.clone(), None).unwrap());
     let outbox = Outbox::open(&tmp.path().join("outbox.redb"), &cfg.outbox, metrics.clone()).unwrap();
-    let pipelines = Pipelines::new(&cfg.pipelines, |_| unreachable!("no sinks"), runtime, outbox, metrics);
+    let pipelines =
+        Pipelines::new(&cfg.pipelines, |_| unreachable!("no sinks"), runtime, outbox, metrics, Default::default());
     let p = pipelines.get("echo").unwrap().clone();
 
     let frame = |camera: &str, acks: &Arc<AtomicUsize>| {

@@ -1,7 +1,9 @@
 //! The web page in a real browser: Debian's headless Chromium driven by playwright-core
 //! (tests/web/page.test.mjs), against a daemon fed by three simulated MQTT cameras (two through
-//! grayscale, one through classify), with token
-//! auth on and the daemon bound beyond loopback. Screenshots land in tests/artifacts/.
+//! grayscale, one through classify), with token auth on and the daemon bound beyond loopback.
+//! The grayscale pipeline also publishes to a sidecar topic that refuses everything (the
+//! fault-injecting fake sidecar, 403), so the page has dead letters to show and replay.
+//! Screenshots at phone and desktop widths land in tests/artifacts/.
 
 mod common;
 
@@ -10,6 +12,7 @@ use std::process::{Command, Stdio};
 
 use common::Daemon;
 use common::broker::Broker;
+use common::fake_dapr::{FakeDapr, Mode};
 
 struct Killed(std::process::Child);
 
@@ -33,14 +36,19 @@ fn page_uploads_shows_cameras_and_errors_with_token_auth() {
     let tmp = tempfile::tempdir().unwrap();
     let broker = Broker::start(&tmp.path().join("broker"));
     let assets = common::assets_dir().display().to_string();
+    let dapr = FakeDapr::start(&["upstream"], None);
+    dapr.set_mode(Mode::Status(403));
     let cfg = format!(
-        "[server]\ntoken = \"page-secret\"\n\n[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-web\"\n\n[[pipeline]]\n\
+        "[server]\ntoken = \"page-secret\"\n\n[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-web\"\n\n\
+         [dapr]\nurl = \"http://127.0.0.1:{}\"\nstartup_wait = \"0s\"\n\n[[pipeline]]\n\
          name = \"demo-gray\"\nsource.mqtt = \"cameras/+/frames\"\nfunctions = [\"grayscale\"]\n\
-         sinks = [{{ file = {{ path = {:?} }} }}]\n\n[[pipeline]]\nname = \"demo-classify\"\n\
+         sinks = [{{ file = {{ path = {:?} }} }}, {{ dapr = {{ pubsub = \"upstream\", topic = \"refused\" }} }}]\n\n\
+         [[pipeline]]\nname = \"demo-classify\"\n\
          source.mqtt = \"labels/+/frames\"\nfunctions = [\"classify\"]\n\n\
          [models.efficientnet-lite0]\npath = \"{assets}/efficientnet_lite0.tflite\"\nthreads = 2\n\n\
          [functions.classify]\ndirs = {{ \"/models\" = \"{assets}\" }}\n",
         broker.url(),
+        dapr.port,
         tmp.path().join("results.jsonl")
     );
     let litert = common::litert_lib().display().to_string();
@@ -78,5 +86,7 @@ fn page_uploads_shows_cameras_and_errors_with_token_auth() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "browser test failed:\n{stdout}\n{stderr}\ndaemon log:\n{}", d.log());
     assert!(stdout.contains("page test: ok"));
-    assert!(artifacts.join("page.png").exists());
+    for shot in ["page-phone.png", "page-desktop.png"] {
+        assert!(artifacts.join(shot).exists(), "no {shot}");
+    }
 }

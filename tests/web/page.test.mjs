@@ -1,5 +1,7 @@
 // Drives the edgefn page in Debian's headless Chromium with playwright-core.
 // Usage: node page.test.mjs URL TOKEN ARTIFACTS_DIR IMAGE
+// Screenshots: page-phone.png and page-desktop.png (the live board), page.png, page-classify.png
+// and page-error.png (uploads), page-failure.png when a check fails.
 // Exits non-zero with the failed check on stderr. Called by daemon/tests/web_page.rs.
 import { chromium } from "playwright-core";
 import { mkdtempSync, rmSync } from "node:fs";
@@ -38,16 +40,52 @@ try {
     const imgs = [...document.querySelectorAll(".tile img")].filter((i) => !i.hidden);
     return imgs.length >= 2 && imgs.every((i) => i.complete && i.naturalWidth > 0);
   }, null, { timeout: 20000 });
-  // The classify camera's tile shows its label instead of an image.
-  await page.waitForFunction(() => [...document.querySelectorAll(".tile .label")]
-    .some((l) => !l.hidden && /^(Egyptian cat|espresso) \(\d+ %\)$/.test(l.textContent)
-      && l.parentElement.querySelector("img").offsetHeight === 0), null, { timeout: 20000 });
+  // The classify camera's tile shows the frame it classified, captioned with the label.
+  await page.waitForFunction(() => {
+    const t = document.querySelector('.tile[data-camera="porch"]');
+    const img = t && t.querySelector("img"), caption = t && t.querySelector(".caption");
+    return img && !img.hidden && img.complete && img.naturalWidth > 0 && img.src.includes("/frame")
+      && !caption.hidden && /^(Egyptian cat|espresso) \(\d+ %\)$/.test(caption.textContent);
+  }, null, { timeout: 20000 });
   const before = await page.$$eval(".tile", (ts) => ts.map((t) => [t.dataset.camera, +t.dataset.results]));
   check(before.length === 3, "expected 3 camera tiles, got " + JSON.stringify(before));
   await page.waitForFunction((b) => b.every(([cam, n]) => {
     const t = document.querySelector(`.tile[data-camera="${cam}"]`);
     return t && +t.dataset.results > n;
   }), before, { timeout: 15000 });
+
+  // Sparklines: ten minutes of frames/s and latency per camera, and they move with the feed.
+  const spark = () => page.$eval('.tile[data-camera="front-door"] .fps polyline', (p) => p.getAttribute("points"));
+  const first = await spark();
+  check(first.split(" ").length === 60, "a sparkline of " + first.split(" ").length + " points, not 60");
+  await page.waitForFunction((f) => {
+    const p = document.querySelector('.tile[data-camera="front-door"] .fps polyline');
+    return p && p.getAttribute("points") !== f;
+  }, first, { timeout: 15000 });
+  const lat = await page.$eval('.tile[data-camera="front-door"] .lat', (d) => d.textContent);
+  check(/latency \d+ ms/.test(lat), "latency label: " + JSON.stringify(lat));
+
+  // The pipeline view: frames in, each function, results, and each sink with its count.
+  await page.waitForFunction(() => {
+    const row = document.querySelector('.flow[data-pipeline="demo-gray"]');
+    return row && /\d+ received/.test(row.textContent) && row.textContent.includes("grayscale")
+      && /[1-9]\d* committed/.test(row.textContent) && /[1-9]\d* dead/.test(row.textContent);
+  }, null, { timeout: 20000 });
+
+  // Dead letters from the refusing sidecar topic, with the reason, and a replay button.
+  await page.waitForSelector("#dead-list tr", { timeout: 20000 });
+  const reason = await page.textContent("#dead-list td.reason");
+  check(/403/.test(reason), "dead letter reason: " + JSON.stringify(reason));
+  await page.setViewportSize({ width: 1280, height: 900 });
+  await page.screenshot({ path: join(artifacts, "page-desktop.png"), fullPage: true });
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.screenshot({ path: join(artifacts, "page-phone.png"), fullPage: true });
+  await page.click("#replay");
+  await page.waitForFunction(() => /[1-9]\d* sent back/.test(document.querySelector("#replay-result").textContent), null, { timeout: 15000 });
+
+  // Each function's digest.
+  const digests = await page.$$eval("#functions td.digest", (tds) => tds.map((t) => t.textContent));
+  check(digests.length > 0 && digests.every((d) => /^[0-9a-f]{12}$/.test(d)), "digests: " + JSON.stringify(digests));
 
   // Upload a photo to grayscale: a gray image of the same size comes back on the page.
   await page.selectOption("#target", "fn:grayscale");

@@ -41,7 +41,7 @@ fn world() -> &'static World {
         let metrics = Arc::new(Metrics::new());
         let runtime = Arc::new(Runtime::load(&cfg, metrics.clone(), None).unwrap());
         let outbox = rt.block_on(async { Outbox::open(&dir.path().join("state/outbox.redb"), &cfg.outbox, metrics.clone()) }).unwrap();
-        let pipelines = Pipelines::new(&cfg.pipelines, |_| unreachable!("no sinks"), runtime.clone(), outbox, metrics);
+        let pipelines = Pipelines::new(&cfg.pipelines, |_| unreachable!("no sinks"), runtime.clone(), outbox, metrics, Default::default());
         // Closed from the start, so an event stream ends at once instead of holding the run.
         let (_tx, closing) = tokio::sync::watch::channel(true);
         let api = Arc::new(Api {

@@ -91,6 +91,7 @@ pub(super) async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Bo
             json_response(StatusCode::OK, &json!({ "cameras": cameras }))
         }
         Endpoint::Latest => web::latest(api, param(0), param(1)),
+        Endpoint::LatestFrame => web::frame(api, param(0), param(1)),
         Endpoint::Health => health(api),
         Endpoint::Metrics => {
             super::status::Snapshot::take(api).set_gauges(api.runtime.metrics());
@@ -382,7 +383,7 @@ fn authorized(api: &Api, req: &Request<Incoming>) -> bool {
 }
 
 /// `Authorization: Bearer <token>`, or `?token=` on the routes a browser cannot send headers to
-/// (EventSource, `<img>`): the event stream and the latest images.
+/// (EventSource, `<img>`): the event stream and the camera images.
 fn bearer_ok(req: &Request<Incoming>, token: &str) -> bool {
     let header = req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     if header
@@ -391,8 +392,10 @@ fn bearer_ok(req: &Request<Incoming>, token: &str) -> bool {
     {
         return true;
     }
-    let path = req.uri().path();
-    let browser_route = path == "/v1/events" || (path.starts_with("/v1/cameras/") && path.ends_with("/latest"));
+    let browser_route = match routes::resolve(req.method(), req.uri().path()) {
+        Resolved::Found(endpoint, _) => endpoint.takes_query_token(),
+        _ => false,
+    };
     browser_route
         && req.uri().query().is_some_and(|q| {
             url::form_urlencoded::parse(q.as_bytes())

@@ -17,6 +17,7 @@ pub enum Endpoint {
     Events,
     Cameras,
     Latest,
+    LatestFrame,
     Functions,
     Invoke,
     Pipelines,
@@ -31,6 +32,14 @@ pub enum Endpoint {
 
 use Endpoint::*;
 
+impl Endpoint {
+    /// What a browser fetches without headers (EventSource, `<img>`): these alone take the
+    /// token as `?token=`.
+    pub fn takes_query_token(self) -> bool {
+        matches!(self, Events | Latest | LatestFrame)
+    }
+}
+
 pub const ROUTES: &[(Method, &str, Endpoint)] = &[
     (Method::GET, "/", Page),
     (Method::GET, "/openapi.json", OpenApi),
@@ -40,6 +49,7 @@ pub const ROUTES: &[(Method, &str, Endpoint)] = &[
     (Method::GET, "/v1/events", Events),
     (Method::GET, "/v1/cameras", Cameras),
     (Method::GET, "/v1/cameras/{pipeline}/{camera}/latest", Latest),
+    (Method::GET, "/v1/cameras/{pipeline}/{camera}/frame", LatestFrame),
     (Method::GET, "/v1/functions", Functions),
     (Method::POST, "/v1/functions/{name}", Invoke),
     (Method::GET, "/v1/pipelines", Pipelines),

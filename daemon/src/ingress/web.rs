@@ -39,6 +39,7 @@ pub fn status(api: &Api) -> Value {
             let label = crate::metrics::FunctionLabel { function: f.name.clone() };
             json!({
                 "name": f.name,
+                "sha256": f.sha256,
                 "invocations": m.invocations.get_or_create(&label).get(),
                 "errors": rt.error_count(&f.name),
                 "p50_ms": p50,
@@ -49,7 +50,26 @@ pub fn status(api: &Api) -> Value {
     let snap = super::status::Snapshot::take(api);
     let (cameras, pipelines): (Vec<Value>, Vec<Value>) = match &api.pipelines {
         Some(ps) => {
-            (ps.board.cameras(), ps.iter().map(|p| json!({ "name": p.name, "functions": p.functions })).collect())
+            let mut flows = ps.board.flows();
+            let sink = |key: &str| {
+                let label = crate::metrics::SinkLabel { sink: key.to_string() };
+                let pending = snap.sinks.iter().find(|s| s.sink == key).map_or(0, |s| s.depth);
+                json!({
+                    "sink": key,
+                    "pending": pending,
+                    "delivered": m.outbox_delivered.get_or_create(&label).get(),
+                    "dead": m.outbox_dead.get_or_create(&label).get(),
+                })
+            };
+            let pipelines = ps
+                .iter()
+                .map(|p| {
+                    let sinks: Vec<Value> = p.sinks.iter().map(|s| sink(&s.key)).collect();
+                    let flow = flows.remove(&p.name).unwrap_or(Value::Null);
+                    json!({ "name": p.name, "functions": p.functions, "flow": flow, "sinks": sinks })
+                })
+                .collect();
+            (ps.board.cameras(), pipelines)
         }
         None => (Vec::new(), Vec::new()),
     };
@@ -91,6 +111,26 @@ pub fn latest(api: &Api, pipeline: &str, camera: &str) -> Response<Body> {
         }
         None => {
             let body = json!({ "error": format!("no result yet for {pipeline}/{camera}"), "kind": "no_result" });
+            let mut r = Response::new(full(body.to_string()));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+    }
+}
+
+/// The frame behind `pipeline/camera`'s latest result, kept when that result is a label.
+pub fn frame(api: &Api, pipeline: &str, camera: &str) -> Response<Body> {
+    match api.pipelines.as_ref().and_then(|p| p.board.frame(pipeline, camera)) {
+        Some(bytes) => {
+            let ct = crate::content_type::sniff(&bytes);
+            let mut r = Response::new(full(bytes));
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+            r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        None => {
+            let body = json!({ "error": format!("no labelled frame for {pipeline}/{camera}"), "kind": "no_result" });
             let mut r = Response::new(full(body.to_string()));
             *r.status_mut() = StatusCode::NOT_FOUND;
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

@@ -1,50 +1,77 @@
-//! The camera board: the latest result and the rates of each camera, for the web page.
+//! The camera board: what the page shows of each camera and pipeline. Per camera: the latest
+//! result (and, behind a label, the frame it labels), counts, and ten minutes of history for the
+//! sparklines. Per pipeline: the flow, from frames in through each function to results, with
+//! where frames were dropped or failed.
 //!
-//! Updated by pipelines as results commit and frames drop; every update is also broadcast
-//! (as a small JSON event) to live subscribers such as the page's server-sent events stream.
+//! One board outlives the daemon's generations (a reload keeps the history); each generation
+//! tells it which pipelines exist. Updated by pipelines as frames arrive, fail and commit; every
+//! camera update is also broadcast (as a small JSON event) to live subscribers such as the
+//! page's server-sent events stream.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+use super::history::{BUCKET_S, History};
 use crate::sinks::outbox::now_ms;
 
 /// Results larger than this are not kept for the page (the tile shows the id instead).
 const MAX_KEPT: usize = 2 << 20;
 
-/// What the board keeps of all results together; past it, the images updated longest ago go.
+/// What the board keeps of all results and frames together; past it, the tiles updated longest
+/// ago lose their images first.
 const MAX_BOARD_BYTES: usize = 64 << 20;
 
 pub struct Board {
-    cameras: Mutex<Tiles>,
+    tiles: Mutex<Tiles>,
     events: broadcast::Sender<Value>,
+    /// Where the history's buckets count from.
+    epoch: Instant,
 }
 
 #[derive(Default)]
 struct Tiles {
     by_camera: BTreeMap<(String, String), Camera>,
-    /// Bytes of every kept output together, at most [`MAX_BOARD_BYTES`].
+    flows: BTreeMap<String, Flow>,
+    /// Bytes of every kept output and frame together, at most [`MAX_BOARD_BYTES`].
     kept: usize,
     /// Counts updates, so the tile updated longest ago is known even within a millisecond.
     clock: u64,
 }
 
 impl Tiles {
-    /// Lets go of the outputs updated longest ago until `kept` is within the cap.
+    /// Lets go of the images updated longest ago until `kept` is within the cap.
     fn trim(&mut self) {
         while self.kept > MAX_BOARD_BYTES {
-            let Some(cam) = self.by_camera.values_mut().filter(|c| c.output.is_some()).min_by_key(|c| c.updated) else {
-                break;
-            };
-            self.kept -= cam.output.take().map_or(0, |b| b.len());
+            let oldest = self.by_camera.values_mut().filter(|c| c.kept() > 0).min_by_key(|c| c.updated);
+            let Some(cam) = oldest else { break };
+            self.kept -= cam.kept();
+            (cam.output, cam.frame) = (None, None);
         }
     }
 }
 
+/// A pipeline's frames, stage by stage, since it was configured as it is.
+#[derive(Default)]
+struct Flow {
+    functions: Vec<String>,
+    /// Frames that entered the pipeline (a retried frame counts again).
+    received: u64,
+    /// Frames displaced from a full queue (latest-frame-wins), before any function.
+    dropped: u64,
+    /// Frames that failed at each function.
+    failed: Vec<u64>,
+    /// Results committed to the outbox.
+    results: u64,
+    /// Results made but not committed (the outbox refused them; the frame is tried again).
+    store_failed: u64,
+}
+
+#[derive(Default)]
 struct Camera {
     results: u64,
     drops: u64,
@@ -53,16 +80,25 @@ struct Camera {
     last_seen_ms: u64,
     content_type: &'static str,
     output: Option<Bytes>,
+    /// The frame behind a result that is not an image (a label), so the tile can show both.
+    frame: Option<Bytes>,
     /// Frames per second, smoothed over the last few frames.
     fps: f64,
     last_at: Option<Instant>,
     /// The board's clock at this tile's last update.
     updated: u64,
+    history: History,
+}
+
+impl Camera {
+    fn kept(&self) -> usize {
+        self.output.as_ref().map_or(0, |b| b.len()) + self.frame.as_ref().map_or(0, |b| b.len())
+    }
 }
 
 impl Default for Board {
     fn default() -> Self {
-        Board { cameras: Mutex::new(Tiles::default()), events: broadcast::channel(256).0 }
+        Board { tiles: Mutex::new(Tiles::default()), events: broadcast::channel(256).0, epoch: Instant::now() }
     }
 }
 
@@ -71,28 +107,46 @@ impl Board {
         self.events.subscribe()
     }
 
-    fn update(&self, pipeline: &str, camera: &str, f: impl FnOnce(&mut Camera)) {
-        let mut guard = self.cameras.lock().expect("board lock");
+    /// A generation's pipelines and their functions: the tiles and flows of pipelines no longer
+    /// configured go; a pipeline whose functions changed starts its flow again.
+    pub fn configure<'a>(&self, pipelines: impl IntoIterator<Item = (&'a str, &'a [String])>) {
+        let mut tiles = self.tiles.lock().expect("board lock");
+        let pipelines: BTreeMap<&str, &[String]> = pipelines.into_iter().collect();
+        tiles.flows.retain(|name, flow| pipelines.get(name.as_str()).is_some_and(|f| *f == flow.functions));
+        for (name, functions) in &pipelines {
+            tiles.flows.entry(name.to_string()).or_insert_with(|| Flow {
+                functions: functions.to_vec(),
+                failed: vec![0; functions.len()],
+                ..Flow::default()
+            });
+        }
+        let gone: Vec<(String, String)> =
+            tiles.by_camera.keys().filter(|(p, _)| !pipelines.contains_key(p.as_str())).cloned().collect();
+        for key in gone {
+            let cam = tiles.by_camera.remove(&key).expect("listed above");
+            tiles.kept -= cam.kept();
+        }
+    }
+
+    fn flow(&self, pipeline: &str, f: impl FnOnce(&mut Flow)) {
+        if let Some(flow) = self.tiles.lock().expect("board lock").flows.get_mut(pipeline) {
+            f(flow);
+        }
+    }
+
+    fn update(&self, pipeline: &str, camera: &str, f: impl FnOnce(&mut Camera, &mut Flow)) {
+        let mut guard = self.tiles.lock().expect("board lock");
         let tiles = &mut *guard;
         tiles.clock += 1;
-        let cam = tiles.by_camera.entry((pipeline.to_string(), camera.to_string())).or_insert_with(|| Camera {
-            results: 0,
-            drops: 0,
-            errors: 0,
-            last_id: String::new(),
-            last_seen_ms: 0,
-            content_type: "",
-            output: None,
-            fps: 0.0,
-            last_at: None,
-            updated: 0,
-        });
-        let before = cam.output.as_ref().map_or(0, |b| b.len());
-        f(cam);
+        let mut spare = Flow::default();
+        let flow = tiles.flows.get_mut(pipeline).unwrap_or(&mut spare);
+        let cam = tiles.by_camera.entry((pipeline.to_string(), camera.to_string())).or_default();
+        let before = cam.kept();
+        f(cam, flow);
         cam.last_seen_ms = now_ms();
         cam.updated = tiles.clock;
-        let after = cam.output.as_ref().map_or(0, |b| b.len());
-        let event = json!({ "type": "camera", "camera": view(pipeline, camera, cam) });
+        let after = cam.kept();
+        let event = json!({ "type": "camera", "camera": view(pipeline, camera, cam, None) });
         tiles.kept = tiles.kept + after - before;
         tiles.trim();
         drop(guard);
@@ -100,51 +154,115 @@ impl Board {
         let _ = self.events.send(event);
     }
 
-    pub fn result(&self, pipeline: &str, camera: &str, id: &str, content_type: &'static str, output: &Bytes) {
-        self.update(pipeline, camera, |c| {
+    /// A frame entered `pipeline`.
+    pub fn received(&self, pipeline: &str) {
+        self.flow(pipeline, |f| f.received += 1);
+    }
+
+    /// A result committed: `output` made from `frame` in `latency`, from intake to commit.
+    pub fn result(&self, pipeline: &str, camera: &str, result: Shown<'_>) {
+        let epoch = self.epoch;
+        self.update(pipeline, camera, |c, flow| {
             let now = Instant::now();
             if let Some(prev) = c.last_at {
                 let inst = 1.0 / now.duration_since(prev).as_secs_f64().max(1e-3);
                 c.fps = if c.fps == 0.0 { inst } else { 0.8 * c.fps + 0.2 * inst };
             }
             c.last_at = Some(now);
+            c.history.record(epoch, now, result.latency.as_secs_f64() * 1000.0);
             c.results += 1;
-            c.last_id = id.to_string();
-            c.content_type = content_type;
-            c.output = (output.len() <= MAX_KEPT).then(|| output.clone());
+            flow.results += 1;
+            c.last_id = result.id.to_string();
+            c.content_type = result.content_type;
+            c.output = (result.output.len() <= MAX_KEPT).then(|| result.output.clone());
+            let labels = !result.content_type.starts_with("image/");
+            c.frame = (labels && result.frame.len() <= MAX_KEPT).then(|| result.frame.clone());
         });
     }
 
     pub fn drop_frame(&self, pipeline: &str, camera: &str) {
-        self.update(pipeline, camera, |c| c.drops += 1);
+        self.update(pipeline, camera, |c, flow| {
+            c.drops += 1;
+            flow.dropped += 1;
+        });
     }
 
-    pub fn error(&self, pipeline: &str, camera: &str) {
-        self.update(pipeline, camera, |c| c.errors += 1);
+    /// A frame failed at the pipeline's function number `function`.
+    pub fn error(&self, pipeline: &str, camera: &str, function: usize) {
+        self.update(pipeline, camera, |c, flow| {
+            c.errors += 1;
+            if let Some(n) = flow.failed.get_mut(function) {
+                *n += 1;
+            }
+        });
+    }
+
+    /// A result the outbox did not take.
+    pub fn store_failed(&self, pipeline: &str) {
+        self.flow(pipeline, |f| f.store_failed += 1);
     }
 
     /// A camera that gave its place up (see `cameras`).
     pub fn forget(&self, pipeline: &str, camera: &str) {
-        let mut tiles = self.cameras.lock().expect("board lock");
+        let mut tiles = self.tiles.lock().expect("board lock");
         if let Some(cam) = tiles.by_camera.remove(&(pipeline.to_string(), camera.to_string())) {
-            tiles.kept -= cam.output.map_or(0, |b| b.len());
+            tiles.kept -= cam.kept();
         }
     }
 
+    /// Every camera, with its history.
     pub fn cameras(&self) -> Vec<Value> {
-        let tiles = self.cameras.lock().expect("board lock");
-        tiles.by_camera.iter().map(|((p, c), cam)| view(p, c, cam)).collect()
+        let tiles = self.tiles.lock().expect("board lock");
+        let now = Instant::now();
+        tiles.by_camera.iter().map(|((p, c), cam)| view(p, c, cam, Some((self.epoch, now)))).collect()
+    }
+
+    /// Each pipeline's flow, by name.
+    pub fn flows(&self) -> BTreeMap<String, Value> {
+        let tiles = self.tiles.lock().expect("board lock");
+        let flows = tiles.flows.iter().map(|(name, f)| {
+            let functions: Vec<Value> = f
+                .functions
+                .iter()
+                .zip(&f.failed)
+                .map(|(name, failed)| json!({ "name": name, "failed": failed }))
+                .collect();
+            let flow = json!({
+                "received": f.received,
+                "dropped": f.dropped,
+                "functions": functions,
+                "results": f.results,
+                "store_failed": f.store_failed,
+            });
+            (name.clone(), flow)
+        });
+        flows.collect()
     }
 
     /// The latest result of a camera and its content type.
     pub fn latest(&self, pipeline: &str, camera: &str) -> Option<(Bytes, &'static str)> {
-        let tiles = self.cameras.lock().expect("board lock");
+        let tiles = self.tiles.lock().expect("board lock");
         let cam = tiles.by_camera.get(&(pipeline.to_string(), camera.to_string()))?;
         Some((cam.output.clone()?, cam.content_type))
     }
+
+    /// The frame behind a camera's latest result, when that result is not an image.
+    pub fn frame(&self, pipeline: &str, camera: &str) -> Option<Bytes> {
+        let tiles = self.tiles.lock().expect("board lock");
+        tiles.by_camera.get(&(pipeline.to_string(), camera.to_string()))?.frame.clone()
+    }
 }
 
-fn view(pipeline: &str, camera: &str, c: &Camera) -> Value {
+/// A committed result as the board shows it.
+pub struct Shown<'a> {
+    pub id: &'a str,
+    pub content_type: &'static str,
+    pub output: &'a Bytes,
+    pub frame: &'a Bytes,
+    pub latency: Duration,
+}
+
+fn view(pipeline: &str, camera: &str, c: &Camera, history: Option<(Instant, Instant)>) -> Value {
     // Text and JSON results travel inline, so a label tile needs no second request.
     let inline = match (&c.output, c.content_type) {
         (Some(b), ct) if b.len() <= 4096 && (ct.starts_with("text/") || ct == "application/json") => {
@@ -153,7 +271,7 @@ fn view(pipeline: &str, camera: &str, c: &Camera) -> Value {
         _ => None,
     };
     let stale = c.last_at.is_none_or(|t| t.elapsed().as_secs_f64() > 5.0);
-    json!({
+    let mut v = json!({
         "pipeline": pipeline,
         "camera": camera,
         "results": c.results,
@@ -164,13 +282,25 @@ fn view(pipeline: &str, camera: &str, c: &Camera) -> Value {
         "last_seen_ms": c.last_seen_ms,
         "content_type": c.content_type,
         "inline": inline,
-    })
+        "frame": c.frame.is_some(),
+    });
+    // Only in the status: a camera event per result stays small.
+    if let Some((epoch, now)) = history {
+        let s = c.history.series(epoch, now);
+        v["history"] = json!({ "bucket_s": BUCKET_S, "fps": s.fps, "latency_ms": s.latency_ms });
+    }
+    v
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Board, MAX_BOARD_BYTES, MAX_KEPT};
+    use super::{Board, MAX_BOARD_BYTES, MAX_KEPT, Shown};
     use bytes::Bytes;
+    use std::time::Duration;
+
+    fn shown<'a>(output: &'a Bytes, frame: &'a Bytes, content_type: &'static str) -> Shown<'a> {
+        Shown { id: "id", content_type, output, frame, latency: Duration::from_millis(3) }
+    }
 
     /// 256 cameras in each of several pipelines, each with a result just under the per-tile
     /// limit, would keep gigabytes for the page: the board as a whole is capped, and the
@@ -178,9 +308,10 @@ mod tests {
     #[test]
     fn the_board_keeps_a_bounded_total_of_result_bytes() {
         let board = Board::default();
+        board.configure([("p", &[][..])]);
         let output = Bytes::from(vec![7u8; MAX_KEPT]);
         for i in 0..200 {
-            board.result("p", &format!("cam{i}"), "id", "image/png", &output);
+            board.result("p", &format!("cam{i}"), shown(&output, &output, "image/png"));
         }
         let kept: usize = (0..200).filter_map(|i| board.latest("p", &format!("cam{i}"))).map(|(b, _)| b.len()).sum();
         assert!(kept <= MAX_BOARD_BYTES, "the board keeps {kept} bytes, over {MAX_BOARD_BYTES}");
@@ -188,5 +319,53 @@ mod tests {
         assert!(board.latest("p", "cam0").is_none(), "the oldest result should have gone first");
         // Every camera is still on the board, with its counts.
         assert_eq!(board.cameras().len(), 200);
+    }
+
+    /// A label tile keeps the frame it labels; an image tile does not need it.
+    #[test]
+    fn a_label_keeps_its_frame_and_an_image_does_not() {
+        let board = Board::default();
+        board.configure([("p", &["classify".to_string()][..])]);
+        let (frame, label) = (Bytes::from_static(b"\x89PNG frame"), Bytes::from_static(b"{\"label\":\"cat\"}"));
+        board.result("p", "labels", shown(&label, &frame, "application/json"));
+        board.result("p", "images", shown(&frame, &frame, "image/png"));
+        assert_eq!(board.frame("p", "labels"), Some(frame));
+        assert_eq!(board.frame("p", "images"), None);
+    }
+
+    /// The flow counts each stage, and a reload that changes a pipeline's functions restarts
+    /// its flow while one that keeps them keeps its counts and its cameras' history.
+    #[test]
+    fn the_flow_counts_each_stage_and_survives_a_reload_that_keeps_the_pipeline() {
+        let board = Board::default();
+        let fns = ["grayscale".to_string(), "classify".to_string()];
+        board.configure([("p", &fns[..]), ("q", &fns[..1])]);
+        let out = Bytes::from_static(b"x");
+        for _ in 0..5 {
+            board.received("p");
+        }
+        board.error("p", "cam", 1);
+        board.drop_frame("p", "cam");
+        for _ in 0..3 {
+            board.result("p", "cam", shown(&out, &out, "text/plain"));
+        }
+        board.result("q", "cam", shown(&out, &out, "text/plain"));
+        let flow = &board.flows()["p"];
+        assert_eq!(
+            (flow["received"].as_u64(), flow["dropped"].as_u64(), flow["results"].as_u64()),
+            (Some(5), Some(1), Some(3))
+        );
+        assert_eq!(flow["functions"][1], serde_json::json!({ "name": "classify", "failed": 1 }));
+
+        // p unchanged, q gone, r new.
+        board.configure([("p", &fns[..]), ("r", &fns[..1])]);
+        assert_eq!(board.flows()["p"]["results"], 3);
+        assert!(!board.flows().contains_key("q"));
+        let cameras = board.cameras();
+        assert_eq!(cameras.len(), 1, "q's camera goes with q");
+        assert_eq!(cameras[0]["history"]["fps"].as_array().unwrap().len(), super::super::history::BUCKETS);
+        // p with other functions starts again.
+        board.configure([("p", &fns[..1])]);
+        assert_eq!(board.flows()["p"]["results"], 0);
     }
 }

@@ -8,6 +8,7 @@
 pub mod board;
 pub mod cameras;
 pub mod frame;
+pub mod history;
 pub mod queue;
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::task::JoinSet;
 
-use self::board::Board;
+use self::board::{Board, Shown};
 use self::cameras::{Cameras, MAX_CAMERAS};
 use self::frame::Frame;
 use self::queue::{CameraQueue, Pushed};
@@ -26,6 +27,11 @@ use crate::metrics::{CameraLabel, Metrics, PipelineError as ErrorLabel};
 use crate::runtime::{InvokeError, Runtime};
 use crate::sinks::Sink;
 use crate::sinks::outbox::{Boot, Item, Outbox, Record, now_ms};
+
+/// The failures a pipeline counts beside its functions' own kinds.
+const OUTBOX_REFUSED: &str = "outbox";
+const TOO_MANY_CAMERAS: &str = "too_many_cameras";
+const OWN_ERROR_KINDS: [&str; 2] = [OUTBOX_REFUSED, TOO_MANY_CAMERAS];
 
 /// Camera ids end up in result ids, HTTP headers, file names and metric labels: 1 to 128 of
 /// `[A-Za-z0-9._-]`. Every ingress checks this before a frame enters a pipeline.
@@ -49,6 +55,10 @@ struct Made {
     processed: Processed,
     camera: String,
     items: Vec<Item>,
+    /// The frame it was made from, for the board (a label's tile shows its frame).
+    frame: Bytes,
+    /// When the frame entered the pipeline: the board's latency runs from here to the commit.
+    started: std::time::Instant,
 }
 
 /// A frame's result, committed.
@@ -90,7 +100,8 @@ pub struct Pipelines {
     queues: Mutex<HashMap<(String, String), Arc<CameraQueue>>>,
     cameras: Cameras,
     workers: Mutex<JoinSet<()>>,
-    pub board: Board,
+    /// Shared with the generations before and after this one (see `board`).
+    pub board: Arc<Board>,
     /// Frames settled by camera workers; the watchdog checks that it moves.
     settled: std::sync::atomic::AtomicU64,
     /// Set by `shutdown` under the queues lock: no queue or worker is made after it took stock.
@@ -104,8 +115,10 @@ impl Pipelines {
         runtime: Arc<Runtime>,
         outbox: Arc<Outbox>,
         metrics: Arc<Metrics>,
+        board: Arc<Board>,
     ) -> Arc<Pipelines> {
-        let list = configs
+        board.configure(configs.iter().map(|c| (c.name.as_str(), c.functions.as_slice())));
+        let list: BTreeMap<String, Arc<Pipeline>> = configs
             .iter()
             .map(|c| {
                 for f in &c.functions {
@@ -125,6 +138,10 @@ impl Pipelines {
                 (c.name.clone(), Arc::new(p))
             })
             .collect();
+        for p in list.values() {
+            metrics.declare_pipeline(&p.name, InvokeError::KINDS.into_iter().chain(OWN_ERROR_KINDS));
+            p.sinks.iter().for_each(|s| metrics.declare_sink(&s.key));
+        }
         Arc::new(Pipelines {
             list,
             runtime,
@@ -133,7 +150,7 @@ impl Pipelines {
             queues: Mutex::new(HashMap::new()),
             cameras: Cameras::default(),
             workers: Mutex::new(JoinSet::new()),
-            board: Board::default(),
+            board,
             settled: Default::default(),
             closing: Default::default(),
         })
@@ -177,14 +194,18 @@ impl Pipelines {
             ("EDGEFN_CAMERA", camera),
             ("EDGEFN_SEQ", seq_text.as_str()),
         ];
-        self.metrics.frames.get_or_create(&CameraLabel { pipeline: p.name.clone(), camera: camera.to_string() }).inc();
-        let mut data = payload;
-        for f in &p.functions {
+        let started = std::time::Instant::now();
+        let label = CameraLabel { pipeline: p.name.clone(), camera: camera.to_string() };
+        self.metrics.declare_camera(&label);
+        self.metrics.frames.get_or_create(&label).inc();
+        self.board.received(&p.name);
+        let mut data = payload.clone();
+        for (i, f) in p.functions.iter().enumerate() {
             match self.runtime.invoke(f, data, &env).await {
                 Ok(out) => data = out.stdout,
                 Err(e) => {
                     self.count_error(p, e.kind());
-                    self.board.error(&p.name, camera);
+                    self.board.error(&p.name, camera, i);
                     return Err(PipelineError::Function(e));
                 }
             }
@@ -212,21 +233,30 @@ impl Pipelines {
                 payload: data.clone(),
             })
             .collect();
-        Ok(Made { processed: Processed { id, seq, output: data, content_type }, camera: camera.to_string(), items })
+        let processed = Processed { id, seq, output: data, content_type };
+        Ok(Made { processed, camera: camera.to_string(), items, frame: payload, started })
     }
 
     /// Commits a made result for every sink; only then does it count and show on the board.
     async fn store(&self, p: &Pipeline, made: Made) -> Result<Processed, PipelineError> {
         if !made.items.is_empty() {
             if let Err(e) = self.outbox.commit(made.items).await {
-                self.count_error(p, "outbox");
+                self.count_error(p, OUTBOX_REFUSED);
+                self.board.store_failed(&p.name);
                 return Err(PipelineError::Outbox(format!("{e:#}")));
             }
         }
         let r = made.processed;
         let label = CameraLabel { pipeline: p.name.clone(), camera: made.camera.clone() };
         self.metrics.results.get_or_create(&label).inc();
-        self.board.result(&p.name, &made.camera, &r.id, r.content_type, &r.output);
+        let shown = Shown {
+            id: &r.id,
+            content_type: r.content_type,
+            output: &r.output,
+            frame: &made.frame,
+            latency: made.started.elapsed(),
+        };
+        self.board.result(&p.name, &made.camera, shown);
         Ok(r)
     }
 
@@ -245,7 +275,7 @@ impl Pipelines {
         let Some(pruned) = self.cameras.admit(&p.name, camera, p.camera_idle, busy) else {
             tracing::warn!(pipeline = %p.name, camera, topic,
                 "frame refused: the pipeline tracks {MAX_CAMERAS} cameras, none idle for {:?}", p.camera_idle);
-            self.count_error(p, "too_many_cameras");
+            self.count_error(p, TOO_MANY_CAMERAS);
             return false;
         };
         for c in pruned {

@@ -79,6 +79,7 @@ impl Runtime {
             });
             match loaded {
                 Ok(f) => {
+                    metrics.declare_function(&f.name, &InvokeError::KINDS);
                     tracing::info!(
                         function = %f.name, path = %f.path.display(), origin = ?f.origin,
                         sha256 = %&f.sha256[..16], "function loaded"
