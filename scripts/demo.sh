@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The edgefn demo from this checkout, for a newcomer on a fresh machine: set-up (idempotent),
-# the functions, a local mosquitto, the daemon, and two simulated cameras publishing the
-# sample images: front-door through grayscale, kitchen through classify (EfficientNet-Lite0 on
-# LiteRT). Prints the page's URL; Ctrl-C stops everything.
+# the functions, a local mosquitto, the daemon, and three simulated cameras publishing the
+# sample images: front-door through grayscale (Rust), kitchen through classify (Rust,
+# EfficientNet-Lite0 on LiteRT), porch through brightness (C, a covered-lens alarm). Prints the
+# page's URL; Ctrl-C stops everything.
 #
 # When the real daprd has been built (scripts/setup.sh or tests/run.sh build it into the cache),
 # the demo runs it beside the daemon as edgefn's sidecar, with a `pubsub.mqtt3` named `upstream`
@@ -110,6 +111,12 @@ name = "demo-classify"
 source.mqtt = "labels/+/frames"
 functions = ["classify"]
 sinks = [$labels]
+
+[[pipeline]]
+name = "demo-tamper"
+source.mqtt = "tamper/+/frames"
+functions = ["brightness"]
+sinks = [{ file = { path = "$state/results.jsonl" } }]
 CONF
 
 "$bin" --config "$state/edgefn.toml" run & pids+=($!)
@@ -119,6 +126,8 @@ for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>
   "$assets/chelsea.png" "$assets/coffee.png" & pids+=($!)
 "$bin" publish --broker "mqtt://127.0.0.1:$mqtt_port" --topic labels/kitchen/frames --fps 1 --count 0 \
   "$assets/coffee.png" "$assets/chelsea.png" & pids+=($!)
+"$bin" publish --broker "mqtt://127.0.0.1:$mqtt_port" --topic tamper/porch/frames --fps 1 --count 0 \
+  "$assets/chelsea.png" "$assets/coffee.png" & pids+=($!)
 
 echo
 echo "edgefn demo: open http://127.0.0.1:$port/   (Ctrl-C stops it)"
