@@ -46,7 +46,6 @@ pub fn host_engine(pool: &PoolSize) -> anyhow::Result<Engine> {
         .total_tables(pool.slots)
         .total_stacks(pool.slots)
         .total_component_instances(0)
-        .total_gc_heaps(0)
         .max_memories_per_module(1)
         .max_tables_per_module(1)
         .max_memory_size(usize::try_from(pool.max_memory)?);
