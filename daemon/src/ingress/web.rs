@@ -102,6 +102,19 @@ pub fn models(rt: &Runtime) -> Vec<Value> {
 /// The latest result of `pipeline/camera`, as its own content type.
 pub fn latest(api: &Api, pipeline: &str, camera: &str) -> Response<Body> {
     let found = api.pipelines.as_ref().and_then(|p| p.board.latest(pipeline, camera));
+    camera_bytes(found, || format!("no result yet for {pipeline}/{camera}"))
+}
+
+/// The frame behind `pipeline/camera`'s latest result, kept when that result is a label.
+pub fn frame(api: &Api, pipeline: &str, camera: &str) -> Response<Body> {
+    let found = api.pipelines.as_ref().and_then(|p| p.board.frame(pipeline, camera));
+    camera_bytes(found.map(|b| (b.clone(), crate::content_type::sniff(&b))), || {
+        format!("no labelled frame for {pipeline}/{camera}")
+    })
+}
+
+/// A camera's bytes as their own type, never cached; or 404 `no_result` saying what is missing.
+fn camera_bytes(found: Option<(Bytes, &'static str)>, missing: impl FnOnce() -> String) -> Response<Body> {
     match found {
         Some((bytes, ct)) => {
             let mut r = Response::new(full(bytes));
@@ -110,27 +123,7 @@ pub fn latest(api: &Api, pipeline: &str, camera: &str) -> Response<Body> {
             r
         }
         None => {
-            let body = json!({ "error": format!("no result yet for {pipeline}/{camera}"), "kind": "no_result" });
-            let mut r = Response::new(full(body.to_string()));
-            *r.status_mut() = StatusCode::NOT_FOUND;
-            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            r
-        }
-    }
-}
-
-/// The frame behind `pipeline/camera`'s latest result, kept when that result is a label.
-pub fn frame(api: &Api, pipeline: &str, camera: &str) -> Response<Body> {
-    match api.pipelines.as_ref().and_then(|p| p.board.frame(pipeline, camera)) {
-        Some(bytes) => {
-            let ct = crate::content_type::sniff(&bytes);
-            let mut r = Response::new(full(bytes));
-            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(ct));
-            r.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            r
-        }
-        None => {
-            let body = json!({ "error": format!("no labelled frame for {pipeline}/{camera}"), "kind": "no_result" });
+            let body = json!({ "error": missing(), "kind": "no_result" });
             let mut r = Response::new(full(body.to_string()));
             *r.status_mut() = StatusCode::NOT_FOUND;
             r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
