@@ -15,21 +15,33 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-scripts/setup.sh demo
-functions/build.sh
-cargo build --release --bin edgefn
-target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-bin="$target/release/edgefn"
-
 state="${EDGEFN_DEMO_DIR:-$PWD/.demo}"
+mkdir -p "$state"
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+
+scripts/setup.sh demo
+# The daemon's build is the long pole; the functions' build and the downloads run beside it,
+# on the cores and the network it leaves idle (their logs in $state, shown if they fail).
+functions/build.sh > "$state/functions-build.log" 2>&1 & functions_build=$!; pids+=($!)
+scripts/assets.sh > "$state/assets.log" 2>&1 & fetch=$!; pids+=($!)
+echo "demo: building the functions (log: $state/functions-build.log) and fetching the sample images and the model (log: $state/assets.log) while cargo builds the daemon"
+cargo build --profile demo --bin edgefn
+settle() { # pid log: the job's result, its log's end if it failed
+  wait "$1" || { echo "demo: failed, the end of $2:" >&2; tail -n 30 "$2" >&2; exit 1; }
+}
+settle "$functions_build" "$state/functions-build.log"
+settle "$fetch" "$state/assets.log"
+tail -n 1 "$state/functions-build.log"
+target="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+bin="$target/demo/edgefn"
+
 port="${EDGEFN_DEMO_PORT:-8080}"
 mqtt_port="${EDGEFN_DEMO_MQTT_PORT:-18830}"
 assets="${EDGEFN_ASSETS:-/var/cache/edgefn/assets}"
 mkdir -p "$state/mosquitto"
 
-pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
-trap cleanup EXIT INT TERM
 
 cat > "$state/mosquitto/mosquitto.conf" <<CONF
 listener $mqtt_port 127.0.0.1
