@@ -23,8 +23,8 @@ trap cleanup EXIT INT TERM
 
 scripts/setup.sh demo
 # The daemon's build is the long pole; the functions' build and the downloads run beside it,
-# niced, on the cores and the network it leaves idle (their logs in $state, shown if they fail).
-nice -n 10 functions/build.sh > "$state/functions-build.log" 2>&1 & functions_build=$!; pids+=($!)
+# on the cores and the network it leaves idle (their logs in $state, shown if they fail).
+functions/build.sh --no-fixtures > "$state/functions-build.log" 2>&1 & functions_build=$!; pids+=($!)
 scripts/assets.sh > "$state/assets.log" 2>&1 & fetch=$!; pids+=($!)
 echo "demo: building the functions (log: $state/functions-build.log) and fetching the sample images and the model (log: $state/assets.log) while cargo builds the daemon"
 cargo build --profile demo --bin edgefn
