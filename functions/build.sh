@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds every edgefn function into OUT (default: functions/out), test fixtures into
-# OUT/fixtures (so a functions_dir of OUT never serves them; --no-fixtures skips them, as the
-# demo and the packaging do). Used by the README, the demo, the tests and the packaging. Three languages, each with what Debian or npm provides:
+# OUT/fixtures (so a functions_dir of OUT never serves them; the demo skips them with
+# --no-fixtures). Used by the README, the demo, the tests and the packaging. Three languages,
+# each with what Debian or npm provides:
 # - Rust (grayscale, classify): wasm32-wasip1 with Debian's rustc-web toolchain, std rebuilt
 #   from source (../shared/notes/toolchain.md);
 # - C (c/*.c, e.g. brightness): Debian's clang --target=wasm32-wasi with wasi-libc;

@@ -42,7 +42,6 @@ mqtt_port="${EDGEFN_DEMO_MQTT_PORT:-18830}"
 assets="${EDGEFN_ASSETS:-/var/cache/edgefn/assets}"
 mkdir -p "$state/mosquitto"
 
-
 cat > "$state/mosquitto/mosquitto.conf" <<CONF
 listener $mqtt_port 127.0.0.1
 allow_anonymous true
