@@ -32,7 +32,8 @@ fn fill(state: &std::path::Path) {
                     Item {
                         sink: sink.clone(),
                         record: Record {
-                            id: format!("gray/cam/{seq}"),
+                            id: format!("bench/gray/cam/{seq}"),
+                            board: "bench".into(),
                             pipeline: "gray".into(),
                             camera: "cam".into(),
                             seq,

@@ -18,6 +18,8 @@ pub const DEFAULT_PATH: &str = "/etc/edgefn/edgefn.toml";
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// This board's identity among the boards that share a feed.
+    pub board: Board,
     pub server: Server,
     pub runtime: Runtime,
     /// Limits for every function that does not set its own.
@@ -33,6 +35,15 @@ pub struct Config {
     pub outbox: Outbox,
     #[serde(rename = "pipeline")]
     pub pipelines: Vec<PipelineConfig>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Board {
+    /// Names the board in every result id and CloudEvent `source`, so results of daemons that
+    /// split one feed (an MQTT shared subscription) never collide. Unset: derived from
+    /// `/etc/machine-id` (see [`crate::board`]).
+    pub id: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +66,43 @@ pub struct Mqtt {
     /// Frames larger than this are refused with a warning naming the topic.
     pub max_frame: ByteSize,
 }
+
+impl Mqtt {
+    /// What rumqttc would otherwise assert on (a panic at connect, so at start or reload) and
+    /// what the protocol cannot carry.
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(matches!(self.version, 4 | 5), "mqtt.version must be 4 (3.1.1) or 5");
+        anyhow::ensure!(
+            self.url.starts_with("mqtt://") || self.url.starts_with("mqtts://"),
+            "mqtt.url must start with mqtt:// or mqtts://"
+        );
+        // The session is kept across restarts, which needs a stable id of our own.
+        anyhow::ensure!(
+            !self.client_id.is_empty(),
+            "mqtt.client_id must not be empty (the broker keeps our session by it)"
+        );
+        let secs = self.keep_alive.as_secs_f64();
+        anyhow::ensure!(
+            secs <= u16::MAX as f64,
+            "mqtt.keep_alive must be at most {} s (MQTT carries it in 16 bits)",
+            u16::MAX
+        );
+        match self.version {
+            5 => anyhow::ensure!(secs >= 5.0, "mqtt.keep_alive must be at least 5 s with MQTT 5"),
+            _ => anyhow::ensure!(
+                self.keep_alive.is_zero() || secs >= 1.0,
+                "mqtt.keep_alive must be 0 (off) or at least 1 s with MQTT 3.1.1"
+            ),
+        }
+        anyhow::ensure!(self.max_frame.as_u64() > 0, "mqtt.max_frame must be positive");
+        // The packet cap we ask for is 4 × max_frame, and MQTT 5 carries it in 32 bits.
+        anyhow::ensure!(self.max_frame.as_u64() <= 256 << 20, "mqtt.max_frame must be at most 256 MiB");
+        Ok(())
+    }
+}
+
+/// Below this, one ordinary result could not fit the outbox at all.
+const MIN_OUTBOX_BYTES: u64 = 64 << 10;
 
 impl Default for Mqtt {
     fn default() -> Self {
@@ -197,6 +245,10 @@ pub struct Server {
     /// `Authorization: Bearer <token>` (or `?token=` for the page's live stream and images).
     /// Set it whenever `listen` is not loopback.
     pub token: Option<String>,
+    /// Host names the API may be reached by, besides IP addresses, `localhost` and the
+    /// board's own host name; web pages from other hosts are refused (DNS rebinding,
+    /// cross-site requests).
+    pub allowed_hosts: Vec<String>,
     /// Open connections at most (also held under half the open-file limit). Past it, a new
     /// connection replaces the oldest one that has no request in progress.
     pub max_connections: usize,
@@ -209,6 +261,7 @@ impl Default for Server {
             max_body: ByteSize::mib(16),
             shutdown_grace: Duration::from_secs(10),
             token: None,
+            allowed_hosts: Vec::new(),
             max_connections: 512,
         }
     }
@@ -361,6 +414,9 @@ impl Config {
             Ok(())
         };
         check("limits", &self.limits)?;
+        if let Some(id) = &self.board.id {
+            anyhow::ensure!(crate::board::valid_id(id), "board.id `{id}` must be 1 to 64 of [A-Za-z0-9._-]");
+        }
         let mut names = std::collections::BTreeSet::new();
         for p in &self.pipelines {
             let at = format!("pipeline `{}`", p.name);
@@ -370,24 +426,35 @@ impl Config {
             anyhow::ensure!(p.queue > 0, "{at}: `queue` must be at least 1");
             if let Some(filter) = &p.source.mqtt {
                 anyhow::ensure!(self.mqtt.is_some(), "{at}: source.mqtt needs an [mqtt] section");
+                let (group, camera_filter) = crate::mqtt::split_share(filter);
+                if let Some(group) = group {
+                    anyhow::ensure!(
+                        !group.is_empty() && !group.contains(['+', '#']),
+                        "{at}: source.mqtt `{filter}`: a shared subscription is `$share/GROUP/FILTER`, GROUP without wildcards"
+                    );
+                }
                 anyhow::ensure!(
-                    filter.split('/').any(|l| l == "+"),
+                    camera_filter.split('/').any(|l| l == "+"),
                     "{at}: source.mqtt `{filter}` needs a `+` level for the camera id"
                 );
             }
             for s in &p.sinks {
-                if let SinkConfig::Mqtt { .. } = s {
+                if let SinkConfig::Mqtt { topic } = s {
                     anyhow::ensure!(self.mqtt.is_some(), "{at}: an mqtt sink needs an [mqtt] section");
+                    // A broker refuses every publish to such a topic, and the sink would jam.
+                    anyhow::ensure!(
+                        !topic.is_empty() && !topic.contains(['+', '#', '\0']),
+                        "{at}: mqtt sink topic `{topic}` must be a topic name, without `+`, `#` or NUL"
+                    );
                 }
             }
         }
         if let Some(m) = &self.mqtt {
-            anyhow::ensure!(matches!(m.version, 4 | 5), "mqtt.version must be 4 (3.1.1) or 5");
-            anyhow::ensure!(
-                m.url.starts_with("mqtt://") || m.url.starts_with("mqtts://"),
-                "mqtt.url must start with mqtt:// or mqtts://"
-            );
+            m.validate()?;
         }
+        anyhow::ensure!(self.outbox.max_bytes.as_u64() >= MIN_OUTBOX_BYTES, "outbox.max_bytes must be at least 64 KiB");
+        anyhow::ensure!(!self.outbox.max_age.is_zero(), "outbox.max_age must be positive");
+        anyhow::ensure!(self.dapr.max_request.as_u64() >= 1024, "dapr.max_request must be at least 1 KiB");
         for (name, f) in &self.functions {
             anyhow::ensure!(is_valid_name(name), "functions.{name}: names are [a-z0-9_-]+");
             check(&format!("functions.{name}"), &f.limits(&self.limits))?;
@@ -404,8 +471,19 @@ impl Config {
     }
 
     /// The effective configuration as TOML, for `edgefn check-config`.
+    /// Secrets are masked: the output goes to terminals, tickets and chat.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).expect("config serialises")
+        let mut shown = self.clone();
+        let mask = |s: &mut Option<String>| {
+            if s.is_some() {
+                *s = Some("********".into());
+            }
+        };
+        mask(&mut shown.server.token);
+        if let Some(m) = &mut shown.mqtt {
+            mask(&mut m.password);
+        }
+        toml::to_string_pretty(&shown).expect("config serialises")
     }
 }
 
@@ -427,5 +505,53 @@ mod parse_tests {
         let err = Config::parse("[server]\nlisten_typo = 1\n").unwrap_err();
         assert!(format!("{err:#}").contains("listen_typo"), "{err:#}");
         assert!(Config::parse("[[pipeline]]\nname = \"Bad Name\"\nfunctions = [\"x\"]\n").is_err());
+    }
+
+    /// Each of these passed `check-config` once, then panicked rumqttc at connect (so at start,
+    /// or at a SIGHUP) or jammed a sink; each is refused naming its key.
+    #[test]
+    fn what_rumqttc_asserts_and_what_jams_a_sink_is_refused_naming_the_key() {
+        let mqtt = |v: u8, extra: &str| format!("[mqtt]\nversion = {v}\n{extra}\n");
+        let pipeline = |sink: &str| {
+            format!(
+                "{}[[pipeline]]\nname = \"p\"\nfunctions = [\"echo\"]\nsinks = [{{ mqtt = {{ topic = \"{sink}\" }} }}]\n",
+                mqtt(4, "")
+            )
+        };
+        let refused = [
+            (mqtt(5, "keep_alive = \"2s\""), "mqtt.keep_alive"),
+            (mqtt(4, "keep_alive = \"500ms\""), "mqtt.keep_alive"),
+            (mqtt(4, "keep_alive = \"1day\""), "mqtt.keep_alive"),
+            (mqtt(5, "client_id = \"\""), "mqtt.client_id"),
+            (mqtt(4, "client_id = \"\""), "mqtt.client_id"),
+            (mqtt(4, "max_frame = \"0 B\""), "mqtt.max_frame"),
+            ("[outbox]\nmax_bytes = \"0 B\"\n".into(), "outbox.max_bytes"),
+            ("[outbox]\nmax_age = \"0s\"\n".into(), "outbox.max_age"),
+            ("[dapr]\nmax_request = \"0 B\"\n".into(), "dapr.max_request"),
+            (pipeline("results/+/{camera}"), "mqtt sink topic"),
+            (pipeline("results/#"), "mqtt sink topic"),
+            (pipeline(""), "mqtt sink topic"),
+        ];
+        for (text, key) in refused {
+            let err = Config::parse(&text).map(|_| ()).unwrap_err();
+            assert!(format!("{err:#}").contains(key), "{text:?}: {err:#}");
+        }
+        assert!(Config::parse(&mqtt(5, "keep_alive = \"5s\"")).is_ok());
+        assert!(Config::parse(&mqtt(4, "keep_alive = \"0s\"")).is_ok());
+        assert!(Config::parse(&pipeline("results/{camera}/{pipeline}")).is_ok());
+    }
+
+    /// Every config `check-config` accepts builds its MQTT options without a panic (the config
+    /// fuzz target runs this on every input it makes).
+    #[test]
+    fn accepted_mqtt_settings_build_their_options() {
+        for text in [
+            "[mqtt]\nversion = 5\nkeep_alive = \"5s\"\n",
+            "[mqtt]\nkeep_alive = \"0s\"\n",
+            "[mqtt]\nkeep_alive = \"1s\"\n",
+        ] {
+            let cfg = Config::parse(text).unwrap();
+            crate::mqtt::connect(cfg.mqtt.as_ref().unwrap(), "", 1 << 20).unwrap();
+        }
     }
 }

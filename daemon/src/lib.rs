@@ -12,12 +12,14 @@
 //!   MQTT or files.
 //! - [`server`]: `edgefn run`: builds the components, reloads on SIGHUP, shuts down in order;
 //!   [`systemd`] tells systemd about it.
-//! - Shared: [`cli`] (the command line), [`config`], [`metrics`], [`logging`], [`memory`] (the
+//! - Shared: [`board`] (this board's identity in result ids), [`cli`] (the command line),
+//!   [`config`], [`metrics`], [`logging`], [`memory`] (the
 //!   allocator), [`mqtt`] (the broker connection), [`content_type`]; [`publish`], the camera
 //!   simulator; and [`control`], subcommands that act on a running daemon.
 //!
 //! Imports point one way: ingress → pipeline → runtime; pipeline → sinks.
 
+pub mod board;
 pub mod cli;
 pub mod config;
 pub mod content_type;

@@ -95,6 +95,10 @@ pub struct Metrics {
     /// Frames the broker sent again (DUP set) after a lost connection. If the first copy was
     /// processed and only its acknowledgement was lost, the copy gives a second result.
     pub mqtt_redelivered: Counter,
+    /// Frames whose topic no pipeline takes: logged and acknowledged, never silently.
+    pub mqtt_unrouted: Counter,
+    /// QoS 0 frames dropped because the pipelines were behind (the handoff's byte budget).
+    pub mqtt_shed: Counter,
     /// 1 while the Dapr sidecar answers.
     pub dapr_reachable: Gauge,
     /// Publish requests sent to the sidecar, single or bulk.
@@ -147,6 +151,8 @@ impl Metrics {
             mqtt_connected: Default::default(),
             mqtt_reconnects: Default::default(),
             mqtt_redelivered: Default::default(),
+            mqtt_unrouted: Default::default(),
+            mqtt_shed: Default::default(),
             dapr_reachable: Default::default(),
             dapr_requests: Default::default(),
             model_loads: Default::default(),
@@ -177,6 +183,11 @@ impl Metrics {
             "mqtt_redelivered",
             "Frames the broker sent again after a lost connection",
             self.mqtt_redelivered.clone(),
+        );
+        r.register(
+            "mqtt_unrouted",
+            "Frames acknowledged because no pipeline takes their topic",
+            self.mqtt_unrouted.clone(),
         );
         r.register("dapr_reachable", "1 while the Dapr sidecar answers", self.dapr_reachable.clone());
         r.register("dapr_requests", "Publish requests sent to the sidecar", self.dapr_requests.clone());

@@ -81,6 +81,36 @@ fn check_config_prints_effective_values_with_env_overrides() {
 }
 
 #[test]
+fn check_config_masks_secrets() {
+    let (_tmp, path) =
+        write_config("[server]\ntoken = \"tok-s3cret\"\n\n[mqtt]\nusername = \"cam\"\npassword = \"pw-s3cret\"\n");
+    let out = edgefn(&["--config", &path, "check-config"], &[], b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("s3cret"), "a secret in clear text:\n{text}");
+    let parsed: toml::Value = toml::from_str(&text).unwrap();
+    assert_eq!(parsed["server"]["token"].as_str(), Some("********"));
+    assert_eq!(parsed["mqtt"]["password"].as_str(), Some("********"));
+    assert_eq!(parsed["mqtt"]["username"].as_str(), Some("cam"));
+}
+
+/// These passed check-config and then panicked rumqttc at start (a crash loop) or at a SIGHUP.
+#[test]
+fn check_config_refuses_what_the_broker_client_would_panic_on() {
+    for (body, key) in [
+        ("[mqtt]\nversion = 5\nkeep_alive = \"2s\"\n", "mqtt.keep_alive"),
+        ("[mqtt]\nkeep_alive = \"300ms\"\n", "mqtt.keep_alive"),
+        ("[mqtt]\nclient_id = \"\"\n", "mqtt.client_id"),
+    ] {
+        let (_tmp, path) = write_config(body);
+        let out = edgefn(&["--config", &path, "check-config"], &[], b"");
+        assert!(!out.status.success(), "{body:?} accepted");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(key) && err.lines().count() == 1, "{err}");
+    }
+}
+
+#[test]
 fn invoke_runs_locally_and_fails_in_one_line() {
     let (_tmp, path) = write_config("");
     let out = edgefn(&["--config", &path, "invoke", "grayscale"], &[], &asset("coffee.png"));

@@ -28,7 +28,7 @@ fn wait_log(d: &Daemon, what: &str, n: usize, secs: u64) {
 /// An open `/v1/events` stream, as the page holds it; returns once the first status arrived.
 fn open_event_stream(d: &Daemon) -> TcpStream {
     let mut s = TcpStream::connect(d.addr).unwrap();
-    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: edgefn\r\n\r\n").unwrap();
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
@@ -72,7 +72,7 @@ fn a_reload_with_the_page_open_keeps_serving() {
         if text.lines().count() == 3 {
             for (i, line) in text.lines().enumerate() {
                 let v: serde_json::Value = serde_json::from_str(line).unwrap();
-                assert_eq!(v["id"], format!("echo/a/{}", i + 1), "{text}");
+                assert_eq!(v["id"], format!("{}/echo/a/{}", common::BOARD, i + 1), "{text}");
             }
             break;
         }
@@ -164,7 +164,8 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames" }} }}]
             >= 45
     });
     let ids: std::collections::BTreeSet<String> = dapr.ids().into_iter().collect();
-    let want: std::collections::BTreeSet<String> = (1..=45).map(|i| format!("echo/cam/{i}")).collect();
+    let want: std::collections::BTreeSet<String> =
+        (1..=45).map(|i| format!("{}/echo/cam/{i}", common::BOARD)).collect();
     assert_eq!(ids, want, "every result that fits arrived, and the huge one did not");
 
     // The sidecar has the last result a moment before its batch is settled.
@@ -172,7 +173,7 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames" }} }}]
     let dead = d.get("/v1/outbox/dead").json();
     let dead = dead["dead"].as_array().unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0]["record"]["id"], "echo/huge/1");
+    assert_eq!(dead[0]["record"]["id"], format!("{}/echo/huge/1", common::BOARD));
     let why = dead[0]["record"]["error"].as_str().unwrap();
     assert!(why.contains("body limit") || why.contains("too large"), "{why}");
     d.wait_metric("edgefn_outbox_depth{sink=\"dapr:upstream/frames\"}", 10, |v| v == 0.0);
@@ -424,7 +425,7 @@ fn http_cameras_are_capped_per_pipeline_and_idle_ones_give_their_place_up() {
 fn a_poison_result_is_dead_lettered_and_the_rest_flow() {
     let tmp = tempfile::tempdir().unwrap();
     let dapr = FakeDapr::start(&["upstream"], None);
-    dapr.set_poison("echo/bad/1");
+    dapr.set_poison(&format!("{}/echo/bad/1", common::BOARD));
     let cfg = format!(
         "[dapr]\nurl = \"http://127.0.0.1:{}\"\nstartup_wait = \"0s\"\n\n[[pipeline]]\nname = \"echo\"\nfunctions = [\"echo\"]\n\
          sinks = [{{ dapr = {{ pubsub = \"upstream\", topic = \"t\" }} }}]\n",
@@ -441,11 +442,13 @@ fn a_poison_result_is_dead_lettered_and_the_rest_flow() {
         assert_eq!(d.post("/v1/pipelines/echo?camera=good", format!("g{sent}").as_bytes()).status, 200);
         std::thread::sleep(Duration::from_millis(100));
     }
-    dapr.wait_for(30, "every good result", |_| (1..=sent).all(|i| dapr.ids().contains(&format!("echo/good/{i}"))));
+    dapr.wait_for(30, "every good result", |_| {
+        (1..=sent).all(|i| dapr.ids().contains(&format!("{}/echo/good/{i}", common::BOARD)))
+    });
     let letters = d.get("/v1/outbox/dead").json();
     let letters = letters["dead"].as_array().unwrap();
     assert_eq!(letters.len(), 1);
-    assert_eq!(letters[0]["record"]["id"], "echo/bad/1");
+    assert_eq!(letters[0]["record"]["id"], format!("{}/echo/bad/1", common::BOARD));
     assert!(letters[0]["record"]["error"].as_str().unwrap().contains("while other results were delivered"));
 }
 
@@ -662,4 +665,121 @@ fn a_drained_backlog_does_not_stay_in_memory() {
     let after = common::rss_kib(d.child.id());
     eprintln!("rss idle {idle} KiB, after 120 MiB through the outbox {after} KiB");
     assert!(after < idle + 64 * 1024, "RSS grew from {idle} KiB to {after} KiB and stayed");
+}
+
+/// Memory followed counts, not bytes: a Dapr delivery took 32 results whatever their size,
+/// and each JSON result was parsed into a tree (16 MiB of `[0,0,…]` is over 256 MiB as a
+/// `serde_json::Value`). 64 such results backlogged behind a failing sidecar, retried the
+/// whole time, must keep the daemon's peak RSS under 400 MiB (measured: see the log line).
+#[test]
+fn sixty_four_json_results_of_16_mib_backlogged_keep_the_peak_rss_bounded() {
+    const RESULTS: usize = 64;
+    const BOUND_KIB: u64 = 400 * 1024;
+    let dapr = FakeDapr::start(&["upstream"], None);
+    dapr.set_mode(Mode::Fail500);
+    // 64 results of 16 MiB each take 32 MiB of disk cost: a cap that evicts none of them.
+    let cfg = echo_to_sidecar(&dapr, r#"max_bytes = "10 GiB""#, r#"{ dapr = { pubsub = "upstream", topic = "t" } }"#);
+    let d = Daemon::start(&cfg);
+    let mut zeros = Vec::with_capacity(16 << 20);
+    zeros.push(b'[');
+    while zeros.len() < (16 << 20) - 4096 {
+        zeros.extend_from_slice(b"0,");
+    }
+    zeros.extend_from_slice(b"0]");
+    for i in 0..RESULTS {
+        let r = d.post(&format!("/v1/pipelines/echo?camera=c{}", i % 4), &zeros);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body[..r.body.len().min(300)]));
+        assert_eq!(r.content_type, "application/json");
+    }
+    // Delivered in batches over and over, failing every time.
+    let retried = "edgefn_outbox_retried_total{sink=\"dapr:upstream/t\"}";
+    d.wait_metric(retried, 120, |v| v >= 2.0 * RESULTS as f64);
+    assert_eq!(d.get("/v1/status").json()["outbox"]["pending"], RESULTS as u64, "the backlog is not all there");
+    let hwm = common::status_kib(d.child.id(), "VmHWM");
+    eprintln!(
+        "peak RSS with {RESULTS} JSON results of 16 MiB backlogged and retried: {hwm} KiB (bound {BOUND_KIB} KiB)"
+    );
+    assert!(hwm < BOUND_KIB, "peak RSS {hwm} KiB, over {BOUND_KIB} KiB");
+}
+
+/// A guest's read of a granted file ran inline on a tokio worker, where no deadline reaches
+/// it. A FIFO nobody writes to (or a hung disk) held the worker; as many such calls as
+/// workers and `/healthz`, the API and the MQTT poller starved. Reads go through the blocking
+/// pool now: with more blocked calls than the machine has cores, `/healthz` still answers.
+#[test]
+fn guests_blocked_in_file_reads_do_not_starve_healthz() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etc = tmp.path().join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let fifo = etc.join("passwd");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let blocked = std::thread::available_parallelism().map_or(2, |n| n.get()) + 2;
+    let cfg = format!(
+        "[functions.readfile]\ndirs = {{ \"/etc\" = {etc:?} }}\nmax_instances = {blocked}\ndeadline = \"60s\"\n"
+    );
+    let d = Daemon::start_in(tmp.path(), &cfg);
+    let calls: Vec<_> = (0..blocked)
+        .map(|_| {
+            let url = d.url("/v1/functions/readfile");
+            std::thread::spawn(move || common::agent().post(&url).send(&b""[..]).map(|r| r.status().as_u16()))
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(20);
+    let busy = |d: &Daemon| {
+        let fs = d.get("/v1/functions").json();
+        fs["functions"].as_array().unwrap().iter().find(|f| f["name"] == "readfile").unwrap()["busy"].as_u64().unwrap()
+    };
+    while busy(&d) < blocked as u64 {
+        assert!(Instant::now() < until, "only {} of {blocked} calls got in", busy(&d));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let quick: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(3))).build().into();
+    for _ in 0..5 {
+        let asked = Instant::now();
+        let r = quick.get(&d.url("/healthz")).call();
+        assert!(r.is_ok(), "/healthz did not answer with {blocked} guests blocked in file reads: {r:?}");
+        assert!(asked.elapsed() < Duration::from_secs(1), "/healthz took {:?}", asked.elapsed());
+    }
+    assert_eq!(busy(&d), blocked as u64, "the calls were not blocked all along");
+    // A writer opens the FIFO and closes it: every blocked open returns, and reads end.
+    drop(std::fs::OpenOptions::new().write(true).open(&fifo).unwrap());
+    for c in calls {
+        let _ = c.join().unwrap();
+    }
+}
+
+/// Each connection could hold a whole `max_body` at once, 512 of them 8 GiB at the default
+/// 16 MiB. The bodies in flight are capped at four `max_body`s: past it a request gets 503
+/// `busy` with `Retry-After` at once, and the uploads already in get through.
+#[test]
+fn request_bodies_in_flight_are_capped_in_bytes() {
+    let d = Daemon::start("[server]\nmax_body = \"1 MiB\"\n");
+    let head = |n: usize| format!("POST /v1/functions/echo HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-length: {n}\r\n\r\n");
+    // Four uploads of 1 MiB, each with half its body sent: the whole budget, held.
+    let mut uploads: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = TcpStream::connect(d.addr).unwrap();
+            s.write_all(head(1 << 20).as_bytes()).unwrap();
+            s.write_all(&vec![b'x'; 1 << 19]).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let r = common::agent().post(&d.url("/v1/functions/echo")).send(&vec![b'y'; 600 << 10][..]).unwrap();
+    assert_eq!(r.status().as_u16(), 503, "a fifth body was taken past the cap");
+    assert_eq!(r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()).as_deref(), Some("1"));
+    assert!(r.into_body().read_to_string().unwrap().contains("\"busy\""));
+    assert_eq!(d.get("/healthz").status, 200);
+    for s in &mut uploads {
+        s.write_all(&vec![b'x'; 1 << 19]).unwrap();
+    }
+    for mut s in uploads {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut answer = [0u8; 12];
+        s.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200", "an upload within the cap failed");
+    }
+    // With the budget back, the same request goes through.
+    assert_eq!(d.post("/v1/functions/echo", &vec![b'y'; 600 << 10]).status, 200);
 }

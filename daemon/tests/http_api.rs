@@ -160,3 +160,42 @@ fn listens_on_loopback_by_default_and_stops_on_sigterm() {
     let status = d.stop();
     assert!(status.success(), "SIGTERM exit: {status}");
 }
+
+/// A web page the user opens must not drive the loopback API: a cross-site POST (its
+/// `Origin`) and DNS rebinding (a `Host` naming the attacker's domain) are refused with 403
+/// on every route, while the daemon's own page, curl-like clients and allowed hosts pass.
+#[test]
+fn cross_site_requests_and_dns_rebinding_are_refused() {
+    let d = Daemon::start("[server]\nallowed_hosts = [\"cam-gw.example\"]\n");
+    let send = |path: &str, headers: &[(&str, &str)]| {
+        let mut req = agent().post(&d.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send(&b"frame"[..]).unwrap();
+        let status = r.status().as_u16();
+        (status, r.into_body().read_to_string().unwrap_or_default())
+    };
+    let own = format!("http://{}", d.addr);
+    assert_eq!(send("/v1/functions/echo", &[("origin", &own)]).0, 200, "the daemon's own page refused");
+    assert_eq!(send("/v1/functions/echo", &[]).0, 200, "a client without Origin refused");
+    for headers in [
+        vec![("origin", "http://attacker.example")],
+        vec![("origin", "null")],
+        vec![("host", "attacker.example:8080")],
+        vec![("host", "attacker.example:8080"), ("origin", "http://attacker.example:8080")],
+    ] {
+        for path in ["/v1/functions/echo", "/v1/outbox/dead/replay"] {
+            let (status, body) = send(path, &headers);
+            assert_eq!(status, 403, "{path} {headers:?}: {body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["kind"], "origin", "{body}");
+        }
+        let page = agent().get(&d.url("/healthz"));
+        let page = headers.iter().fold(page, |r, (k, v)| r.header(*k, *v)).call().unwrap();
+        assert_eq!(page.status().as_u16(), 403, "/healthz {headers:?}");
+    }
+    let allowed = send("/v1/functions/echo", &[("host", "cam-gw.example:8080"), ("origin", "http://cam-gw.example")]);
+    assert_eq!(allowed.0, 200, "{}", allowed.1);
+    assert!(d.log().contains("refused: Host `attacker.example:8080`"), "{}", d.log());
+}

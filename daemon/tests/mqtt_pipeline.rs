@@ -125,7 +125,7 @@ fn count_through(policy: &str) -> (usize, f64) {
     assert_eq!(ev["datacontenttype"], "image/png");
     assert_eq!(ev["topic"], "frames/gray");
     assert_eq!(ev["pubsubname"], "upstream");
-    assert!(ev["id"].as_str().unwrap().starts_with("doorcam-gray/cam"));
+    assert!(ev["id"].as_str().unwrap().starts_with(&format!("{}/doorcam-gray/cam", common::BOARD)));
     assert!(ev["data_base64"].as_str().unwrap().len() > 100);
     (delivered, drops)
 }
@@ -249,7 +249,8 @@ fn permanent_refusals_go_to_dead_letters_while_401_and_a_missing_pubsub_are_retr
     assert_eq!(dead.len(), 3);
     assert_eq!(dead.iter().filter(|e| e["record"]["error"].as_str().unwrap().contains("403")).count(), 3);
     assert!(
-        dead.iter().all(|e| { e["sink"] == SINK && e["record"]["id"].as_str().unwrap().starts_with("doorcam-gray/") })
+        dead.iter()
+            .all(|e| { e["sink"] == SINK && e["record"]["id"].as_str().unwrap().contains("/doorcam-gray/cam1/") })
     );
     drop(d);
 
@@ -387,7 +388,7 @@ fn bad_payloads_are_refused_and_the_next_frame_flows() {
     broker.publish_raw("cameras/good/frames", &["-f", frame.to_str().unwrap()], None);
 
     dapr.wait_for(30, "the good frame", |_| distinct(&dapr) == 1);
-    assert_eq!(dapr.ids(), ["doorcam-gray/good/1"]);
+    assert_eq!(dapr.ids(), [format!("{}/doorcam-gray/good/1", common::BOARD)]);
     let out = sub.wait_with_output().unwrap();
     assert!(out.stdout.starts_with(b"\x89PNG"), "mqtt sink result: {} bytes", out.stdout.len());
 
@@ -469,8 +470,8 @@ sinks = [{{ file = {{ path = {results:?} }} }}]
     };
     let events: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(events.len(), 2, "{lines}");
-    assert_eq!(events[0]["id"], "cloud-gray/cloudcam/1");
-    assert_eq!(events[1]["id"], "cloud-gray/desk/1");
+    assert_eq!(events[0]["id"], format!("{}/cloud-gray/cloudcam/1", common::BOARD));
+    assert_eq!(events[1]["id"], format!("{}/cloud-gray/desk/1", common::BOARD));
     assert_eq!(events[1]["subject"], "desk");
     assert_eq!(events[0]["datacontenttype"], "image/png");
 }
@@ -518,9 +519,13 @@ fn a_missing_pubsub_is_named_at_start() {
     let dapr = FakeDapr::start(&["something-else"], None);
     let d = Daemon::start_in(tmp.path(), &config(&broker, &dapr, "block", 4, ""));
     d.wait_metric("edgefn_dapr_reachable", 10, |v| v == 1.0);
-    let log = d.log();
-    assert!(log.contains("has no pub/sub component named `upstream`"), "{log}");
-    assert!(log.contains("something-else"), "{log}");
+    // The check runs beside the start, so it never delays it.
+    let until = Instant::now() + Duration::from_secs(15);
+    while !d.log().contains("has no pub/sub component named `upstream`") {
+        assert!(Instant::now() < until, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(d.log().contains("something-else"), "{}", d.log());
 }
 
 #[test]
@@ -616,4 +621,110 @@ fn a_blocked_pipeline_keeps_the_broker_connection_alive() {
     assert_eq!(d.metric("edgefn_mqtt_reconnects_total"), 0.0, "{}", common::tail(&d.log(), 20));
     assert_eq!(d.metric("edgefn_mqtt_connected"), 1.0);
     assert!(d.metric("edgefn_pipeline_errors_total{pipeline=\"slow\",kind=\"deadline\"}") >= 3.0);
+}
+
+/// An MQTT 5 broker that refuses a publish says why in its PUBACK. Behind an ACL that denies
+/// one camera's result topic, those results are dead letters naming the reason, never counted
+/// delivered; the other camera's results arrive.
+#[test]
+fn a_publish_refused_by_the_broker_acl_is_a_dead_letter_mqtt5() {
+    let tmp = tempfile::tempdir().unwrap();
+    let acl = "topic readwrite cameras/#\ntopic readwrite results/allowed\n";
+    let broker = Broker::start_with_acl(&tmp.path().join("broker"), acl);
+    let sink = "mqtt:results/{camera}";
+    let cfg = format!(
+        "[mqtt]\nurl = \"{}\"\nversion = 5\nclient_id = \"edgefn-acl-{}\"\n\n[[pipeline]]\nname = \"acl\"\n\
+         source.mqtt = \"cameras/+/frames\"\nfunctions = [\"echo\"]\nsinks = [{{ mqtt = {{ topic = \"results/{{camera}}\" }} }}]\n\
+         policy = \"block\"\n",
+        broker.url(),
+        broker.port
+    );
+    let d = Daemon::start_in(tmp.path(), &cfg);
+    d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
+    let results = common::broker::Subscriber::start(&broker, "results/allowed");
+    // Text frames: the subscriber reads lines.
+    let frame = tmp.path().join("frame.json");
+    std::fs::write(&frame, "{\"frame\": 1}").unwrap();
+    finish(publisher(&broker, "allowed", &frame, 5, 0));
+    finish(publisher(&broker, "denied", &frame, 5, 0));
+
+    d.wait_metric(&format!("edgefn_outbox_depth{{sink=\"{sink}\"}}"), 30, |v| v == 0.0);
+    d.wait_metric(&format!("edgefn_outbox_dead_total{{sink=\"{sink}\"}}"), 30, |v| v == 5.0);
+    results.wait_until(30, "the allowed camera's 5 results", |m| m.len() == 5, &d.log());
+    assert!(broker.log().contains("Denied PUBLISH"), "the broker never refused:\n{}", broker.log());
+    assert_eq!(
+        d.metric(&format!("edgefn_outbox_delivered_total{{sink=\"{sink}\"}}")),
+        5.0,
+        "refused ones counted delivered"
+    );
+    let dead = d.get("/v1/outbox/dead").json();
+    let dead = dead["dead"].as_array().unwrap();
+    assert_eq!(dead.len(), 5);
+    for e in dead {
+        assert_eq!(e["record"]["camera"], "denied", "{e}");
+        let why = e["record"]["error"].as_str().unwrap();
+        assert!(why.contains("not authorized") && why.contains("results/denied"), "{why}");
+    }
+}
+
+/// Two boards split one feed through a shared subscription (`$share/GROUP/...`), one over
+/// MQTT 5 and one over 3.1.1: each frame gets exactly one result across the two, both boards
+/// take part, and their result ids, which each numbers on its own, never collide.
+#[test]
+fn two_daemons_on_one_shared_subscription_split_a_feed_of_200_frames() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"));
+    let board = |name: &str, version: u8| {
+        let dir = tmp.path().join(name);
+        let cfg = format!(
+            "[board]\nid = \"{name}\"\n\n[mqtt]\nurl = \"{}\"\nversion = {version}\nclient_id = \"edgefn-{name}-{}\"\n\n\
+             [[pipeline]]\nname = \"shared\"\nsource.mqtt = \"$share/edge/cameras/+/frames\"\nfunctions = [\"echo\"]\n\
+             sinks = [{{ file = {{ path = {:?} }} }}]\npolicy = \"block\"\n",
+            broker.url(),
+            broker.port,
+            dir.join("results.jsonl")
+        );
+        let d = Daemon::start_in(&dir, &cfg);
+        d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
+        d
+    };
+    let (a, b) = (board("board-a", 5), board("board-b", 4));
+    std::thread::sleep(Duration::from_millis(500));
+    let frames: Vec<PathBuf> = (0..200)
+        .map(|i| {
+            let path = tmp.path().join(format!("frame-{i:03}.json"));
+            std::fs::write(&path, format!("{{\"frame\": {i}}}")).unwrap();
+            path
+        })
+        .collect();
+    finish(publisher_of(&broker, "cam1", &frames, 200, 0));
+
+    let results = |d: &Daemon| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.dir.join("results.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let until = Instant::now() + Duration::from_secs(60);
+    while results(&a).len() + results(&b).len() < 200 {
+        assert!(Instant::now() < until, "{} + {} results of 200", results(&a).len(), results(&b).len());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let (ra, rb) = (results(&a), results(&b));
+    assert!(!ra.is_empty() && !rb.is_empty(), "the broker did not split the feed: {} and {}", ra.len(), rb.len());
+    let all: Vec<&serde_json::Value> = ra.iter().chain(&rb).collect();
+    assert_eq!(all.len(), 200, "a frame had more than one result");
+    let frames_seen: BTreeSet<u64> = all.iter().map(|e| e["data"]["frame"].as_u64().unwrap()).collect();
+    assert_eq!(frames_seen.len(), 200, "a frame had no result");
+    let ids: BTreeSet<&str> = all.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 200, "result ids collided across the boards");
+    for (events, name) in [(&ra, "board-a"), (&rb, "board-b")] {
+        for e in events.iter() {
+            assert!(e["id"].as_str().unwrap().starts_with(&format!("{name}/shared/cam1/")), "{e}");
+            assert_eq!(e["source"], format!("edgefn/{name}/shared"), "{e}");
+        }
+    }
+    eprintln!("split: board-a {} results, board-b {}", ra.len(), rb.len());
 }

@@ -27,8 +27,15 @@ async fn a_frame_submitted_after_shutdown_is_handed_back_not_run() {
     let metrics = Arc::new(Metrics::new());
     let runtime = Arc::new(Runtime::load(&cfg, metrics.clone(), None).unwrap());
     let outbox = Outbox::open(&tmp.path().join("outbox.redb"), &cfg.outbox, metrics.clone()).unwrap();
-    let pipelines =
-        Pipelines::new(&cfg.pipelines, |_| unreachable!("no sinks"), runtime, outbox, metrics, Default::default());
+    let pipelines = Pipelines::new(
+        &cfg.pipelines,
+        |_| unreachable!("no sinks"),
+        runtime,
+        outbox,
+        metrics.clone(),
+        Default::default(),
+        "test-board",
+    );
     let p = pipelines.get("echo").unwrap().clone();
 
     let frame = |camera: &str, acks: &Arc<AtomicUsize>| {
@@ -60,7 +67,11 @@ async fn a_frame_submitted_after_shutdown_is_handed_back_not_run() {
     // A camera not seen before: its queue and worker would be made after shutdown took stock.
     pipelines.submit(&p, frame("b", &after)).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert_eq!(pipelines.settled(), 1, "a frame ran after shutdown");
+    let ran = |camera: &str| {
+        let label = edgefn::metrics::CameraLabel { pipeline: "echo".into(), camera: camera.into() };
+        metrics.frames.get_or_create(&label).get()
+    };
+    assert_eq!((ran("a"), ran("b")), (1, 0), "a frame ran after shutdown");
     assert_eq!(pipelines.queued(), 0, "a frame waits in a queue nothing will ever close");
     assert_eq!(after.load(Ordering::SeqCst), 0, "a frame refused at shutdown must not be acknowledged");
 }

@@ -32,7 +32,7 @@ fn ids_of(messages: &[Value]) -> BTreeSet<String> {
 }
 
 fn ids(prefix: &str, range: std::ops::RangeInclusive<u64>) -> BTreeSet<String> {
-    range.map(|i| format!("{prefix}/{i}")).collect()
+    range.map(|i| format!("{}/{prefix}/{i}", common::BOARD)).collect()
 }
 
 fn sink_toml(daprd_port: u16, pubsub: &str, extra: &str) -> String {
@@ -91,17 +91,17 @@ fn publish_and_bulk_publish_reach_the_upstream_broker_as_cloudevents() {
         let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, i as u8 * 20]));
         let r = d.post("/v1/pipelines/gray?camera=bulk", &common::encode(&img.into(), image::ImageFormat::Png));
         assert_eq!(r.status, 200);
-        sent.insert(format!("gray/bulk/{i}"), r.body);
+        sent.insert(format!("{}/gray/bulk/{i}", common::BOARD), r.body);
     }
     sidecar.restart();
     wait_ids(&upstream, 60, &ids("gray/bulk", 1..=12), &d);
     assert!(metric_sum(&d, "edgefn_dapr_requests_total{kind=\"bulk\"}") >= 1.0, "no bulk publish was made");
 
-    sent.insert("gray/one/1".into(), one.body);
+    sent.insert(format!("{}/gray/one/1", common::BOARD), one.body);
     for m in upstream.messages() {
         let id = m["id"].as_str().unwrap();
         assert_eq!(m["type"], "io.edgefn.result", "{m}");
-        assert_eq!(m["source"], "edgefn/gray", "{m}");
+        assert_eq!(m["source"], format!("edgefn/{}/gray", common::BOARD), "{m}");
         assert_eq!(m["datacontenttype"], "image/png", "{m}");
         assert_eq!(m["topic"], "frames/gray");
         assert_eq!(m["pubsubname"], "upstream");
@@ -134,13 +134,13 @@ fn batches_over_daprd_body_limit_drain_and_a_result_that_never_fits_is_dead_lett
         &[],
     );
     wait_ids(&upstream, 120, &ids("echo/cam", 1..=34), &d);
-    assert!(!ids_of(&upstream.messages()).contains("echo/huge/1"));
+    assert!(!ids_of(&upstream.messages()).contains(&format!("{}/echo/huge/1", common::BOARD)));
     // The broker has the last result a moment before its batch is settled.
     d.wait_metric("edgefn_outbox_dead_total{sink=\"dapr:upstream/frames/echo\"}", 10, |v| v == 1.0);
     let dead = d.get("/v1/outbox/dead").json();
     let dead = dead["dead"].as_array().unwrap().clone();
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(dead[0]["record"]["id"], "echo/huge/1");
+    assert_eq!(dead[0]["record"]["id"], format!("{}/echo/huge/1", common::BOARD));
     assert!(dead[0]["record"]["error"].as_str().unwrap().contains("stream too large"), "{dead:?}");
     assert!(d.log().contains("splitting the batch"), "daprd never refused a batch:\n{}", d.log());
 }
@@ -282,7 +282,11 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames/out" }} }}]
     );
     assert_eq!(status, 204, "{}", String::from_utf8_lossy(&body));
     wait_ids(&upstream, 60, &ids("cloud-gray/cloudcam", 1..=1), &d);
-    let result = upstream.messages().into_iter().find(|m| m["id"] == "cloud-gray/cloudcam/1").unwrap();
+    let result = upstream
+        .messages()
+        .into_iter()
+        .find(|m| m["id"] == format!("{}/cloud-gray/cloudcam/1", common::BOARD).as_str())
+        .unwrap();
     assert_eq!(B64.decode(result["data_base64"].as_str().unwrap()).unwrap(), gray, "the pipeline's result differs");
     assert!(!sidecar.log().contains("level=error") || !sidecar.log().contains("subscribe"), "{}", sidecar.log());
 }

@@ -71,3 +71,35 @@ fn ready_watchdog_status_and_reload() {
     assert!(d.stop().success());
     recv_until(&sock, 5, "STOPPING=1", &mut seen);
 }
+
+/// A SIGHUP to an MQTT 5 config with a 2 s keep-alive once reached rumqttc's assertion inside
+/// the reload and took the daemon down (and a restart then crash-looped). Now the reload is
+/// refused, naming the key, and the daemon goes on serving.
+#[test]
+fn a_reload_to_settings_the_broker_client_asserts_on_is_refused_and_the_daemon_lives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let broker = common::broker::Broker::start(&tmp.path().join("broker"));
+    let cfg = format!(
+        "[mqtt]\nurl = \"{}\"\nversion = 5\nclient_id = \"edgefn-hup-{}\"\n\n[[pipeline]]\nname = \"p\"\n\
+         source.mqtt = \"cameras/+/frames\"\nfunctions = [\"echo\"]\n",
+        broker.url(),
+        broker.port
+    );
+    let envs = [("NOTIFY_SOCKET", path.to_str().unwrap().to_string())];
+    let mut d = Daemon::start_env(&tmp.path().join("d"), &cfg, &envs);
+    let mut seen = Vec::new();
+    recv_until(&sock, 10, "READY=1", &mut seen);
+    let file = d.dir.join("edgefn.toml");
+    let text = std::fs::read_to_string(&file).unwrap().replace("version = 5", "version = 5\nkeep_alive = \"2s\"");
+    std::fs::write(&file, text).unwrap();
+    let pid = nix::unistd::Pid::from_raw(d.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    seen.clear();
+    recv_until(&sock, 10, "READY=1", &mut seen);
+    assert!(seen.iter().any(|m| m.contains("reload refused") && m.contains("mqtt.keep_alive")), "{seen:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    d.assert_alive();
+}

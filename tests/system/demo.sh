@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The README's demo command with the real daprd beside it: scripts/demo.sh on free ports must
-# reach a live page whose status shows the Dapr sidecar connected, and the demo cameras'
+# reach a live page first, then (the way a fresh machine takes, with daprd attached by a
+# reload once it is built) one whose status shows the Dapr sidecar connected, and the demo cameras'
 # results must reach the demo broker through daprd's `pubsub.mqtt3` (topic frames/gray).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 free() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 dir=$(mktemp -d)
-export EDGEFN_DEMO_DIR="$dir" EDGEFN_DEMO_PORT=$(free) EDGEFN_DEMO_MQTT_PORT=$(free) EDGEFN_DEMO_DAPR_PORT=$(free) \
+export EDGEFN_DEMO_DAPR_LATE=1 EDGEFN_DEMO_DIR="$dir" EDGEFN_DEMO_PORT=$(free) EDGEFN_DEMO_MQTT_PORT=$(free) EDGEFN_DEMO_DAPR_PORT=$(free) \
        EDGEFN_DEMO_DAPR_GRPC_PORT=$(free) EDGEFN_DEMO_DAPR_METRICS_PORT=$(free)
 unset DAPR_HTTP_PORT
 scripts/build-daprd.sh >/dev/null
@@ -22,12 +23,26 @@ for _ in $(seq 2400); do
   sleep 0.5
 done
 grep -q "open http://" "$dir/demo.out" || fail "no page URL after 20 minutes"
-grep -q "daprd started as edgefn's sidecar" "$dir/demo.out" || fail "the demo did not start daprd"
 url="http://127.0.0.1:$EDGEFN_DEMO_PORT"
+# A fresh machine's path: the page is up before the sidecar; then daprd (built once by the
+# test command, so no second build here) is started and the daemon reloaded with the Dapr
+# sinks, by itself.
+for _ in $(seq 240); do
+  grep -q "daprd attached" "$dir/demo.out" && break
+  kill -0 "$demo" 2>/dev/null || fail "the demo exited before attaching daprd"
+  sleep 0.5
+done
+grep -q "no Dapr sidecar yet" "$dir/demo.out" || fail "the page did not come up before the sidecar"
+grep -q "daprd started as edgefn's sidecar" "$dir/demo.out" || fail "the demo did not start daprd"
+grep -q "daprd attached" "$dir/demo.out" || fail "the demo did not attach daprd within 2 minutes"
 
+for _ in $(seq 60); do
+  curl -fsS "$url/v1/status" | python3 -c 'import json,sys; d=json.load(sys.stdin)["dapr"]; sys.exit(0 if d=={"configured": True, "reachable": True} else 1)' && break
+  sleep 0.5
+done
 # The demo cameras' results leave through daprd to the demo broker as CloudEvents.
 event=$(timeout 60 mosquitto_sub -h 127.0.0.1 -p "$EDGEFN_DEMO_MQTT_PORT" -t frames/gray -C 1) || fail "no result upstream"
-echo "$event" | python3 -c 'import json,sys; e=json.load(sys.stdin); assert e["type"]=="io.edgefn.result" and e["id"].startswith("demo-gray/"), e' \
+echo "$event" | python3 -c 'import json,sys; e=json.load(sys.stdin); assert e["type"]=="io.edgefn.result" and "/demo-gray/" in e["id"], e' \
   || fail "not an edgefn CloudEvent: ${event:0:200}"
 status=$(curl -fsS "$url/v1/status")
 echo "$status" | python3 -c 'import json,sys; d=json.load(sys.stdin)["dapr"]; assert d=={"configured": True, "reachable": True}, d' \

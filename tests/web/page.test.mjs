@@ -80,6 +80,33 @@ try {
   await page.screenshot({ path: join(artifacts, "page-desktop.png"), fullPage: true });
   await page.setViewportSize({ width: 390, height: 844 });
   await page.screenshot({ path: join(artifacts, "page-phone.png"), fullPage: true });
+  // At a phone's width nothing runs off the right edge (the pipeline view and the notice did).
+  const wide = await page.evaluate(() => {
+    const w = document.documentElement.clientWidth;
+    const over = [...document.querySelectorAll("body *")].filter((e) => {
+      const r = e.getBoundingClientRect();
+      return r.width > 0 && r.height > 0 && (r.right > w + 0.5 || r.left < -0.5);
+    }).map((e) => `${e.tagName.toLowerCase()}${e.id ? "#" + e.id : ""}.${e.className.baseVal ?? e.className} right=${Math.round(e.getBoundingClientRect().right)}`);
+    return { w, scroll: document.documentElement.scrollWidth, over: over.slice(0, 8) };
+  });
+  check(wide.scroll <= wide.w && wide.over.length === 0, "wider than the 390 px window: " + JSON.stringify(wide));
+
+  // The classify tile alternates the cat and the coffee cup at 3 frames/s: every caption seen
+  // must sit on its own picture (chelsea.png is 451 px wide, coffee.png 600 px).
+  const seen = new Set();
+  for (let i = 0; i < 60; i++) {
+    const s = await page.$eval('.tile[data-camera="porch"]', (t) => {
+      const img = t.querySelector("img"), cap = t.querySelector(".caption");
+      return { text: cap.hidden ? "" : cap.textContent, w: img.complete ? img.naturalWidth : 0 };
+    });
+    if (s.text && s.w) {
+      const want = s.text.startsWith("Egyptian cat") ? 451 : s.text.startsWith("espresso") ? 600 : -1;
+      check(s.w === want, `caption "${s.text}" on a ${s.w} px wide picture`);
+      seen.add(want);
+    }
+    await page.waitForTimeout(100);
+  }
+  check(seen.size === 2, "did not see both pictures captioned: " + JSON.stringify([...seen]));
   await page.click("#replay");
   await page.waitForFunction(() => /[1-9]\d* sent back/.test(document.querySelector("#replay-result").textContent), null, { timeout: 15000 });
 

@@ -41,15 +41,17 @@ fn world() -> &'static World {
         let metrics = Arc::new(Metrics::new());
         let runtime = Arc::new(Runtime::load(&cfg, metrics.clone(), None).unwrap());
         let outbox = rt.block_on(async { Outbox::open(&dir.path().join("state/outbox.redb"), &cfg.outbox, metrics.clone()) }).unwrap();
-        let pipelines = Pipelines::new(&cfg.pipelines, |_| unreachable!("no sinks"), runtime.clone(), outbox, metrics, Default::default());
+        let pipelines = Pipelines::new(&cfg.pipelines, |_| unreachable!("no sinks"), runtime.clone(), outbox, metrics, Default::default(), "fuzz");
         // Closed from the start, so an event stream ends at once instead of holding the run.
         let (_tx, closing) = tokio::sync::watch::channel(true);
         let api = Arc::new(Api {
             runtime,
             pipelines: Some(pipelines),
             max_body: 1 << 20,
+            bodies: edgefn::ingress::http::bodies_in_flight(1 << 20),
             app_token: None,
             token: None,
+            allowed_hosts: Vec::new(),
             closing,
             event_streams: Default::default(),
             daemon_problems: Default::default(),

@@ -9,9 +9,10 @@
 
 use base64::Engine;
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::pipeline::{PipelineError, Pipelines};
+use crate::pipeline::Pipelines;
 
 pub fn route(pipeline: &str) -> String {
     format!("/v1/dapr/events/{pipeline}")
@@ -46,11 +47,7 @@ pub async fn event(pipelines: &Pipelines, name: &str, body: &[u8]) -> &'static s
     }
     match pipelines.run(p, &camera, &topic, data).await {
         Ok(_) => "SUCCESS",
-        Err(PipelineError::Function(e)) if e.passes() => {
-            tracing::warn!(pipeline = name, camera = %camera, topic = %topic, "event to retry: {e}");
-            "RETRY"
-        }
-        Err(PipelineError::Function(e)) => {
+        Err(e) if e.is_final() => {
             tracing::warn!(pipeline = name, camera = %camera, topic = %topic, "event dropped: {e}");
             "DROP"
         }
@@ -61,24 +58,60 @@ pub async fn event(pipelines: &Pipelines, name: &str, body: &[u8]) -> &'static s
     }
 }
 
+/// The fields of a CloudEvent we read, borrowed from the body: its `data` is never parsed into
+/// a tree (16 MiB of JSON would take 16 times that as a `serde_json::Value`).
+#[derive(serde::Deserialize)]
+struct Event<'a> {
+    #[serde(borrow, default)]
+    subject: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data_base64: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+/// A field as a string, if it is one.
+fn text(raw: Option<&RawValue>) -> Option<String> {
+    serde_json::from_str::<String>(raw?.get()).ok()
+}
+
 /// (camera, topic, data) from a CloudEvent: `data_base64` decoded, a string `data` as its
-/// bytes, other JSON `data` re-serialised. The camera is the event's `subject`, else `dapr`.
+/// bytes, other JSON `data` as it was sent. The camera is the event's `subject`, else `dapr`.
 pub fn unwrap_event(body: &[u8]) -> Result<(String, String, Bytes), String> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
-    let camera = match v["subject"].as_str() {
+    let v: Event = serde_json::from_slice(body).map_err(|e| format!("not a JSON event: {e}"))?;
+    let camera = match text(v.subject).as_deref() {
         None | Some("") => "dapr".to_string(),
         Some(s) if crate::pipeline::valid_camera(s) => s.to_string(),
         Some(s) => return Err(format!("subject {s:?} is not a camera id (1 to 128 of [A-Za-z0-9._-])")),
     };
-    let topic = v["topic"].as_str().unwrap_or_default().to_string();
-    let data = if let Some(b64) = v["data_base64"].as_str() {
+    let topic = text(v.topic).unwrap_or_default();
+    let data = if let Some(b64) = text(v.data_base64) {
         base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| format!("data_base64: {e}"))?.into()
     } else {
-        match &v["data"] {
-            Value::Null => return Err("no data".into()),
-            Value::String(s) => Bytes::from(s.clone()),
-            other => Bytes::from(other.to_string()),
+        match v.data.map(RawValue::get) {
+            None | Some("null") => return Err("no data".into()),
+            Some(raw) if raw.starts_with('"') => Bytes::from(text(v.data).unwrap_or_default()),
+            Some(raw) => Bytes::copy_from_slice(raw.as_bytes()),
         }
     };
     Ok((camera, topic, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unwrap_event;
+
+    #[test]
+    fn data_comes_out_as_sent_and_bad_events_are_errors() {
+        let (camera, topic, data) = unwrap_event(br#"{"subject":"door","topic":"t","data":{"a": [1, 2]}}"#).unwrap();
+        assert_eq!((camera.as_str(), topic.as_str(), &data[..]), ("door", "t", &br#"{"a": [1, 2]}"#[..]));
+        assert_eq!(&unwrap_event(br#"{"data":"hi"}"#).unwrap().2[..], b"hi");
+        assert_eq!(&unwrap_event(br#"{"data_base64":"aGk="}"#).unwrap().2[..], b"hi");
+        assert_eq!(unwrap_event(br#"{"data":"x"}"#).unwrap().0, "dapr");
+        assert!(unwrap_event(br#"{"data":null}"#).is_err());
+        assert!(unwrap_event(br#"{"subject":"a/b","data":1}"#).is_err());
+        assert!(unwrap_event(b"[1]").is_err());
+    }
 }

@@ -37,10 +37,16 @@ pub struct Api {
     pub runtime: Arc<Runtime>,
     pub pipelines: Option<Arc<Pipelines>>,
     pub max_body: usize,
+    /// Request bodies held at once, in KiB ([`bodies_in_flight`]): each connection may send
+    /// `max_body`, and 512 connections of 16 MiB would be 8 GiB.
+    pub bodies: Arc<tokio::sync::Semaphore>,
     /// `APP_API_TOKEN`: when set, every call but `/healthz` must carry it as `dapr-api-token`.
     pub app_token: Option<String>,
     /// `server.token`: when set, every call but the page and `/healthz` needs it as a bearer token.
     pub token: Option<String>,
+    /// `server.allowed_hosts`: names besides IP addresses and localhost that requests may be
+    /// sent to, and web pages they may come from ([`super::origin`]).
+    pub allowed_hosts: Vec<String>,
     /// Turns true when this generation stops: event streams end then.
     pub closing: watch::Receiver<bool>,
     /// Open event streams, capped at [`web::MAX_EVENT_STREAMS`].
@@ -52,6 +58,10 @@ pub struct Api {
 pub(super) async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    if let Some(why) = super::origin::refusal(&req, &api.allowed_hosts) {
+        tracing::warn!(%method, %path, "refused: {why}");
+        return error(StatusCode::FORBIDDEN, why, None, "origin");
+    }
     if !matches!(path.as_str(), "/" | "/healthz" | "/openapi.json") && !authorized(api, &req) {
         let wanted = match (&api.token, &api.app_token) {
             (Some(_), Some(_)) => "a bearer token (server.token) or dapr-api-token (APP_API_TOKEN)",
@@ -91,7 +101,10 @@ pub(super) async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Bo
             json_response(StatusCode::OK, &json!({ "cameras": cameras }))
         }
         Endpoint::Latest => web::latest(api, param(0), param(1)),
-        Endpoint::LatestFrame => web::frame(api, param(0), param(1)),
+        Endpoint::LatestFrame => {
+            let id = query_value(&req, "id");
+            web::frame(api, param(0), param(1), id.as_deref())
+        }
         Endpoint::Health => health(api),
         Endpoint::Metrics => {
             super::status::Snapshot::take(api).set_gauges(api.runtime.metrics());
@@ -129,13 +142,7 @@ async fn run_pipeline(api: &Api, name: &str, req: Request<Incoming>) -> Response
     let Some(p) = pipelines.get(name).cloned() else {
         return error(StatusCode::NOT_FOUND, format!("unknown pipeline `{name}`"), None, "unknown_pipeline");
     };
-    let camera = req
-        .uri()
-        .query()
-        .and_then(|q| {
-            url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "camera").map(|(_, v)| v.into_owned())
-        })
-        .unwrap_or_else(|| "http".to_string());
+    let camera = query_value(&req, "camera").unwrap_or_else(|| "http".to_string());
     if !crate::pipeline::valid_camera(&camera) {
         let msg = format!("bad camera id {camera:?}: use 1 to 128 of [A-Za-z0-9._-]");
         return error(StatusCode::BAD_REQUEST, msg, None, "camera");
@@ -145,7 +152,7 @@ async fn run_pipeline(api: &Api, name: &str, req: Request<Incoming>) -> Response
         let msg = format!("pipeline `{name}` already tracks its most cameras, none idle: camera {camera:?} refused");
         return error(StatusCode::TOO_MANY_REQUESTS, msg, None, "too_many_cameras");
     }
-    let input = match read_body(req, api.max_body).await {
+    let (input, _held) = match read_body(req, api).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
@@ -162,6 +169,10 @@ async fn run_pipeline(api: &Api, name: &str, req: Request<Incoming>) -> Response
             tracing::warn!(pipeline = name, camera = %camera, "{e}");
             error(status_of(&e), e.to_string(), Some(e.function()), e.kind())
         }
+        Err(e @ PipelineError::TooLarge(_)) => {
+            tracing::warn!(pipeline = name, camera = %camera, "{e}");
+            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string(), None, e.kind())
+        }
         Err(e) => {
             tracing::error!(pipeline = name, camera = %camera, "{e}");
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), None, e.kind())
@@ -170,7 +181,7 @@ async fn run_pipeline(api: &Api, name: &str, req: Request<Incoming>) -> Response
 }
 
 async fn dapr_event(api: &Api, name: &str, req: Request<Incoming>) -> Response<Body> {
-    let body = match read_body(req, api.max_body).await {
+    let (body, _held) = match read_body(req, api).await {
         Ok(b) => b,
         // The sidecar retries anything but SUCCESS and DROP, and the same event will be too
         // large every time: drop it, and say so.
@@ -238,7 +249,7 @@ async fn replay_dead_letters(api: &Api) -> Response<Body> {
 }
 
 async fn invoke(api: &Api, name: &str, req: Request<Incoming>, env: &[(&str, &str)]) -> Response<Body> {
-    let input = match read_body(req, api.max_body).await {
+    let (input, _held) = match read_body(req, api).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
@@ -272,12 +283,41 @@ fn status_of(e: &InvokeError) -> StatusCode {
     }
 }
 
-/// Reads the whole body, refusing more than `max` bytes with a 413.
+/// The request-body budget for `max_body`: four bodies of the largest size at once.
+pub fn bodies_in_flight(max_body: usize) -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new((4 * max_body).div_ceil(1024).min(u32::MAX as usize)))
+}
+
+/// Reads the whole body, refusing more than `max_body` bytes with a 413, and holds its share
+/// of the budget of bodies in flight until the handler drops the permit (503 `busy` with
+/// `Retry-After` when the budget is spent: the board's memory, not the client, decides).
 ///
 /// An oversized body is still read and discarded (up to [`DRAIN_CAP`] and [`DRAIN_TIME`]), so a
 /// client that sends before it listens gets the 413 instead of a broken pipe. A client that
 /// sends `Expect: 100-continue` (curl does, for large bodies) gets the 413 before sending.
-async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Response<Body>> {
+async fn read_body(
+    req: Request<Incoming>,
+    api: &Api,
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), Response<Body>> {
+    let max = api.max_body;
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    // Without a length, the body may be as large as the limit.
+    let kib = (declared.unwrap_or(max as u64).min(max as u64) as usize).div_ceil(1024).max(1) as u32;
+    let Ok(held) = api.bodies.clone().try_acquire_many_owned(kib) else {
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy: too many request bytes in flight, try again".to_string(),
+            None,
+            "busy",
+        );
+        r.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        drain(req.into_body()).await;
+        return Err(r);
+    };
+    read_body_capped(req, max).await.map(|b| (b, held))
+}
+
+async fn read_body_capped(req: Request<Incoming>, max: usize) -> Result<Bytes, Response<Body>> {
     let too_large = || {
         let msg = format!("request body over the limit of {max} bytes");
         error(StatusCode::PAYLOAD_TOO_LARGE, msg, None, "body_too_large")
@@ -413,6 +453,12 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// The first `key=` of the query string, decoded.
+fn query_value(req: &Request<Incoming>, key: &str) -> Option<String> {
+    let q = req.uri().query()?;
+    url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == key).map(|(_, v)| v.into_owned())
 }
 
 fn error(status: StatusCode, message: String, function: Option<&str>, kind: &str) -> Response<Body> {

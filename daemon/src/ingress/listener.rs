@@ -8,9 +8,9 @@
 //! keep-alive or a half-sent head); only when every connection is busy is the new one closed.
 //! `/healthz` therefore keeps answering while thousands of slow connections knock.
 //!
-//! On stop: no new connections; open requests get the grace period; then every connection
-//! still open (an event stream, a stalled upload) is cut, so nothing of the old generation
-//! outlives it.
+//! On stop: no new connections here (the socket goes back to the caller at once, for the next
+//! generation); open requests get the grace period; then every connection still open (an
+//! event stream, a stalled upload) is cut, so nothing of the old generation outlives it.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -74,15 +74,17 @@ where
         .await
 }
 
-/// Serves `listener` until `shutdown` resolves, then gives open requests `grace` to finish and
-/// cuts the rest. Hands the listener back, so a reload keeps the socket (and its backlog).
+/// Serves `listener` until `shutdown` resolves, and then at once hands it back through
+/// `handback`, so a reload's next generation accepts on the same socket (and its backlog)
+/// while this one's open requests get `grace` to finish; the rest are cut.
 pub async fn serve(
     listener: TcpListener,
+    handback: tokio::sync::oneshot::Sender<TcpListener>,
     api: Arc<Api>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
     max_connections: usize,
-) -> TcpListener {
+) {
     let cap = connection_cap(max_connections);
     let graceful = GracefulShutdown::new();
     let open = Arc::new(Mutex::new(Open::default()));
@@ -155,11 +157,11 @@ pub async fn serve(
             c.abort = Some(abort);
         }
     }
+    let _ = handback.send(listener);
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(open = tasks.len(), "shutdown grace of {grace:?} over; closing open connections");
     }
     tasks.shutdown().await;
-    listener
 }
 
 /// Marks a connection busy from a request's start until its response body is done.

@@ -2,10 +2,12 @@
 //! answers its caller; none of them knows how functions run.
 
 pub mod dapr;
+pub mod handoff;
 pub mod http;
 pub mod listener;
 pub mod mqtt;
 pub mod openapi;
+pub mod origin;
 pub mod routes;
 pub mod status;
 pub mod web;

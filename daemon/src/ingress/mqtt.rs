@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use super::handoff;
 use crate::metrics::{Metrics, PipelineError as ErrorLabel};
 use crate::mqtt::{self, Client, Connection, Event, Message};
 use crate::pipeline::frame::{Ack, Frame};
@@ -29,11 +30,15 @@ pub struct Ingress {
     pub pipelines: Arc<Pipelines>,
     pub metrics: Arc<Metrics>,
     pub max_frame: usize,
+    /// Where the filters subscribed last are kept, so those a reload or a restart removed
+    /// are unsubscribed: the broker keeps a persistent session's subscriptions, and would
+    /// go on sending (and queueing) for them.
+    pub subscriptions: std::path::PathBuf,
 }
 
-/// Frames between the connection's poller and dispatch. Larger than a broker's in-flight
-/// window for QoS 1 (mosquitto: 20), so the poller never waits on a busy pipeline.
-const HANDOFF: usize = 1024;
+/// Bytes of QoS 0 frames between the connection's poller and dispatch ([`handoff`]), at
+/// least this much, or two of the largest frames.
+const HANDOFF_BYTES: usize = 16 << 20;
 
 impl Ingress {
     /// Polls the connection until `stop_connection`; stops taking frames at `stop_intake`
@@ -48,17 +53,19 @@ impl Ingress {
         mut stop_intake: watch::Receiver<bool>,
         stop_connection: watch::Receiver<bool>,
     ) {
-        let (frames, mut incoming) = tokio::sync::mpsc::channel::<Message>(HANDOFF);
+        let (frames, mut incoming) = handoff::handoff(HANDOFF_BYTES.max(2 * self.max_frame));
         let mut filters: Vec<String> = self.routes.iter().map(|r| r.filter.clone()).collect();
         filters.dedup();
+        let subscribe = Subscribe { filters, kept: self.subscriptions.clone() };
         let poller =
-            tokio::spawn(poll(conn, self.client.clone(), filters, self.metrics.clone(), frames, stop_connection));
+            tokio::spawn(poll(conn, self.client.clone(), subscribe, self.metrics.clone(), frames, stop_connection));
         loop {
             tokio::select! {
                 biased;
                 _ = stop_intake.changed() => break,
-                m = incoming.recv() => match m {
-                    Some(m) => self.dispatch(m).await,
+                m = incoming.take() => match m {
+                    // The frame's bytes count until its pipelines have it.
+                    Some((m, _held)) => self.dispatch(m).await,
                     None => break,
                 },
             }
@@ -100,6 +107,14 @@ impl Ingress {
             return;
         }
         if targets.is_empty() {
+            // A filter a reload removed, still in the broker's copy of our session until the
+            // unsubscribe lands, or a broker delivering what we never asked for. Settled, and
+            // said: frames must never vanish without a word.
+            self.metrics.mqtt_unrouted.inc();
+            let n = self.metrics.mqtt_unrouted.get();
+            if n.is_power_of_two() {
+                tracing::warn!(topic = %topic, unrouted = n, "frame acknowledged unprocessed: no pipeline's source.mqtt matches its topic");
+            }
             self.client.ack(&m);
             return;
         }
@@ -118,9 +133,9 @@ impl Ingress {
 async fn poll(
     mut conn: Connection,
     client: Client,
-    filters: Vec<String>,
+    subscribe: Subscribe,
     metrics: Arc<Metrics>,
-    frames: tokio::sync::mpsc::Sender<Message>,
+    frames: handoff::Handoff,
     mut stop_connection: watch::Receiver<bool>,
 ) {
     let mut attempt = 0u32;
@@ -137,18 +152,18 @@ async fn poll(
                 tracing::info!(session_present, "connected to the MQTT broker");
                 // Subscribing queues requests on the client, which only this task drains:
                 // never await that here.
-                let (client, filters) = (client.clone(), filters.clone());
-                tokio::spawn(async move {
-                    for f in &filters {
-                        if let Err(e) = client.subscribe(f).await {
-                            tracing::error!(filter = %f, "cannot subscribe: {e:#}");
-                        }
-                    }
-                });
+                tokio::spawn(subscribe.clone().run(client.clone()));
             }
             // Once dispatch has stopped, frames are left unacknowledged for redelivery.
             Ok(Event::Message(m)) => {
-                let _ = frames.send(m).await;
+                if let Err(m) = frames.offer(m) {
+                    metrics.mqtt_shed.inc();
+                    let shed = metrics.mqtt_shed.get();
+                    if shed.is_power_of_two() {
+                        tracing::warn!(topic = %m.topic(), shed, held = frames.held(),
+                            "QoS 0 frame dropped: the pipelines are behind and the handoff is full");
+                    }
+                }
             }
             Ok(_) => {}
             Err(e) => {
@@ -172,8 +187,44 @@ async fn poll(
     metrics.mqtt_connected.set(0);
 }
 
-/// If `topic` matches `filter`, the topic level under the filter's first `+`.
+/// The filters to subscribe on each connect, and the file that remembers them.
+#[derive(Clone)]
+struct Subscribe {
+    filters: Vec<String>,
+    kept: std::path::PathBuf,
+}
+
+impl Subscribe {
+    /// Unsubscribes what was subscribed before and is no longer configured, subscribes what
+    /// is, and remembers it.
+    async fn run(self, client: Client) {
+        let before: Vec<String> =
+            std::fs::read(&self.kept).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        for f in before.iter().filter(|f| !self.filters.contains(f)) {
+            match client.unsubscribe(f).await {
+                Ok(()) => tracing::info!(filter = %f, "unsubscribed: no pipeline takes this filter any more"),
+                Err(e) => tracing::warn!(filter = %f, "cannot unsubscribe: {e:#}"),
+            }
+        }
+        for f in &self.filters {
+            if let Err(e) = client.subscribe(f).await {
+                tracing::error!(filter = %f, "cannot subscribe: {e:#}");
+            }
+        }
+        if before != self.filters {
+            let text = serde_json::to_vec(&self.filters).expect("filters serialise");
+            let tmp = self.kept.with_extension("tmp");
+            if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.kept)) {
+                tracing::warn!(file = %self.kept.display(), "cannot remember the subscribed filters: {e}");
+            }
+        }
+    }
+}
+
+/// If `topic` matches `filter`, the topic level under the filter's first `+`. A shared
+/// subscription's `$share/GROUP/` is not part of the topics it matches.
 pub fn camera_of<'t>(filter: &str, topic: &'t str) -> Option<&'t str> {
+    let filter = mqtt::split_share(filter).1;
     let mut camera = None;
     let mut levels = topic.split('/');
     for f in filter.split('/') {
@@ -204,5 +255,12 @@ mod tests {
         assert_eq!(camera_of("cameras/+/frames", "other/door/frames"), None);
         assert_eq!(camera_of("site/+/+/jpeg", "site/north/gate/jpeg"), Some("north"));
         assert_eq!(camera_of("cams/+/#", "cams/yard/a/b"), Some("yard"));
+    }
+
+    #[test]
+    fn a_shared_subscription_matches_the_topics_after_its_group() {
+        assert_eq!(camera_of("$share/edge/cameras/+/frames", "cameras/door/frames"), Some("door"));
+        assert_eq!(camera_of("$share/edge/cameras/+/frames", "edge/cameras/door/frames"), None);
+        assert_eq!(camera_of("$share/g/+/jpeg", "yard/jpeg"), Some("yard"));
     }
 }

@@ -80,6 +80,8 @@ impl Snapshot {
         if let Some(e) = &snap.outbox_error {
             snap.problems.push(format!("outbox: {e}"));
         }
+        // Workers retrying a failure that passes: degraded, named, and not a restart.
+        snap.problems.extend(ps.progress().degraded());
         snap.dapr_configured = ps.iter().flat_map(|p| &p.sinks).any(|s| matches!(s.kind, Kind::Dapr(_)));
         let mut configured: Vec<String> = ps.iter().flat_map(|p| p.sinks.iter().map(|s| s.key.to_string())).collect();
         configured.sort();

@@ -106,10 +106,13 @@ pub fn latest(api: &Api, pipeline: &str, camera: &str) -> Response<Body> {
 }
 
 /// The frame behind `pipeline/camera`'s latest result, kept when that result is a label.
-pub fn frame(api: &Api, pipeline: &str, camera: &str) -> Response<Body> {
-    let found = api.pipelines.as_ref().and_then(|p| p.board.frame(pipeline, camera));
-    camera_bytes(found.map(|b| (b.clone(), crate::content_type::sniff(&b))), || {
-        format!("no labelled frame for {pipeline}/{camera}")
+/// `?id=` asks for the frame of that result (and 404 when the board no longer has it), not
+/// the latest: the page must never put a label on another result's picture.
+pub fn frame(api: &Api, pipeline: &str, camera: &str, id: Option<&str>) -> Response<Body> {
+    let found = api.pipelines.as_ref().and_then(|p| p.board.frame(pipeline, camera, id));
+    camera_bytes(found.map(|b| (b.clone(), crate::content_type::sniff(&b))), || match id {
+        Some(id) => format!("no labelled frame of result {id} for {pipeline}/{camera} (only the last few are kept)"),
+        None => format!("no labelled frame for {pipeline}/{camera}"),
     })
 }
 

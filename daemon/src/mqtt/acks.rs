@@ -11,11 +11,18 @@
 //! next connection, unless the broker lost our session: then it drops them all, silently.
 //! Those waiters fail here, so the results they stand for stay in the outbox and are sent
 //! again. A waiter never fires for a publish that did not reach the broker.
+//!
+//! A waiter gets the broker's answer, which on MQTT 5 may be a refusal ([`Refused`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use tokio::sync::oneshot;
+
+use super::refusal::Refused;
+
+/// The broker's answer to one publish.
+pub type Answer = Result<(), Refused>;
 
 #[derive(Default)]
 pub struct Acks {
@@ -27,12 +34,12 @@ pub struct Acks {
 #[derive(Default)]
 struct State {
     /// Waiters of publishes not written yet, in queue order.
-    unsent: VecDeque<oneshot::Sender<()>>,
+    unsent: VecDeque<oneshot::Sender<Answer>>,
     /// Waiters of publishes written, by packet id.
-    sent: HashMap<u16, oneshot::Sender<()>>,
+    sent: HashMap<u16, oneshot::Sender<Answer>>,
     /// A publish rumqttc holds back because its packet id is still in flight (a broker that
     /// acknowledges out of order); it goes out under that id after the id's PUBACK.
-    collided: Option<(u16, oneshot::Sender<()>)>,
+    collided: Option<(u16, oneshot::Sender<Answer>)>,
     /// At the last lost connection: how many of `unsent` rumqttc had moved to its pending list
     /// (the front of the queue). The rest were queued after, and survive a lost session.
     unsent_pending: usize,
@@ -44,7 +51,7 @@ impl Acks {
     }
 
     /// Registers the waiter of the publish about to be queued (call under [`Acks::order`]).
-    pub fn expect(&self) -> oneshot::Receiver<()> {
+    pub fn expect(&self) -> oneshot::Receiver<Answer> {
         let (tx, rx) = oneshot::channel();
         self.state().unsent.push_back(tx);
         rx
@@ -77,11 +84,11 @@ impl Acks {
         }
     }
 
-    /// The broker acknowledged `pkid`.
-    pub fn acked(&self, pkid: u16) {
+    /// The broker acknowledged `pkid` with `answer`.
+    pub fn acked(&self, pkid: u16, answer: Answer) {
         let mut s = self.state();
         if let Some(waiter) = s.sent.remove(&pkid) {
-            let _ = waiter.send(());
+            let _ = waiter.send(answer);
         }
         if s.collided.as_ref().is_some_and(|(id, _)| *id == pkid) {
             let (id, waiter) = s.collided.take().expect("checked");
@@ -118,11 +125,11 @@ mod tests {
         acks.sent(1);
         acks.sent(2);
         acks.sent(1); // a retransmission
-        acks.acked(2);
-        assert_eq!(b.try_recv(), Ok(()));
+        acks.acked(2, Ok(()));
+        assert_eq!(b.try_recv(), Ok(Ok(())));
         assert_eq!(a.try_recv(), Err(TryRecvError::Empty));
-        acks.acked(1);
-        assert_eq!(a.try_recv(), Ok(()));
+        acks.acked(1, Ok(()));
+        assert_eq!(a.try_recv(), Ok(Ok(())));
     }
 
     #[test]
@@ -137,8 +144,8 @@ mod tests {
         assert_eq!(inflight.try_recv(), Err(TryRecvError::Closed));
         assert_eq!(pending.try_recv(), Err(TryRecvError::Closed));
         acks.sent(1);
-        acks.acked(1);
-        assert_eq!(queued.try_recv(), Ok(()));
+        acks.acked(1, Ok(()));
+        assert_eq!(queued.try_recv(), Ok(Ok(())));
     }
 
     #[test]
@@ -147,11 +154,11 @@ mod tests {
         let (mut a, mut b) = (acks.expect(), acks.expect());
         acks.sent(3);
         acks.collided(3);
-        acks.acked(3);
-        assert_eq!(a.try_recv(), Ok(()));
+        acks.acked(3, Ok(()));
+        assert_eq!(a.try_recv(), Ok(Ok(())));
         assert_eq!(b.try_recv(), Err(TryRecvError::Empty));
         acks.sent(3); // v5 reports the collided publish going out
-        acks.acked(3);
-        assert_eq!(b.try_recv(), Ok(()));
+        acks.acked(3, Ok(()));
+        assert_eq!(b.try_recv(), Ok(Ok(())));
     }
 }

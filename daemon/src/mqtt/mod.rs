@@ -23,6 +23,11 @@ use self::acks::Acks;
 use crate::config;
 
 pub mod acks;
+pub mod refusal;
+
+/// Unacknowledged QoS 1 frames an MQTT 5 broker may send us at once (mosquitto's own window
+/// for 3.1.1 clients is 20).
+const RECEIVE_MAXIMUM: u16 = 16;
 
 /// How long a broker keeps an MQTT 5 session (and its queued frames) while we are away.
 const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
@@ -84,6 +89,14 @@ impl Message {
         }
     }
 
+    /// Sent at QoS 0: no acknowledgement, and no flow control either.
+    pub fn qos0(&self) -> bool {
+        match self {
+            Message::V4(p) => p.qos == QoS::AtMostOnce,
+            Message::V5(p) => p.qos == rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        }
+    }
+
     pub fn payload(&self) -> &Bytes {
         match self {
             Message::V4(p) => &p.payload,
@@ -116,6 +129,8 @@ pub fn connect(cfg: &config::Mqtt, suffix: &str, max_packet: usize) -> anyhow::R
                 .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
                 .set_manual_acks(true)
                 .set_max_packet_size(Some(max_packet as u32))
+                // QoS 1 frames in flight to us at once: what the handoff may hold of them.
+                .set_receive_maximum(Some(RECEIVE_MAXIMUM))
                 .set_transport(transport);
             if let Some((u, p)) = credentials {
                 o.set_credentials(u, p);
@@ -180,6 +195,14 @@ impl Client {
         Ok(())
     }
 
+    pub async fn unsubscribe(&self, filter: &str) -> anyhow::Result<()> {
+        match &self.inner {
+            ClientInner::V4(c) => c.unsubscribe(filter).await?,
+            ClientInner::V5(c) => c.unsubscribe(filter).await?,
+        }
+        Ok(())
+    }
+
     /// Hands a QoS 1 publish to the connection, which retransmits it until the broker acks.
     pub async fn publish(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
         match &self.inner {
@@ -191,10 +214,10 @@ impl Client {
         Ok(())
     }
 
-    /// Publishes at QoS 1; the receiver fires when the broker's PUBACK arrives, and fails if
-    /// the publish was lost with the session. Refused at once while the broker is offline, so
+    /// Publishes at QoS 1; the receiver gets the broker's answer when its PUBACK arrives (on
+    /// MQTT 5 possibly a refusal), and fails if the publish was lost with the session. Refused at once while the broker is offline, so
     /// retries do not pile up copies in rumqttc's queue.
-    pub async fn publish_acked(&self, topic: &str, payload: Bytes) -> anyhow::Result<oneshot::Receiver<()>> {
+    pub async fn publish_acked(&self, topic: &str, payload: Bytes) -> anyhow::Result<oneshot::Receiver<acks::Answer>> {
         anyhow::ensure!(self.connected.load(Ordering::Acquire), "not connected to the broker");
         // Publishes enter rumqttc's queue in the order their waiters are registered.
         let _order = self.acks.order.lock().await;
@@ -239,7 +262,7 @@ impl Connection {
                 }
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => Ok(Event::Message(Message::V4(p))),
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a))) => {
-                    acks.acked(a.pkid);
+                    acks.acked(a.pkid, Ok(()));
                     Ok(Event::Published)
                 }
                 Ok(rumqttc::Event::Outgoing(Outgoing::Publish(pkid))) => {
@@ -263,7 +286,7 @@ impl Connection {
                 }
                 Ok(rumqttc::v5::Event::Incoming(v5b::Packet::Publish(p))) => Ok(Event::Message(Message::V5(p))),
                 Ok(rumqttc::v5::Event::Incoming(v5b::Packet::PubAck(a))) => {
-                    acks.acked(a.pkid);
+                    acks.acked(a.pkid, refusal::of_puback(a.reason));
                     Ok(Event::Published)
                 }
                 Ok(rumqttc::v5::Event::Outgoing(Outgoing::Publish(pkid))) => {
@@ -294,6 +317,20 @@ impl Connection {
             _ => {}
         }
         event
+    }
+}
+
+/// A subscription filter's share group and the filter topics are matched against:
+/// `$share/GROUP/cameras/+/frames` is `(Some("GROUP"), "cameras/+/frames")`. The broker hands
+/// each message of a shared subscription to one subscriber of the group (MQTT 5 4.8.2, and
+/// mosquitto for 3.1.1 too), which is how several boards split one feed.
+pub fn split_share(filter: &str) -> (Option<&str>, &str) {
+    match filter.strip_prefix("$share/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((group, filter)) => (Some(group), filter),
+            None => (Some(rest), ""),
+        },
+        None => (None, filter),
     }
 }
 

@@ -8,7 +8,7 @@
 //! camera update is also broadcast (as a small JSON event) to live subscribers such as the
 //! page's server-sent events stream.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,10 @@ use crate::sinks::outbox::now_ms;
 
 /// Results larger than this are not kept for the page (the tile shows the id instead).
 const MAX_KEPT: usize = 2 << 20;
+
+/// Labelled frames kept per camera: a page that asks for a label's frame a few results late
+/// still gets that frame (at 4 frames/s, a second's worth).
+const LABELLED_FRAMES: usize = 4;
 
 /// What the board keeps of all results and frames together; past it, the tiles updated longest
 /// ago lose their images first.
@@ -50,7 +54,8 @@ impl Tiles {
             let oldest = self.by_camera.values_mut().filter(|c| c.kept() > 0).min_by_key(|c| c.updated);
             let Some(cam) = oldest else { break };
             self.kept -= cam.kept();
-            (cam.output, cam.frame) = (None, None);
+            cam.output = None;
+            cam.frames.clear();
         }
     }
 }
@@ -80,8 +85,9 @@ struct Camera {
     last_seen_ms: u64,
     content_type: &'static str,
     output: Option<Bytes>,
-    /// The frame behind a result that is not an image (a label), so the tile can show both.
-    frame: Option<Bytes>,
+    /// The frames behind the latest results that are not images (labels), newest last, each
+    /// with its result's id: the page asks for a label's own frame, never just the latest.
+    frames: VecDeque<(String, Bytes)>,
     /// Frames per second, smoothed over the last few frames.
     fps: f64,
     last_at: Option<Instant>,
@@ -92,7 +98,7 @@ struct Camera {
 
 impl Camera {
     fn kept(&self) -> usize {
-        self.output.as_ref().map_or(0, |b| b.len()) + self.frame.as_ref().map_or(0, |b| b.len())
+        self.output.as_ref().map_or(0, |b| b.len()) + self.frames.iter().map(|(_, f)| f.len()).sum::<usize>()
     }
 }
 
@@ -176,7 +182,14 @@ impl Board {
             c.content_type = result.content_type;
             c.output = (result.output.len() <= MAX_KEPT).then(|| result.output.clone());
             let labels = !result.content_type.starts_with("image/");
-            c.frame = (labels && result.frame.len() <= MAX_KEPT).then(|| result.frame.clone());
+            if !labels {
+                c.frames.clear();
+            } else if result.frame.len() <= MAX_KEPT {
+                if c.frames.len() == LABELLED_FRAMES {
+                    c.frames.pop_front();
+                }
+                c.frames.push_back((result.id.to_string(), result.frame.clone()));
+            }
         });
     }
 
@@ -239,6 +252,18 @@ impl Board {
         flows.collect()
     }
 
+    /// The cameras of `pipeline` on the board, and how long since each was heard from.
+    pub fn seen(&self, pipeline: &str) -> Vec<(String, Duration)> {
+        let now = now_ms();
+        let tiles = self.tiles.lock().expect("board lock");
+        tiles
+            .by_camera
+            .iter()
+            .filter(|((p, _), _)| p == pipeline)
+            .map(|((_, c), cam)| (c.clone(), Duration::from_millis(now.saturating_sub(cam.last_seen_ms))))
+            .collect()
+    }
+
     /// The latest result of a camera and its content type.
     pub fn latest(&self, pipeline: &str, camera: &str) -> Option<(Bytes, &'static str)> {
         let tiles = self.tiles.lock().expect("board lock");
@@ -246,10 +271,15 @@ impl Board {
         Some((cam.output.clone()?, cam.content_type))
     }
 
-    /// The frame behind a camera's latest result, when that result is not an image.
-    pub fn frame(&self, pipeline: &str, camera: &str) -> Option<Bytes> {
+    /// The frame behind result `id` of a camera (its latest result's without one), when that
+    /// result is not an image and is among the last few; never another result's frame.
+    pub fn frame(&self, pipeline: &str, camera: &str, id: Option<&str>) -> Option<Bytes> {
         let tiles = self.tiles.lock().expect("board lock");
-        tiles.by_camera.get(&(pipeline.to_string(), camera.to_string()))?.frame.clone()
+        let frames = &tiles.by_camera.get(&(pipeline.to_string(), camera.to_string()))?.frames;
+        match id {
+            Some(id) => frames.iter().find(|(i, _)| i == id).map(|(_, f)| f.clone()),
+            None => frames.back().map(|(_, f)| f.clone()),
+        }
     }
 }
 
@@ -282,7 +312,7 @@ fn view(pipeline: &str, camera: &str, c: &Camera, history: Option<(Instant, Inst
         "last_seen_ms": c.last_seen_ms,
         "content_type": c.content_type,
         "inline": inline,
-        "frame": c.frame.is_some(),
+        "frame": !c.frames.is_empty(),
     });
     // Only in the status: a camera event per result stays small.
     if let Some((epoch, now)) = history {
@@ -329,8 +359,26 @@ mod tests {
         let (frame, label) = (Bytes::from_static(b"\x89PNG frame"), Bytes::from_static(b"{\"label\":\"cat\"}"));
         board.result("p", "labels", shown(&label, &frame, "application/json"));
         board.result("p", "images", shown(&frame, &frame, "image/png"));
-        assert_eq!(board.frame("p", "labels"), Some(frame));
-        assert_eq!(board.frame("p", "images"), None);
+        assert_eq!(board.frame("p", "labels", None), Some(frame));
+        assert_eq!(board.frame("p", "images", None), None);
+    }
+
+    /// The page asked for `/frame?id=X` and got whatever frame was latest: a label shown on
+    /// the wrong picture. A label's own frame comes back, or nothing.
+    #[test]
+    fn a_label_gets_its_own_frame_or_none() {
+        let board = Board::default();
+        board.configure([("p", &["classify".to_string()][..])]);
+        let label = Bytes::from_static(b"{\"label\":\"cat\"}");
+        let frames: Vec<Bytes> = (0..6).map(|i| Bytes::from(format!("frame {i}"))).collect();
+        for (i, f) in frames.iter().enumerate() {
+            let shown = Shown { id: &format!("p/cam/{i}"), ..shown(&label, f, "application/json") };
+            board.result("p", "cam", shown);
+        }
+        assert_eq!(board.frame("p", "cam", Some("p/cam/5")), Some(frames[5].clone()));
+        assert_eq!(board.frame("p", "cam", Some("p/cam/3")), Some(frames[3].clone()));
+        assert_eq!(board.frame("p", "cam", Some("p/cam/0")), None, "an old label's frame is gone, not replaced");
+        assert_eq!(board.frame("p", "cam", Some("p/other/5")), None);
     }
 
     /// The flow counts each stage, and a reload that changes a pipeline's functions restarts

@@ -17,6 +17,18 @@ pub struct Cameras {
 }
 
 impl Cameras {
+    /// Cameras `pipeline` heard from before this set was made (the board outlives reloads),
+    /// each with how long ago: they hold their places, and give them up when idle, as if
+    /// this set had seen them itself.
+    pub fn seed(&self, pipeline: &str, cameras: impl IntoIterator<Item = (String, Duration)>) {
+        let now = Instant::now();
+        let mut seen = self.seen.lock().expect("cameras lock");
+        let cams = seen.entry(pipeline.to_string()).or_default();
+        for (camera, ago) in cameras.into_iter().take(MAX_CAMERAS) {
+            cams.insert(camera, now.checked_sub(ago).unwrap_or(now));
+        }
+    }
+
     /// Notes a frame from `camera`. `Some(pruned)` if it may enter (`pruned`: idle cameras
     /// that gave their place up, for the caller to forget); `None` if the pipeline is full.
     /// `busy` says whether a camera still has frames waiting (it is never pruned then).
@@ -70,5 +82,17 @@ mod tests {
         let pruned = c.admit("p", "new", Duration::ZERO, |cam| cam == "c1").unwrap();
         assert_eq!(pruned.len(), MAX_CAMERAS - 1);
         assert!(!pruned.contains(&"c1".to_string()));
+    }
+
+    /// A reload's new set started empty while the board kept every old tile: cameras from
+    /// before a reload were never pruned, and tiles piled up. Seeded, they are.
+    #[test]
+    fn cameras_from_before_a_reload_hold_and_give_up_their_places() {
+        let c = Cameras::default();
+        let old = (0..MAX_CAMERAS).map(|i| (format!("old{i}"), Duration::from_secs(3600)));
+        c.seed("p", old);
+        assert_eq!(c.admit("p", "new", Duration::from_secs(7200), |_| false), None, "seeded cameras hold their places");
+        let pruned = c.admit("p", "new", Duration::from_secs(600), |_| false).unwrap();
+        assert_eq!(pruned.len(), MAX_CAMERAS, "idle seeded cameras give their places up");
     }
 }

@@ -1,15 +1,19 @@
 //! Pipelines: a frame runs through a chain of functions, and the result is committed to the
 //! outbox for each of the pipeline's sinks before the frame is acknowledged.
 //!
-//! Frames from MQTT go through a bounded queue per camera ([`queue`]) with one worker each, so
-//! a camera's frames stay in order and a flood from one camera costs bounded memory. HTTP and
-//! Dapr events call [`Pipelines::run`] directly and get the result back.
+//! This file is the chain runner: it makes a result from a frame and stores it. Frames from
+//! MQTT go through a bounded queue per camera ([`queue`]) with one worker each ([`worker`]:
+//! admission, the queue, the retries), so a camera's frames stay in order and a flood from one
+//! camera costs bounded memory. HTTP and Dapr events call [`Pipelines::run`] directly and get
+//! the result back. What the workers are doing is in [`progress`], for the watchdog.
 
 pub mod board;
 pub mod cameras;
 pub mod frame;
 pub mod history;
+pub mod progress;
 pub mod queue;
+mod worker;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -18,9 +22,9 @@ use bytes::Bytes;
 use tokio::task::JoinSet;
 
 use self::board::{Board, Shown};
-use self::cameras::{Cameras, MAX_CAMERAS};
-use self::frame::Frame;
-use self::queue::{CameraQueue, Pushed};
+use self::cameras::Cameras;
+use self::progress::Progress;
+use self::queue::CameraQueue;
 use crate::config::{PipelineConfig, Policy, Source};
 use crate::content_type;
 use crate::metrics::{CameraLabel, Metrics, PipelineError as ErrorLabel};
@@ -31,7 +35,8 @@ use crate::sinks::outbox::{Boot, Item, Outbox, Record, now_ms};
 /// The failures a pipeline counts beside its functions' own kinds.
 const OUTBOX_REFUSED: &str = "outbox";
 const TOO_MANY_CAMERAS: &str = "too_many_cameras";
-const OWN_ERROR_KINDS: [&str; 2] = [OUTBOX_REFUSED, TOO_MANY_CAMERAS];
+const RESULT_TOO_LARGE: &str = "result_too_large";
+const OWN_ERROR_KINDS: [&str; 3] = [OUTBOX_REFUSED, TOO_MANY_CAMERAS, RESULT_TOO_LARGE];
 
 /// Camera ids end up in result ids, HTTP headers, file names and metric labels: 1 to 128 of
 /// `[A-Za-z0-9._-]`. Every ingress checks this before a frame enters a pipeline.
@@ -47,11 +52,13 @@ pub struct Pipeline {
     pub queue: usize,
     pub policy: Policy,
     pub camera_idle: std::time::Duration,
+    /// How long one attempt at a frame may take before the worker counts as wedged.
+    pub wedge_limit: std::time::Duration,
 }
 
 /// A frame's result, with what the outbox must store for it.
 #[derive(Clone)]
-struct Made {
+pub(super) struct Made {
     processed: Processed,
     camera: String,
     items: Vec<Item>,
@@ -77,6 +84,10 @@ pub enum PipelineError {
     /// The result could not be made durable; the frame must not be acknowledged.
     #[error("result not stored: {0}")]
     Outbox(String),
+    /// The result alone is larger than the outbox may hold (`outbox.max_bytes`): refused
+    /// rather than committed and evicted at once.
+    #[error("result not stored: {0}")]
+    TooLarge(String),
     /// Shutting down.
     #[error("shutting down")]
     Closed,
@@ -86,8 +97,19 @@ impl PipelineError {
     pub fn kind(&self) -> &'static str {
         match self {
             PipelineError::Function(e) => e.kind(),
-            PipelineError::Outbox(_) => "outbox",
+            PipelineError::Outbox(_) => OUTBOX_REFUSED,
+            PipelineError::TooLarge(_) => RESULT_TOO_LARGE,
             PipelineError::Closed => "closed",
+        }
+    }
+
+    /// The same frame would fail the same way again: settle it (acknowledge, drop the event)
+    /// instead of having it redelivered for ever.
+    pub fn is_final(&self) -> bool {
+        match self {
+            PipelineError::Function(e) => !e.passes(),
+            PipelineError::TooLarge(_) => true,
+            PipelineError::Outbox(_) | PipelineError::Closed => false,
         }
     }
 }
@@ -102,8 +124,10 @@ pub struct Pipelines {
     workers: Mutex<JoinSet<()>>,
     /// Shared with the generations before and after this one (see `board`).
     pub board: Arc<Board>,
-    /// Frames settled by camera workers; the watchdog checks that it moves.
-    settled: std::sync::atomic::AtomicU64,
+    /// This board's id, first in every result id ([`crate::board`]).
+    board_id: Arc<str>,
+    /// What the camera workers are doing: degraded or wedged, for the watchdog.
+    progress: Progress,
     /// Set by `shutdown` under the queues lock: no queue or worker is made after it took stock.
     closing: std::sync::atomic::AtomicBool,
 }
@@ -116,6 +140,7 @@ impl Pipelines {
         outbox: Arc<Outbox>,
         metrics: Arc<Metrics>,
         board: Arc<Board>,
+        board_id: &str,
     ) -> Arc<Pipelines> {
         board.configure(configs.iter().map(|c| (c.name.as_str(), c.functions.as_slice())));
         let list: BTreeMap<String, Arc<Pipeline>> = configs
@@ -134,6 +159,10 @@ impl Pipelines {
                     queue: c.queue,
                     policy: c.policy,
                     camera_idle: c.camera_idle,
+                    // A function that is not loaded fails at once: it adds nothing.
+                    wedge_limit: progress::wedge_limit(
+                        c.functions.iter().filter_map(|f| runtime.get(f)).map(|f| f.limits.deadline),
+                    ),
                 };
                 (c.name.clone(), Arc::new(p))
             })
@@ -142,16 +171,21 @@ impl Pipelines {
             metrics.declare_pipeline(&p.name, InvokeError::KINDS.into_iter().chain(OWN_ERROR_KINDS));
             p.sinks.iter().for_each(|s| metrics.declare_sink(&s.key));
         }
+        let cameras = Cameras::default();
+        for p in list.values() {
+            cameras.seed(&p.name, board.seen(&p.name));
+        }
         Arc::new(Pipelines {
             list,
             runtime,
             outbox,
             metrics,
             queues: Mutex::new(HashMap::new()),
-            cameras: Cameras::default(),
+            cameras,
             workers: Mutex::new(JoinSet::new()),
             board,
-            settled: Default::default(),
+            board_id: board_id.into(),
+            progress: Progress::default(),
             closing: Default::default(),
         })
     }
@@ -185,7 +219,13 @@ impl Pipelines {
     }
 
     /// Runs `payload` through `p`'s functions: the result and its outbox items, not yet stored.
-    async fn make(&self, p: &Pipeline, camera: &str, topic: &str, payload: Bytes) -> Result<Made, PipelineError> {
+    pub(super) async fn make(
+        &self,
+        p: &Pipeline,
+        camera: &str,
+        topic: &str,
+        payload: Bytes,
+    ) -> Result<Made, PipelineError> {
         let seq = self.outbox.next_seq(camera);
         let seq_text = seq.to_string();
         let env = [
@@ -211,7 +251,7 @@ impl Pipelines {
             }
         }
         let content_type = content_type::sniff(&data);
-        let id = format!("{}/{camera}/{seq}", p.name);
+        let id = format!("{}/{}/{camera}/{seq}", self.board_id, p.name);
         let created_ms = now_ms();
         let boot = Boot::now();
         let items: Vec<Item> = p
@@ -221,6 +261,7 @@ impl Pipelines {
                 sink: s.key.clone(),
                 record: Record {
                     id: id.clone(),
+                    board: self.board_id.to_string(),
                     pipeline: p.name.clone(),
                     camera: camera.to_string(),
                     seq,
@@ -238,7 +279,11 @@ impl Pipelines {
     }
 
     /// Commits a made result for every sink; only then does it count and show on the board.
-    async fn store(&self, p: &Pipeline, made: Made) -> Result<Processed, PipelineError> {
+    pub(super) async fn store(&self, p: &Pipeline, made: Made) -> Result<Processed, PipelineError> {
+        if let Some(cap) = made.items.iter().find_map(|i| self.outbox.too_large(i)) {
+            self.count_error(p, RESULT_TOO_LARGE);
+            return Err(PipelineError::TooLarge(cap));
+        }
         if !made.items.is_empty() {
             if let Err(e) = self.outbox.commit(made.items).await {
                 self.count_error(p, OUTBOX_REFUSED);
@@ -260,157 +305,12 @@ impl Pipelines {
         Ok(r)
     }
 
-    fn count_error(&self, p: &Pipeline, kind: &'static str) {
+    pub(super) fn count_error(&self, p: &Pipeline, kind: &'static str) {
         self.metrics.pipeline_errors.get_or_create(&ErrorLabel { pipeline: p.name.clone(), kind }).inc();
     }
 
-    /// Lets a frame from `camera` into `p`, every ingress alike: false when the pipeline
-    /// already tracks [`MAX_CAMERAS`] cameras heard from within `camera_idle` (logged with
-    /// `topic`, counted). Cameras that gave their place up are forgotten here.
-    pub fn admit(&self, p: &Pipeline, camera: &str, topic: &str) -> bool {
-        let busy = |c: &str| {
-            let queues = self.queues.lock().expect("queues lock");
-            queues.get(&(p.name.clone(), c.to_string())).is_some_and(|q| q.len() > 0)
-        };
-        let Some(pruned) = self.cameras.admit(&p.name, camera, p.camera_idle, busy) else {
-            tracing::warn!(pipeline = %p.name, camera, topic,
-                "frame refused: the pipeline tracks {MAX_CAMERAS} cameras, none idle for {:?}", p.camera_idle);
-            self.count_error(p, TOO_MANY_CAMERAS);
-            return false;
-        };
-        for c in pruned {
-            if let Some(q) = self.queues.lock().expect("queues lock").remove(&(p.name.clone(), c.clone())) {
-                q.close();
-            }
-            self.board.forget(&p.name, &c);
-            let label = CameraLabel { pipeline: p.name.clone(), camera: c };
-            self.metrics.frames.remove(&label);
-            self.metrics.drops.remove(&label);
-            self.metrics.results.remove(&label);
-        }
-        true
-    }
-
-    /// Queues an MQTT frame for its camera; waits only under the `block` policy when full.
-    pub async fn submit(self: &Arc<Self>, p: &Arc<Pipeline>, frame: Frame) {
-        if !self.admit(p, &frame.camera, &frame.topic) {
-            // The same camera will be refused until one goes idle: settle the frame.
-            if let Some(ack) = frame.ack {
-                ack.done();
-            }
-            return;
-        }
-        let key = (p.name.clone(), frame.camera.clone());
-        let queue = {
-            let mut queues = self.queues.lock().expect("queues lock");
-            if self.closing.load(std::sync::atomic::Ordering::Relaxed) {
-                // Not acknowledged: the broker redelivers it to the next generation.
-                return;
-            }
-            match queues.get(&key) {
-                Some(q) => q.clone(),
-                None => {
-                    let q = Arc::new(CameraQueue::new(p.queue, p.policy));
-                    queues.insert(key, q.clone());
-                    let (this, p, camera, q2) = (self.clone(), p.clone(), frame.camera.clone(), q.clone());
-                    let mut workers = self.workers.lock().expect("workers lock");
-                    // Reap the workers of cameras that gave their place up.
-                    while workers.try_join_next().is_some() {}
-                    workers.spawn(async move {
-                        this.camera_worker(p, camera, q2).await;
-                    });
-                    q
-                }
-            }
-        };
-        match queue.push(frame).await {
-            Pushed::Queued => {}
-            Pushed::Displaced(old) => {
-                let label = CameraLabel { pipeline: p.name.clone(), camera: old.camera.clone() };
-                self.metrics.drops.get_or_create(&label).inc();
-                self.board.drop_frame(&p.name, &old.camera);
-                // A deliberate, counted drop is settled: acknowledge it.
-                if let Some(ack) = old.ack {
-                    ack.done();
-                }
-            }
-            // Not acknowledged: the broker redelivers it after the restart.
-            Pushed::Closed(_) => {}
-        }
-    }
-
-    async fn camera_worker(self: Arc<Self>, p: Arc<Pipeline>, camera: String, queue: Arc<CameraQueue>) {
-        while let Some(frame) = queue.pop().await {
-            let outcome = self.run_until_settled(&p, &camera, &frame, &queue).await;
-            self.settled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            match outcome {
-                Ok(_) => {
-                    if let Some(ack) = frame.ack {
-                        ack.done();
-                    }
-                }
-                Err(PipelineError::Function(e)) if !e.passes() => {
-                    tracing::warn!(pipeline = %p.name, camera = %camera, topic = %frame.topic, "frame failed: {e}");
-                    // Retrying the same bytes gives the same failure: settle the frame.
-                    if let Some(ack) = frame.ack {
-                        ack.done();
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(pipeline = %p.name, camera = %camera, topic = %frame.topic,
-                        "frame not acknowledged, the broker will redeliver it: {e}");
-                }
-            }
-        }
-    }
-
-    /// Runs a camera frame and stores its result, trying again while the failure is one that
-    /// passes: a full disk, no free instance, a model not loaded. Giving up would withhold the
-    /// frame's ack, and past the broker's in-flight window (mosquitto: 20) the broker sends
-    /// nothing more; settling it would lose it. Only a closing queue (shutdown, reload) ends
-    /// the wait, leaving the frame for the broker to redeliver.
-    async fn run_until_settled(
-        &self,
-        p: &Pipeline,
-        camera: &str,
-        frame: &Frame,
-        queue: &CameraQueue,
-    ) -> Result<Processed, PipelineError> {
-        let mut wait = std::time::Duration::from_millis(250);
-        let mut made = None;
-        loop {
-            let outcome = match made.take() {
-                Some(m) => self.store(p, m).await,
-                None => match self.make(p, camera, &frame.topic, frame.payload.clone()).await {
-                    Ok(m) => {
-                        made = Some(m.clone());
-                        self.store(p, m).await.inspect(|_| made = None)
-                    }
-                    Err(e) => Err(e),
-                },
-            };
-            let passes = match &outcome {
-                Err(PipelineError::Outbox(_)) => true,
-                Err(PipelineError::Function(e)) => e.passes(),
-                _ => false,
-            };
-            if !passes || queue.is_closed() {
-                return outcome;
-            }
-            if let Err(e) = &outcome {
-                tracing::warn!(pipeline = %p.name, camera, topic = %frame.topic, retry_in = ?wait, "trying again: {e}");
-            }
-            let until = tokio::time::Instant::now() + wait;
-            while tokio::time::Instant::now() < until && !queue.is_closed() {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-            wait = (wait * 2).min(std::time::Duration::from_secs(2));
-        }
-    }
-
-    /// Frames the camera workers have finished with, successfully or not.
-    pub fn settled(&self) -> u64 {
-        self.settled.load(std::sync::atomic::Ordering::Relaxed)
+    pub fn progress(&self) -> &Progress {
+        &self.progress
     }
 
     /// Frames waiting in camera queues.

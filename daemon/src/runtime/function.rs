@@ -204,9 +204,9 @@ impl Function {
             .args(&self.grants.args)
             .envs(&self.grants.env)
             .envs(env)
-            // Granted files are small and local (labels, configs): reading them inline costs
-            // microseconds, where each trip to the blocking pool costs tens.
-            .allow_blocking_current_thread(true);
+            // A granted file may block (a FIFO, a slow disk), and no deadline interrupts a host
+            // call: reads go through the blocking pool, so the async workers keep serving.
+            .allow_blocking_current_thread(false);
         for (guest, host) in &self.grants.dirs {
             wasi.preopened_dir(host, guest, FsPerms::ReadOnly).map_err(|e| InvokeError::Unavailable {
                 function: self.name.clone(),

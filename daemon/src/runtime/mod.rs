@@ -21,8 +21,18 @@ use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 
 use self::engine::{EpochTicker, PoolSize};
-pub use self::error::InvokeError;
+pub use self::error::{InvokeError, panic_text};
 pub use self::function::{Function, Grants, Output};
+
+/// Runs `f`, which blocks its thread in a host call, so that the async workers go on serving:
+/// on a multi-thread runtime tokio moves this worker's other tasks to another thread while
+/// it blocks. (A current-thread runtime, as `edgefn invoke` uses, has nothing else to run.)
+pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
 use crate::config::{self, Config, Limits};
 use crate::metrics::{ErrorLabel, FunctionLabel, Metrics};
 
@@ -141,13 +151,9 @@ impl Runtime {
         // wasmtime-wasi-nn panics on some malformed guest arguments; one call fails, not the daemon.
         let result =
             AssertUnwindSafe(function.invoke(&self.ticker, input, env)).catch_unwind().await.unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned());
                 Err(InvokeError::Trap {
                     function: function.name.clone(),
-                    cause: format!("host panic: {}", what.unwrap_or_default()),
+                    cause: format!("host panic: {}", error::panic_text(panic.as_ref())),
                 })
             });
         let elapsed = started.elapsed();

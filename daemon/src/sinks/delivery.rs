@@ -52,16 +52,24 @@ pub async fn run(
         // redb reads and fsyncs on a blocking thread, never on an async worker.
         let peeked = {
             let (outbox, key, n) = (outbox.clone(), key.clone(), sink.batch());
-            tokio::task::spawn_blocking(move || outbox.peek(&key, n)).await.map_err(anyhow::Error::from).and_then(|r| r)
+            tokio::task::spawn_blocking(move || outbox.peek(&key, n, super::BATCH_BYTES))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r)
         };
         let batch = match peeked {
             Ok(b) => b,
             Err(e) => {
-                tracing::error!(sink = %key, "reading the outbox: {e:#}");
-                tokio::time::sleep(MAX_BACKOFF).await;
+                tracing::error!(sink = %key, retry_in = ?backoff, "reading the outbox: {e:#}");
+                if stop_at.is_some() || !pause(&mut backoff, &mut shutdown).await {
+                    break;
+                }
                 continue;
             }
         };
+        // Only results at the head of the queue are retried; a count kept for one that left it
+        // otherwise (evicted by the caps) would stay for ever.
+        attempts.retain(|k, _| batch.iter().any(|p| p.key == *k));
         if batch.is_empty() {
             if stop_at.is_some() {
                 break;
@@ -78,6 +86,7 @@ pub async fn run(
         let mut delivered = Vec::new();
         let mut dead = Vec::new();
         let mut retry: Option<String> = None;
+        let mut busy = false;
         for (p, outcome) in batch.iter().zip(outcomes) {
             match outcome {
                 Outcome::Delivered => delivered.push(p.key),
@@ -102,6 +111,11 @@ pub async fn run(
                     metrics.outbox_retried.get_or_create(&label).inc();
                     retry.get_or_insert(why);
                 }
+                Outcome::Busy(why) => {
+                    metrics.outbox_retried.get_or_create(&label).inc();
+                    busy = true;
+                    retry.get_or_insert(why);
+                }
             }
         }
         for k in delivered.iter().chain(dead.iter().map(|(k, _)| k)) {
@@ -115,8 +129,14 @@ pub async fn run(
                 .and_then(|r| r)
         };
         if let Err(e) = settled {
-            // Not settled means delivered again later: a duplicate with the same id, never a loss.
-            tracing::error!(sink = %key, "settling deliveries: {e:#}");
+            // Not settled means delivered again later: a duplicate with the same id, never a
+            // loss. Back off as for a failed delivery, or each failed settle floods the
+            // upstream with the whole batch again.
+            tracing::error!(sink = %key, retry_in = ?backoff, "settling deliveries: {e:#}");
+            if stop_at.is_some() || !pause(&mut backoff, &mut shutdown).await {
+                break;
+            }
+            continue;
         }
         match retry {
             None => backoff = FIRST_BACKOFF,
@@ -125,18 +145,25 @@ pub async fn run(
                     break;
                 }
                 // The sink took part of the batch: it works, and what failed is the results'
-                // own problem. Retry soon, so a poison result meets its attempt cap quickly.
-                if some_delivered {
+                // own problem. Retry soon, so a poison result meets its attempt cap quickly;
+                // unless the upstream said it is busy, which is what backoff is for.
+                if some_delivered && !busy {
                     backoff = FIRST_BACKOFF;
                 }
                 tracing::warn!(sink = %key, retry_in = ?backoff, "delivery failed: {why}");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                pause(&mut backoff, &mut shutdown).await;
             }
         }
     }
     tracing::debug!(sink = %key, "delivery worker stopped");
+}
+
+/// Sleeps `backoff`, or less if shutdown begins, and doubles it; false if shutdown began.
+async fn pause(backoff: &mut Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    let stopping = tokio::select! {
+        _ = tokio::time::sleep(*backoff) => false,
+        _ = shutdown.changed() => true,
+    };
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    !stopping && !*shutdown.borrow()
 }

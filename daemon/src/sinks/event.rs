@@ -3,50 +3,101 @@
 //! We build the envelope ourselves so binary results keep their real type: JSON output goes in
 //! `data` as JSON, text as a string, images as `data_base64` with `datacontenttype: image/png`.
 //! Dapr keeps an app's own envelope and only fills in routing fields.
+//!
+//! A JSON output is checked and copied as it is, never parsed into a tree: 16 MiB of `[0,0,…]`
+//! as a `serde_json::Value` would take over 256 MiB.
 
 use base64::Engine;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::value::RawValue;
 
 use super::outbox::Record;
 
-pub fn envelope(record: &Record, payload: &[u8]) -> Value {
+#[derive(Serialize)]
+struct Envelope<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    subject: &'a str,
+    time: String,
+    datacontenttype: &'a str,
+    edgefnseq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<Data<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Data<'a> {
+    Json(&'a RawValue),
+    Text(&'a str),
+}
+
+/// The envelope of `record` with `payload` as its data, as JSON text.
+pub fn envelope(record: &Record, payload: &[u8]) -> String {
     let time =
         humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(record.created_ms))
             .to_string();
-    let mut event = json!({
-        "specversion": "1.0",
-        "id": record.id,
-        "source": format!("edgefn/{}", record.pipeline),
-        "type": "io.edgefn.result",
-        "subject": record.camera,
-        "time": time,
-        "datacontenttype": record.content_type,
-        "edgefnseq": record.seq,
-    });
-    match data(&record.content_type, payload) {
-        Data::Json(v) => event["data"] = v,
-        Data::Text(s) => event["data"] = Value::String(s),
-        Data::Binary(b) => event["data_base64"] = Value::String(b),
+    let source = match record.board.as_str() {
+        "" => format!("edgefn/{}", record.pipeline),
+        board => format!("edgefn/{board}/{}", record.pipeline),
+    };
+    let mut event = Envelope {
+        specversion: "1.0",
+        id: &record.id,
+        source,
+        kind: "io.edgefn.result",
+        subject: &record.camera,
+        time,
+        datacontenttype: &record.content_type,
+        edgefnseq: record.seq,
+        data: None,
+        data_base64: None,
+    };
+    let json = (record.content_type == "application/json")
+        .then(|| serde_json::from_slice::<&RawValue>(payload).ok())
+        .flatten();
+    let text = record.content_type.starts_with("text/").then(|| std::str::from_utf8(payload).ok()).flatten();
+    match (json, text) {
+        (Some(raw), _) => event.data = Some(Data::Json(raw)),
+        (None, Some(s)) => event.data = Some(Data::Text(s)),
+        (None, None) => event.data_base64 = Some(base64::engine::general_purpose::STANDARD.encode(payload)),
     }
-    event
+    serde_json::to_string(&event).expect("an envelope serialises")
 }
 
-enum Data {
-    Json(Value),
-    Text(String),
-    Binary(String),
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn data(content_type: &str, payload: &[u8]) -> Data {
-    if content_type == "application/json" {
-        if let Ok(v) = serde_json::from_slice(payload) {
-            return Data::Json(v);
+    fn record(content_type: &str) -> Record {
+        Record {
+            id: "b/p/cam/1".into(),
+            board: "b".into(),
+            pipeline: "p".into(),
+            camera: "cam".into(),
+            seq: 1,
+            topic: "t".into(),
+            content_type: content_type.into(),
+            created_ms: 0,
+            boot: None,
+            error: None,
         }
     }
-    if content_type.starts_with("text/") {
-        if let Ok(s) = std::str::from_utf8(payload) {
-            return Data::Text(s.to_string());
-        }
+
+    #[test]
+    fn json_is_embedded_text_is_a_string_and_the_rest_is_base64() {
+        let v: serde_json::Value =
+            serde_json::from_str(&envelope(&record("application/json"), b"{\"a\": [1, 2]}")).unwrap();
+        assert_eq!((v["data"]["a"][1].as_u64(), v["source"].as_str()), (Some(2), Some("edgefn/b/p")));
+        let v: serde_json::Value = serde_json::from_str(&envelope(&record("text/plain"), b"hi")).unwrap();
+        assert_eq!(v["data"], "hi");
+        let v: serde_json::Value = serde_json::from_str(&envelope(&record("application/json"), b"{broken")).unwrap();
+        assert_eq!(v["data_base64"], "e2Jyb2tlbg==");
+        assert!(v.get("data").is_none());
     }
-    Data::Binary(base64::engine::general_purpose::STANDARD.encode(payload))
 }

@@ -1,4 +1,5 @@
-//! File sink: results appended as JSON lines (one CloudEvent each), synced to disk per batch.
+//! File sink: results appended as JSON lines (one CloudEvent each), synced to disk per batch;
+//! a batch that fails partway is cut off again, so the file holds whole lines only.
 //! Handy for demos and for boards that ship logs rather than events.
 
 use std::io::Write;
@@ -20,7 +21,7 @@ impl FileSink {
     pub async fn deliver(&self, batch: &[Pending]) -> Vec<Outcome> {
         let mut text = Vec::new();
         for p in batch {
-            serde_json::to_writer(&mut text, &envelope(&p.record, &p.payload)).expect("JSON to a Vec");
+            text.extend_from_slice(envelope(&p.record, &p.payload).as_bytes());
             text.push(b'\n');
         }
         let path = self.path.clone();
@@ -29,8 +30,14 @@ impl FileSink {
                 std::fs::create_dir_all(dir)?;
             }
             let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-            f.write_all(&text)?;
-            f.sync_data()
+            let end = f.metadata()?.len();
+            let written = f.write_all(&text).and_then(|()| f.sync_data());
+            if written.is_err() {
+                // A write that failed partway (a full disk) would leave a torn line that every
+                // later line follows: cut the file back to where this batch began.
+                let _ = f.set_len(end).and_then(|()| f.sync_data());
+            }
+            written
         })
         .await;
         let outcome = match written {

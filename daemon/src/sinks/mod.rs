@@ -1,8 +1,8 @@
 //! Sinks: where results go upstream. Results reach a sink only through the durable
 //! [`outbox`]; a [`delivery`] worker per sink drains it in order.
 //!
-//! A sink answers each result with an [`Outcome`]: delivered, retry later, or dead (a
-//! permanent refusal that no retry can fix, kept in the dead letters).
+//! A sink answers each result with an [`Outcome`]: delivered, retry later, busy (the upstream
+//! sheds load), or dead (a permanent refusal that no retry can fix, kept in the dead letters).
 
 pub mod dapr;
 pub mod delivery;
@@ -16,11 +16,18 @@ use std::sync::Arc;
 use self::outbox::Pending;
 use crate::config::SinkConfig;
 
+/// The payload bytes one delivery attempt holds at most: 64 results of the default 16 MiB
+/// `max_output` would be a gigabyte, held several times over as base64 JSON.
+pub const BATCH_BYTES: usize = 8 << 20;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Delivered,
     /// Worth retrying: the sink or the network is down, or overloaded.
     Retry(String),
+    /// The upstream is shedding load (MQTT 5 "quota exceeded", HTTP 429): retry after a
+    /// backoff, never counted against the result, so a busy upstream makes no dead letters.
+    Busy(String),
     /// Permanently refused.
     Dead(String),
 }
@@ -69,7 +76,8 @@ impl Sink {
         }
     }
 
-    /// How many results one delivery attempt takes.
+    /// How many results one delivery attempt takes, at most; [`BATCH_BYTES`] caps their
+    /// payloads too (but one result always goes, whatever its size).
     pub fn batch(&self) -> usize {
         match &self.kind {
             Kind::Dapr(_) => 32,

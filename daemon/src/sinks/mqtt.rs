@@ -4,11 +4,13 @@
 //! Delivered means the broker acknowledged it (PUBACK), not that rumqttc queued it: queued
 //! publishes live only in memory, and a daemon restart or a broker that lost our session
 //! drops them. So a result stays in the outbox until its PUBACK, and while the broker is
-//! offline nothing is queued at all.
+//! offline nothing is queued at all. An MQTT 5 broker may refuse in its PUBACK; the reason
+//! decides between a dead letter and a retry ([`crate::mqtt::refusal`]).
 
 use std::time::Duration;
 
 use crate::mqtt::Client;
+use crate::mqtt::refusal::Verdict;
 
 use super::Outcome;
 use super::outbox::Pending;
@@ -44,7 +46,15 @@ impl MqttSink {
             out.push(match wait {
                 Err(e) => Outcome::Retry(format!("mqtt publish to {topic}: {e:#}")),
                 Ok(ack) => match tokio::time::timeout_at(deadline, ack).await {
-                    Ok(Ok(())) => Outcome::Delivered,
+                    Ok(Ok(Ok(()))) => Outcome::Delivered,
+                    Ok(Ok(Err(refused))) => {
+                        let why = format!("mqtt publish to {topic}: the broker refused it: {}", refused.reason);
+                        match refused.verdict {
+                            Verdict::Permanent => Outcome::Dead(why),
+                            Verdict::Busy => Outcome::Busy(why),
+                            Verdict::Retry | Verdict::Accepted => Outcome::Retry(why),
+                        }
+                    }
                     Ok(Err(_)) => Outcome::Retry(format!("mqtt publish to {topic}: lost with the broker session")),
                     Err(_) => Outcome::Retry(format!("mqtt publish to {topic}: no PUBACK within {ACK_TIMEOUT:?}")),
                 },

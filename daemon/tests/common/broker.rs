@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 pub struct Broker {
     pub port: u16,
-    dir: PathBuf,
+    pub dir: PathBuf,
     child: Option<Child>,
     /// Listener settings (auth, TLS) for the config file.
     listener: String,
@@ -81,6 +81,20 @@ impl Broker {
         };
         b.spawn();
         b
+    }
+
+    /// A broker whose anonymous clients may use only the topics `acl` grants (mosquitto's
+    /// acl_file syntax): a publish elsewhere is refused, over MQTT 5 with a reason code.
+    pub fn start_with_acl(dir: &Path, acl: &str) -> Broker {
+        std::fs::create_dir_all(dir).unwrap();
+        let file = dir.join("acl");
+        std::fs::write(&file, acl).unwrap();
+        Broker::with_listener(dir, format!("allow_anonymous true\nacl_file {}\n", file.display()))
+    }
+
+    /// What mosquitto logged so far (`log_type all`), to check that a scenario really happened.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }
 
     /// A TLS-only broker that wants a client certificate signed by the test CA and a password.

@@ -30,6 +30,8 @@ pub enum Mode {
     Status(u16),
     /// Every n-th event fails (500); in bulk calls, as failedEntries.
     FailEvery(u64),
+    /// Requests are read and never answered: a sidecar that is stuck, not gone.
+    Hang,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +52,8 @@ struct State {
     unauthorized: u64,
     max_body: usize,
     too_large: u64,
+    /// Requests held unanswered in `Mode::Hang`.
+    hung: u64,
     /// Acts as daprd before 1.17: no stable bulk route.
     before_1_17: bool,
     /// This event id always fails (a message the broker behind the sidecar will not take).
@@ -78,6 +82,7 @@ impl FakeDapr {
             unauthorized: 0,
             max_body: DAPRD_MAX_BODY,
             too_large: 0,
+            hung: 0,
             before_1_17: false,
             poison: None,
         }));
@@ -102,6 +107,10 @@ impl FakeDapr {
                             if st.lock().unwrap().mode == Mode::Down {
                                 return Err(std::io::Error::other("sidecar down"));
                             }
+                            if st.lock().unwrap().mode == Mode::Hang {
+                                st.lock().unwrap().hung += 1;
+                                std::future::pending::<()>().await;
+                            }
                             Ok(handle(&st, req).await)
                         }
                     });
@@ -125,6 +134,11 @@ impl FakeDapr {
     /// Event ids received (duplicates included).
     pub fn ids(&self) -> Vec<String> {
         self.events().iter().map(|e| e.event["id"].as_str().unwrap_or_default().to_string()).collect()
+    }
+
+    /// Requests that `Mode::Hang` left unanswered.
+    pub fn hung(&self) -> u64 {
+        self.state.lock().unwrap().hung
     }
 
     pub fn unauthorized(&self) -> u64 {
@@ -351,7 +365,7 @@ fn publish(
     s.seen += 1;
     match s.mode {
         Mode::Ok => {}
-        Mode::Down => unreachable!("connections are dropped"),
+        Mode::Down | Mode::Hang => unreachable!("connections are dropped or held"),
         Mode::Fail500 => return err(500, "ERR_PUBSUB_PUBLISH_MESSAGE", "broker unavailable"),
         Mode::Status(code) => return status_error(code),
         Mode::FailEvery(n) => {

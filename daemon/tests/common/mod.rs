@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgefn");
 
+/// The board id every test daemon runs as (`EDGEFN__BOARD__ID`), unless its config names one:
+/// result ids are `BOARD/pipeline/camera/seq`.
+pub const BOARD: &str = "tb";
+
 /// A command running the built `edgefn`. With `EDGEFN_TEST_RUNNER` set (e.g. `qemu-aarch64 -L /`
 /// for the aarch64 build, where binfmt is not mounted), it runs under that runner.
 pub fn edgefn() -> Command {
@@ -205,6 +209,7 @@ impl Daemon {
                     if envs.iter().any(|(k, _)| *k == "EDGEFN_TEST_LISTEN_ALL") { "0.0.0.0" } else { "127.0.0.1" }
                 ),
             )
+            .envs((!extra.contains("[board]")).then_some(("EDGEFN__BOARD__ID", BOARD)))
             .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stderr(log)

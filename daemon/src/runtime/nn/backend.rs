@@ -148,7 +148,10 @@ impl BackendExecutionContext for Borrowed {
             return Err(backend_error(format!("compute before set_input for input {missing}")));
         }
         let started = Instant::now();
-        self.ctx().run().map_err(into_backend)?;
+        // Inference blocks its thread and no deadline interrupts it: tokio hands this worker's
+        // other tasks (`/healthz`, the MQTT poller) to another thread meanwhile.
+        let ctx = self.ctx();
+        crate::runtime::blocking(|| ctx.run()).map_err(into_backend)?;
         self.pool.timing.observe(started.elapsed().as_secs_f64());
         self.computed = true;
         Ok(None)
@@ -171,9 +174,17 @@ fn type_name(element: i32) -> &'static str {
     if element == ELEMENT_F32 { "f32" } else { "u8" }
 }
 
+/// wasi-nn errors so far, for [`backend_error`]'s rate limit.
+static ERRORS: AtomicUsize = AtomicUsize::new(0);
+
 fn backend_error(msg: String) -> BackendError {
-    // Logged here because wasi-nn hands the guest only an error code.
-    tracing::warn!("wasi-nn: {msg}");
+    // Logged here because wasi-nn hands the guest only an error code; at the 1st, 2nd, 4th,
+    // 8th... error only, as model loads are, so a guest looping on errors cannot flood the
+    // journal.
+    let n = ERRORS.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        tracing::warn!(errors = n, "wasi-nn: {msg}");
+    }
     BackendError::BackendAccess(wasmtime::Error::msg(msg))
 }
 

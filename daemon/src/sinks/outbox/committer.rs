@@ -64,7 +64,8 @@ fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]
     let txn = db.begin_write()?;
     let mut touched: Vec<Arc<str>> = Vec::new();
     let mut added = 0u64;
-    let mut next_id = state.next_id.load(Ordering::Relaxed);
+    let first_id = state.next_id.load(Ordering::Relaxed);
+    let mut next_id = first_id;
     let evicted: Evicted;
     {
         let mut pending = txn.open_table(PENDING)?;
@@ -86,7 +87,7 @@ fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]
         }
         meta.insert("next_id", next_id)?;
         let excess = (state.bytes.load(Ordering::Relaxed) + added).saturating_sub(eviction::budget(state));
-        evicted = eviction::over_cap(&mut pending, &mut dead, excess)?;
+        evicted = eviction::over_cap(&mut pending, &mut dead, excess, first_id)?;
     }
     txn.commit()?;
     // Only now, with the transaction durable, do the in-memory figures move, and by deltas:

@@ -52,21 +52,36 @@ impl Evicted {
 /// grows its file by doubling. Measured with a 4 MiB cap: counting to half took the file to
 /// 4 MiB + 20 KiB, counting to 15/32 did too (the next doubling), a quarter does not.
 pub fn budget(state: &State) -> u64 {
-    state.max_bytes.load(Ordering::Relaxed) / 32 * 7
+    budget_of(state.max_bytes.load(Ordering::Relaxed))
 }
 
-/// Evicts the oldest rows until at least `excess` bytes are freed: dead letters first.
-pub fn over_cap<'t>(pending: &mut Rows<'t>, dead: &mut Rows<'t>, excess: u64) -> anyhow::Result<Evicted> {
+/// What live rows may take under a cap of `max_bytes`.
+pub fn budget_of(max_bytes: u64) -> u64 {
+    max_bytes / 32 * 7
+}
+
+/// Evicts the oldest rows until at least `excess` bytes are freed: dead letters first. Rows
+/// from `keep_from` on are the ones being committed: rather than evict those (and report a
+/// commit whose results are already gone), the commit fails.
+pub fn over_cap<'t>(
+    pending: &mut Rows<'t>,
+    dead: &mut Rows<'t>,
+    excess: u64,
+    keep_from: u64,
+) -> anyhow::Result<Evicted> {
     let mut out = Evicted::default();
     while out.bytes < excess {
         let (sink, len, was_dead) = if let Some((sink, id, len)) = oldest(dead)? {
             dead.remove((sink.as_str(), id))?;
             (sink, len, true)
-        } else if let Some((sink, id, len)) = oldest(pending)? {
+        } else if let Some((sink, id, len)) = oldest(pending)?.filter(|(_, id, _)| *id < keep_from) {
             pending.remove((sink.as_str(), id))?;
             (sink, len, false)
         } else {
-            break;
+            anyhow::bail!(
+                "these results do not fit outbox.max_bytes even with every older one evicted ({} bytes short)",
+                excess - out.bytes
+            );
         };
         out.bytes += len;
         if was_dead { out.dead.push(sink) } else { out.pending.push(sink) }
@@ -101,7 +116,7 @@ pub fn expired<'t>(pending: &mut Rows<'t>, dead: &mut Rows<'t>, max_age_ms: u64)
 }
 
 /// The distinct sink names in `table`, one indexed read each.
-fn sinks(table: &Rows) -> anyhow::Result<Vec<String>> {
+pub fn sinks(table: &impl ReadableTable<(&'static str, u64), &'static [u8]>) -> anyhow::Result<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
     let mut from = String::new();
     while let Some(row) = table.range((from.as_str(), 0)..)?.next() {

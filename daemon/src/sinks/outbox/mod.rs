@@ -29,6 +29,9 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use self::committer::Commit;
 use self::db::Db;
 use self::record::disk_cost;
+
+/// Dead letters moved back per transaction by [`Outbox::replay_dead`].
+const REPLAY_BATCH: usize = 256;
 pub use self::record::{Boot, Record, decode, encode, now_ms};
 use self::view::View;
 use crate::metrics::{Metrics, SinkLabel};
@@ -38,6 +41,14 @@ const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead");
 /// Last frame sequence per camera, so ids stay unique across restarts.
 const SEQ: TableDefinition<&str, u64> = TableDefinition::new("seq");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The highest sequence number of any camera whose state was forgotten.
+const SEQ_FLOOR: &str = "seq_floor";
+
+/// Each camera's last sequence number, and where a camera not among them starts.
+struct Seqs {
+    by_camera: HashMap<String, u64>,
+    floor: u64,
+}
 
 /// A result waiting for one sink.
 #[derive(Debug, Clone)]
@@ -58,7 +69,7 @@ pub struct Item {
 pub struct Outbox {
     db: Arc<Db>,
     commits: mpsc::Sender<Commit>,
-    seqs: Mutex<HashMap<String, u64>>,
+    seqs: Mutex<Seqs>,
     wakers: Mutex<HashMap<Arc<str>, Arc<Notify>>>,
     state: Arc<State>,
     /// The running generation's metrics: a reload swaps in fresh ones.
@@ -88,8 +99,10 @@ impl Outbox {
             let seq = txn.open_table(SEQ)?;
             let meta = txn.open_table(META)?;
             let next_id = meta.get("next_id")?.map_or(1, |v| v.value());
+            let floor = meta.get(SEQ_FLOOR)?.map_or(0, |v| v.value());
             let seqs: HashMap<String, u64> =
                 seq.iter()?.flatten().map(|(k, v)| (k.value().to_string(), v.value())).collect();
+            let seqs = Seqs { by_camera: seqs, floor };
             // The one full count, at open; from here on the view moves with each transaction.
             let mut bytes = 0u64;
             let mut per_sink: BTreeMap<String, u64> = BTreeMap::new();
@@ -157,9 +170,52 @@ impl Outbox {
     /// The next frame sequence number for `camera`.
     pub fn next_seq(&self, camera: &str) -> u64 {
         let mut seqs = self.seqs.lock().expect("seq lock");
-        let n = seqs.entry(camera.to_string()).or_insert(0);
+        let floor = seqs.floor;
+        let n = seqs.by_camera.entry(camera.to_string()).or_insert(floor);
         *n += 1;
         *n
+    }
+
+    /// Lets go of the sequence state of cameras gone idle (a camera id is outside input: kept
+    /// for ever, it would grow without bound). Their numbers are not reused: a camera seen
+    /// after this starts above every number ever forgotten, so no result id comes twice.
+    pub fn forget_cameras(&self, cameras: &[String]) -> anyhow::Result<()> {
+        if cameras.is_empty() {
+            return Ok(());
+        }
+        let mut seqs = self.seqs.lock().expect("seq lock");
+        let floor = cameras.iter().filter_map(|c| seqs.by_camera.get(c)).copied().fold(seqs.floor, u64::max);
+        self.db.with(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut seq = txn.open_table(SEQ)?;
+                let mut meta = txn.open_table(META)?;
+                meta.insert(SEQ_FLOOR, floor)?;
+                for c in cameras {
+                    seq.remove(c.as_str())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })?;
+        seqs.floor = floor;
+        for c in cameras {
+            seqs.by_camera.remove(c);
+        }
+        Ok(())
+    }
+
+    /// Why `item` could never be stored: alone it takes more than `max_bytes` allows.
+    pub fn too_large(&self, item: &Item) -> Option<String> {
+        let cost = disk_cost(record::encoded_len(&item.record, item.payload.len()));
+        let budget = eviction::budget(&self.state);
+        (cost > budget).then(|| {
+            format!(
+                "a {} byte result takes {cost} bytes in the outbox, over the {budget} that outbox.max_bytes ({} bytes) leaves for results",
+                item.payload.len(),
+                self.state.max_bytes.load(Ordering::Relaxed)
+            )
+        })
     }
 
     /// Commits `items` durably; returns once they are on disk.
@@ -178,8 +234,9 @@ impl Outbox {
         self.wakers.lock().expect("waker lock").entry(sink.clone()).or_default().clone()
     }
 
-    /// Up to `max` of the oldest results for `sink`. Expired ones are evicted on the way.
-    pub fn peek(&self, sink: &str, max: usize) -> anyhow::Result<Vec<Pending>> {
+    /// Up to `max` of the oldest results for `sink`, and no more than `max_bytes` of payload
+    /// unless one result alone is larger. Expired ones are evicted on the way.
+    pub fn peek(&self, sink: &str, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>> {
         let max_age_ms = self.state.max_age_ms.load(Ordering::Relaxed);
         let now = Boot::now();
         let (out, expired) = self.db.with(|db| {
@@ -187,13 +244,18 @@ impl Outbox {
             let table = txn.open_table(PENDING)?;
             let mut out = Vec::new();
             let mut expired = Vec::new();
+            let mut bytes = 0usize;
             for row in table.range((sink, 0)..=(sink, u64::MAX))? {
                 let (k, v) = row?;
+                if !out.is_empty() && bytes + v.value().len() > max_bytes {
+                    break;
+                }
                 let (record, payload) = decode(v.value())?;
                 if record.age_ms(&now) > max_age_ms {
                     expired.push(k.value().1);
                     continue;
                 }
+                bytes += v.value().len();
                 out.push(Pending { key: k.value().1, record, payload });
                 if out.len() >= max {
                     break;
@@ -258,56 +320,85 @@ impl Outbox {
     }
 
     /// Moves every dead letter back to its sink's queue, where it keeps its place (its key) and
-    /// its id; returns how many. For after the cause was fixed (a scope, a component).
+    /// its id; returns how many. For after the cause was fixed (a scope, a component). Runs in
+    /// transactions of [`REPLAY_BATCH`], so a large backlog is never held in memory at once;
+    /// a row that cannot be decoded stays where it is, with a warning, and the rest move.
     pub fn replay_dead(&self) -> anyhow::Result<u64> {
-        let (moved, added, freed) = self.db.with(|db| {
-            let txn = db.begin_write()?;
-            let mut moved: Vec<(String, u64)> = Vec::new();
-            let (mut added, mut freed) = (0u64, 0u64);
-            let mut dead = txn.open_table(DEAD)?;
-            let mut pending = txn.open_table(PENDING)?;
-            let rows: Vec<((String, u64), Vec<u8>)> = dead
-                .iter()?
-                .map(|row| row.map(|(k, v)| ((k.value().0.to_string(), k.value().1), v.value().to_vec())))
-                .collect::<Result<_, _>>()?;
-            for ((sink, key), bytes) in rows {
-                let (mut record, payload) = decode(&bytes)?;
-                record.error = None;
-                let value = encode(&record, &payload);
-                added += disk_cost(value.len());
-                freed += disk_cost(bytes.len());
-                pending.insert((sink.as_str(), key), value.as_slice())?;
-                dead.remove((sink.as_str(), key))?;
-                moved.push((sink, key));
+        let mut total = 0u64;
+        let mut from: (String, u64) = (String::new(), 0);
+        loop {
+            let (moved, added, freed, next) = self.db.with(|db| {
+                let txn = db.begin_write()?;
+                let mut moved: Vec<(String, u64)> = Vec::new();
+                let (mut added, mut freed) = (0u64, 0u64);
+                let mut dead = txn.open_table(DEAD)?;
+                let mut pending = txn.open_table(PENDING)?;
+                let rows: Vec<((String, u64), Vec<u8>)> = dead
+                    .range((from.0.as_str(), from.1)..)?
+                    .take(REPLAY_BATCH)
+                    .map(|row| row.map(|(k, v)| ((k.value().0.to_string(), k.value().1), v.value().to_vec())))
+                    .collect::<Result<_, _>>()?;
+                let next = rows.last().map(|((sink, key), _)| (sink.clone(), key + 1));
+                for ((sink, key), bytes) in rows {
+                    let (mut record, payload) = match decode(&bytes) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::warn!(sink = %sink, key, "dead letter left in place, it cannot be read: {e:#}");
+                            continue;
+                        }
+                    };
+                    record.error = None;
+                    let value = encode(&record, &payload);
+                    added += disk_cost(value.len());
+                    freed += disk_cost(bytes.len());
+                    pending.insert((sink.as_str(), key), value.as_slice())?;
+                    dead.remove((sink.as_str(), key))?;
+                    moved.push((sink, key));
+                }
+                drop((dead, pending));
+                txn.commit()?;
+                Ok((moved, added, freed, next))
+            })?;
+            self.state.bytes.fetch_add(added, Ordering::Relaxed);
+            self.state.bytes.fetch_sub(freed.min(self.state.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+            let mut per_sink: BTreeMap<String, u64> = BTreeMap::new();
+            for (sink, _) in &moved {
+                *per_sink.entry(sink.clone()).or_default() += 1;
             }
-            drop((dead, pending));
-            txn.commit()?;
-            Ok((moved, added, freed))
-        })?;
-        self.state.bytes.fetch_add(added, Ordering::Relaxed);
-        self.state.bytes.fetch_sub(freed.min(self.state.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
-        let mut per_sink: BTreeMap<String, u64> = BTreeMap::new();
-        for (sink, _) in &moved {
-            *per_sink.entry(sink.clone()).or_default() += 1;
+            self.state.view.revive(&per_sink);
+            for sink in per_sink.keys() {
+                self.wake(&Arc::from(sink.as_str()));
+            }
+            total += moved.len() as u64;
+            match next {
+                Some(n) => from = n,
+                None => return Ok(total),
+            }
         }
-        self.state.view.revive(&per_sink);
-        for sink in per_sink.keys() {
-            self.wake(&Arc::from(sink.as_str()));
-        }
-        Ok(moved.len() as u64)
     }
 
-    /// Dead letters, newest last, at most `max`.
+    /// The newest dead letters over every sink, at most `max`, newest last.
     pub fn dead_letters(&self, max: usize) -> anyhow::Result<Vec<(String, Record)>> {
         self.db.with(|db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(DEAD)?;
-            let mut out = Vec::new();
-            for row in table.iter()?.take(max) {
-                let (k, v) = row?;
-                out.push((k.value().0.to_string(), decode(v.value())?.0));
+            // Keys are (sink, id) and ids grow over every sink: the newest `max` are among
+            // each sink's last `max`.
+            let mut newest: Vec<(u64, String, Record)> = Vec::new();
+            for sink in eviction::sinks(&table)? {
+                for row in table.range((sink.as_str(), 0)..=(sink.as_str(), u64::MAX))?.rev().take(max) {
+                    let (k, v) = row?;
+                    match record::header(v.value()) {
+                        Ok(r) => newest.push((k.value().1, sink.clone(), r)),
+                        Err(e) => {
+                            tracing::warn!(sink = %sink, key = k.value().1, "unreadable dead letter skipped: {e:#}")
+                        }
+                    }
+                }
             }
-            Ok(out)
+            newest.sort_by_key(|(id, ..)| *id);
+            let skip = newest.len().saturating_sub(max);
+            Ok(newest.into_iter().skip(skip).map(|(_, sink, r)| (sink, r)).collect())
         })
     }
 

@@ -10,8 +10,12 @@ use serde::{Deserialize, Serialize};
 /// What is known of a result besides its bytes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Record {
-    /// Stable id (`pipeline/camera/seq`): the CloudEvent id, the same on every retry.
+    /// Stable id (`board/pipeline/camera/seq`): the CloudEvent id, the same on every retry,
+    /// and unique among the boards that share a feed.
     pub id: String,
+    /// The board that made it (empty in results stored before boards had ids).
+    #[serde(default)]
+    pub board: String,
     pub pipeline: String,
     pub camera: String,
     pub seq: u64,
@@ -62,6 +66,11 @@ impl Record {
             _ => now_ms().saturating_sub(self.created_ms),
         }
     }
+}
+
+/// The length of [`encode`]'s value, without building it.
+pub fn encoded_len(record: &Record, payload: usize) -> usize {
+    4 + serde_json::to_vec(record).map_or(0, |h| h.len()) + payload
 }
 
 pub fn encode(record: &Record, payload: &[u8]) -> Vec<u8> {

@@ -6,134 +6,25 @@
 //! failed are retried. Every result carries its stable id as `metadata.cloudevent.id` and as
 //! the envelope's `id`, so a retry is recognisable upstream.
 //!
-//! Status handling follows daprd: 204 published. A request over the body limit is split, and
-//! a single result over it is a dead letter. Other 400s and 403 are permanent (dead letters),
-//! except `ERR_PUBSUB_NOT_CONFIGURED`, which, like 404 `ERR_PUBSUB_NOT_FOUND`, means the
-//! sidecar's components are still loading or misnamed: retried, loudly. 401 means our API
-//! token is wrong: retried, with an error that says so, because dead-lettering on a config
-//! mistake would throw results away. 5xx, any other 404 and connection failures are retried.
+//! The HTTP client is [`client`]; what each refusal means is the table in [`status`]. A
+//! request over the body limit is split, and a single result over it is a dead letter.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use serde_json::{Value, json};
+use hyper::{Method, StatusCode};
+use serde_json::Value;
 
+mod client;
+mod status;
+
+use self::client::{ALPHA_BULK, STABLE_BULK};
+pub use self::client::{DaprClient, Reply};
+use self::status::Meaning;
 use super::Outcome;
 use super::event::envelope;
 use super::outbox::Pending;
-use crate::metrics::{DaprRequestLabel, Metrics};
-
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The sidecar's HTTP API.
-pub struct DaprClient {
-    base: String,
-    token: Option<String>,
-    http: Client<HttpConnector, Full<Bytes>>,
-    metrics: Arc<Metrics>,
-    /// The sidecar's request body limit (`dapr.max_request`).
-    max_request: usize,
-    /// Set once the sidecar turned out to predate the stable bulk route.
-    alpha_bulk: AtomicBool,
-}
-
-const STABLE_BULK: &str = "/v1.0/publish/bulk";
-const ALPHA_BULK: &str = "/v1.0-alpha1/publish/bulk";
-
-pub struct Reply {
-    pub status: StatusCode,
-    pub body: Bytes,
-}
-
-impl DaprClient {
-    /// `url` from config; `DAPR_HTTP_PORT` (set by `dapr run`) replaces its port.
-    pub fn new(cfg: &crate::config::Dapr, metrics: Arc<Metrics>) -> anyhow::Result<DaprClient> {
-        let url = cfg.url.as_str();
-        let mut base = url::Url::parse(url).map_err(|e| anyhow::anyhow!("dapr.url `{url}`: {e}"))?;
-        if let Some(port) = std::env::var("DAPR_HTTP_PORT").ok().and_then(|p| p.parse::<u16>().ok()) {
-            base.set_port(Some(port)).map_err(|_| anyhow::anyhow!("dapr.url `{url}` cannot take a port"))?;
-        }
-        Ok(DaprClient {
-            base: base.as_str().trim_end_matches('/').to_string(),
-            token: std::env::var("DAPR_API_TOKEN").ok().filter(|t| !t.is_empty()),
-            http: Client::builder(TokioExecutor::new()).build_http(),
-            metrics,
-            max_request: cfg.max_request.as_u64() as usize,
-            alpha_bulk: AtomicBool::new(false),
-        })
-    }
-
-    fn bulk_route(&self) -> &'static str {
-        if self.alpha_bulk.load(Ordering::Relaxed) { ALPHA_BULK } else { STABLE_BULK }
-    }
-
-    fn use_alpha_bulk(&self) {
-        self.alpha_bulk.store(true, Ordering::Relaxed);
-    }
-
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
-    pub async fn call(&self, method: Method, path: &str, content_type: &str, body: Bytes) -> anyhow::Result<Reply> {
-        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
-        if !body.is_empty() {
-            req = req.header("content-type", content_type);
-        }
-        if let Some(t) = &self.token {
-            req = req.header("dapr-api-token", t);
-        }
-        let req = req.body(Full::new(body))?;
-        let exchange = async {
-            let resp = self.http.request(req).await?;
-            let status = resp.status();
-            let body = resp.into_body().collect().await?.to_bytes();
-            anyhow::Ok(Reply { status, body })
-        };
-        let reply = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| anyhow::anyhow!("no answer from the sidecar in {REQUEST_TIMEOUT:?}"))?;
-        self.metrics.dapr_reachable.set(i64::from(reply.is_ok()));
-        reply
-    }
-
-    /// Waits up to `wait` for `/v1.0/healthz/outbound` (components ready); false if it never was.
-    pub async fn wait_outbound(&self, wait: Duration) -> bool {
-        let until = tokio::time::Instant::now() + wait;
-        loop {
-            if let Ok(r) = self.call(Method::GET, "/v1.0/healthz/outbound", "", Bytes::new()).await {
-                if r.status.is_success() {
-                    return true;
-                }
-            }
-            if tokio::time::Instant::now() >= until {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
-    /// Names of the sidecar's pub/sub components, from `/v1.0/metadata`.
-    pub async fn pubsubs(&self) -> anyhow::Result<Vec<String>> {
-        let r = self.call(Method::GET, "/v1.0/metadata", "", Bytes::new()).await?;
-        anyhow::ensure!(r.status.is_success(), "metadata answered {}", r.status);
-        let v: Value = serde_json::from_slice(&r.body)?;
-        Ok(v["components"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| c["type"].as_str().is_some_and(|t| t.starts_with("pubsub.")))
-            .filter_map(|c| c["name"].as_str().map(str::to_string))
-            .collect())
-    }
-}
+use crate::metrics::DaprRequestLabel;
 
 pub struct DaprSink {
     client: Arc<DaprClient>,
@@ -294,20 +185,17 @@ impl DaprSink {
         if status == StatusCode::PAYLOAD_TOO_LARGE || detail.contains("stream too large") {
             return Answer::TooLarge(why);
         }
-        let outcome = match (status, error_code(body).as_deref()) {
-            // The sidecar is up but its pub/sub is not (yet): components still loading, or a
-            // misnamed component. A config problem, not the results': keep them.
-            (StatusCode::BAD_REQUEST, Some("ERR_PUBSUB_NOT_CONFIGURED"))
-            | (StatusCode::NOT_FOUND, Some("ERR_PUBSUB_NOT_FOUND")) => Outcome::Retry(format!(
+        let outcome = match status::meaning(status, error_code(body).as_deref()) {
+            Meaning::NoPubsub => Outcome::Retry(format!(
                 "{why}; the sidecar has no pub/sub `{}` (still loading its components, or misnamed): results are kept and retried",
                 self.pubsub
             )),
-            (StatusCode::UNAUTHORIZED, _) => Outcome::Retry(format!(
+            Meaning::NeedsToken => Outcome::Retry(format!(
                 "{why}; the sidecar requires an API token: set DAPR_API_TOKEN to the sidecar's token"
             )),
-            (StatusCode::BAD_REQUEST | StatusCode::FORBIDDEN, _) => Outcome::Dead(why),
-            // Any other 404 is a route the sidecar lacks, never the results' fault.
-            _ => Outcome::Retry(why),
+            Meaning::Busy => Outcome::Busy(why),
+            Meaning::Refused => Outcome::Dead(why),
+            Meaning::Passing => Outcome::Retry(why),
         };
         Answer::Outcomes(vec![outcome; n])
     }
@@ -323,14 +211,12 @@ struct Entry {
 impl Entry {
     fn new(p: &Pending) -> Entry {
         let event = envelope(&p.record, &p.payload);
-        let bulk = json!({
-            "entryId": p.record.id,
-            "event": event,
-            "contentType": "application/cloudevents+json",
-            "metadata": { "cloudevent.id": p.record.id },
-        })
-        .to_string();
-        Entry { id: p.record.id.clone(), event: event.to_string(), bulk }
+        // The event goes in as it is, never parsed back into a tree.
+        let id = serde_json::to_string(&p.record.id).expect("a string serialises");
+        let bulk = format!(
+            "{{\"entryId\":{id},\"event\":{event},\"contentType\":\"application/cloudevents+json\",\"metadata\":{{\"cloudevent.id\":{id}}}}}"
+        );
+        Entry { id: p.record.id.clone(), event, bulk }
     }
 }
 
