@@ -16,25 +16,24 @@ demo=$!
 trap 'kill -- -$demo 2>/dev/null || true; wait $demo 2>/dev/null || true; rm -rf "$dir"' EXIT
 fail() { echo "demo test: $*"; tail -20 "$dir/demo.out"; tail -20 "$dir/daprd.log" 2>/dev/null; exit 1; }
 
+# until LINE SECONDS WHAT: waits for the demo to print LINE, failing if it exits first.
+until_line() {
+  for _ in $(seq $(($2 * 2))); do
+    grep -q "$1" "$dir/demo.out" && return 0
+    kill -0 "$demo" 2>/dev/null || fail "the demo exited before $3"
+    sleep 0.5
+  done
+  fail "not $3 after $2 s"
+}
 # The demo builds its own profile (cold in CI): bounded generously, since this is no timing test.
-for _ in $(seq 2400); do
-  grep -q "open http://" "$dir/demo.out" && break
-  kill -0 "$demo" 2>/dev/null || fail "the demo exited before its page was up"
-  sleep 0.5
-done
-grep -q "open http://" "$dir/demo.out" || fail "no page URL after 20 minutes"
+until_line "open http://" 1200 "its page was up"
 url="http://127.0.0.1:$EDGEFN_DEMO_PORT"
 # A fresh machine's path: the page is up before the sidecar; then daprd (built once by the
 # test command, so no second build here) is started and the daemon reloaded with the Dapr
 # sinks, by itself.
-for _ in $(seq 240); do
-  grep -q "daprd attached" "$dir/demo.out" && break
-  kill -0 "$demo" 2>/dev/null || fail "the demo exited before attaching daprd"
-  sleep 0.5
-done
+until_line "daprd attached" 120 "attaching daprd"
 grep -q "no Dapr sidecar yet" "$dir/demo.out" || fail "the page did not come up before the sidecar"
 grep -q "daprd started as edgefn's sidecar" "$dir/demo.out" || fail "the demo did not start daprd"
-grep -q "daprd attached" "$dir/demo.out" || fail "the demo did not attach daprd within 2 minutes"
 
 for _ in $(seq 60); do
   curl -fsS "$url/v1/status" | python3 -c 'import json,sys; d=json.load(sys.stdin)["dapr"]; sys.exit(0 if d=={"configured": True, "reachable": True} else 1)' && break
