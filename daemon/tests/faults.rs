@@ -698,9 +698,15 @@ fn sixty_four_json_results_of_16_mib_backlogged_keep_the_peak_rss_bounded() {
     let before = d.metric(&retried);
     d.wait_metric(&retried, 120, |v| v >= before + 2.0);
     assert_eq!(d.get("/v1/status").json()["outbox"]["pending"], RESULTS as u64, "the backlog is not all there");
-    assert!(d.log().contains("Not a directory"), "the sink did not fail as meant:\n{}", common::tail(&d.log(), 20));
+    assert!(
+        d.log().contains("delivery failed: writing /dev/null/results.jsonl"),
+        "the sink did not fail as meant:\n{}",
+        common::tail(&d.log(), 20)
+    );
     let hwm = common::status_kib(d.child.id(), "VmHWM");
-    eprintln!("peak RSS with {RESULTS} JSON results of 16 MiB backlogged and retried: {hwm} KiB (bound {BOUND_KIB} KiB)");
+    eprintln!(
+        "peak RSS with {RESULTS} JSON results of 16 MiB backlogged and retried: {hwm} KiB (bound {BOUND_KIB} KiB)"
+    );
     assert!(hwm < BOUND_KIB, "peak RSS {hwm} KiB, over {BOUND_KIB} KiB");
 }
 
@@ -784,4 +790,39 @@ fn request_bodies_in_flight_are_capped_in_bytes() {
     }
     // With the budget back, the same request goes through.
     assert_eq!(d.post("/v1/functions/echo", &vec![b'y'; 600 << 10]).status, 200);
+}
+
+/// A file sink's write that failed partway (the disk full) left a torn line, and every line
+/// after it followed the torn one. The batch is cut off again: the file holds whole lines.
+#[test]
+fn a_file_sink_on_a_full_disk_keeps_whole_lines_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = common::SmallDisk::mount(&tmp.path().join("small"), "1m");
+    let results = small.dir.join("results.jsonl");
+    let sink = format!("file:{}", results.display());
+    let cfg = format!(
+        "[[pipeline]]\nname = \"echo\"\nfunctions = [\"echo\"]\nsinks = [{{ file = {{ path = {results:?} }} }}]\n"
+    );
+    let d = Daemon::start_in(&tmp.path().join("d"), &cfg);
+    let (delivered, retried) = (
+        format!("edgefn_outbox_delivered_total{{sink=\"{sink}\"}}"),
+        format!("edgefn_outbox_retried_total{{sink=\"{sink}\"}}"),
+    );
+    // One result at a time, each about 270 KB as a base64 line, until the 1 MiB disk refuses.
+    let mut sent = 0;
+    while d.metric(&retried) == 0.0 {
+        assert!(sent < 8, "1 MiB took 8 lines of 270 KB: the disk was never full");
+        assert_eq!(d.post("/v1/pipelines/echo?camera=a", &common::noise(200 << 10, sent)).status, 200);
+        sent += 1;
+        d.wait_metric(&delivered, 20, |v| v == sent as f64 || d.metric(&retried) > 0.0);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(d.log().contains("No space left on device"), "{}", common::tail(&d.log(), 20));
+    let text = std::fs::read(&results).unwrap();
+    assert!(text.is_empty() || text.ends_with(b"\n"), "the file ends in a torn line");
+    let lines: Vec<&[u8]> = text.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len() as f64, d.metric(&delivered), "lines in the file against results delivered");
+    for l in lines {
+        assert!(serde_json::from_slice::<serde_json::Value>(l).is_ok(), "a line that is not JSON");
+    }
 }
