@@ -268,6 +268,7 @@ fn a_reload_with_the_sidecar_stuck_and_an_upload_in_flight_keeps_pinging() {
     };
     assert!(dapr.hung() > 0 && uploading.load(std::sync::atomic::Ordering::Relaxed), "the scenario did not happen");
     let silence = notify.longest_silence(hup);
+    eprintln!("reload: READY=1 after {reloaded:?}, longest watchdog silence {silence:?}, slowest /healthz {slowest:?}");
     assert!(silence < Duration::from_secs(20), "no ping for {silence:?} around the reload:\n{}", d.log());
     // Drained within its 10 s grace, the upload's and the stuck delivery's side by side.
     assert!(reloaded < Duration::from_secs(16), "the reload took {reloaded:?}:\n{}", d.log());
