@@ -184,6 +184,7 @@ impl Metrics {
             "Frames the broker sent again after a lost connection",
             self.mqtt_redelivered.clone(),
         );
+        r.register("mqtt_shed", "QoS 0 frames dropped while the pipelines were behind", self.mqtt_shed.clone());
         r.register(
             "mqtt_unrouted",
             "Frames acknowledged because no pipeline takes their topic",

@@ -728,3 +728,67 @@ fn two_daemons_on_one_shared_subscription_split_a_feed_of_200_frames() {
     }
     eprintln!("split: board-a {} results, board-b {}", ra.len(), rb.len());
 }
+
+/// QoS 0 frames have no flow control: behind a `block` pipeline that stopped taking frames,
+/// the handoff from the connection's poller held up to 1,024 frames of any size, then the
+/// poller waited, no PINGREQ went out and the broker dropped us. Past its byte budget QoS 0
+/// frames are dropped and counted now; the connection stays up.
+#[test]
+fn qos0_frames_past_the_handoff_budget_are_dropped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"));
+    let cfg = format!(
+        "[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-shed-{}\"\nkeep_alive = \"2s\"\nmax_frame = \"2 MiB\"\n\n\
+         [functions.spin]\ndeadline = \"3s\"\nmax_instances = 1\n\n[[pipeline]]\nname = \"slow\"\n\
+         source.mqtt = \"cameras/+/frames\"\nfunctions = [\"spin\"]\nqueue = 1\npolicy = \"block\"\n",
+        broker.url(),
+        broker.port
+    );
+    let d = Daemon::start_in(tmp.path(), &cfg);
+    d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
+    // 40 frames of 1 MiB at QoS 0: more than the 16 MiB the handoff holds of them.
+    let frame = tmp.path().join("big.bin");
+    std::fs::write(&frame, common::noise(1 << 20, 7)).unwrap();
+    broker.publish_raw("cameras/cam1/frames", &["-q", "0", "-f", frame.to_str().unwrap(), "--repeat", "40"], None);
+    let shed = d.wait_metric("edgefn_mqtt_shed_total", 30, |v| v > 0.0);
+    assert!(d.log().contains("QoS 0 frame dropped"), "{}", common::tail(&d.log(), 20));
+    // Keep-alives went on while the pipeline sat on its frames.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(!broker.log().contains("exceeded timeout"), "the broker dropped us: {}", common::tail(&broker.log(), 10));
+    assert_eq!(d.metric("edgefn_mqtt_reconnects_total"), 0.0);
+    let rss = common::status_kib(d.child.id(), "VmHWM");
+    eprintln!("shed {shed} of 40 QoS 0 frames of 1 MiB; peak RSS {rss} KiB");
+    assert!(rss < 200 * 1024, "peak RSS {rss} KiB with the handoff capped at 16 MiB");
+}
+
+/// The broker keeps a persistent session's subscriptions: a filter a reload removed went on
+/// receiving (and queueing) frames, which were acknowledged unprocessed without a word. The
+/// filters subscribed last are remembered, and those no longer configured unsubscribed.
+#[test]
+fn a_filter_a_reload_removes_is_unsubscribed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let broker = Broker::start(&tmp.path().join("broker"));
+    let pipeline = |name: &str, filter: &str| {
+        format!("[[pipeline]]\nname = \"{name}\"\nsource.mqtt = \"{filter}\"\nfunctions = [\"echo\"]\n\n")
+    };
+    let mqtt = format!("[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-unsub-{}\"\n\n", broker.url(), broker.port);
+    let both = format!("{mqtt}{}{}", pipeline("a", "cameras/+/frames"), pipeline("b", "doors/+/frames"));
+    let mut d = Daemon::start_in(tmp.path(), &both);
+    d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
+    let file = d.dir.join("edgefn.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let doors = pipeline("b", "doors/+/frames");
+    std::fs::write(&file, text.replace(&doors, "")).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(d.child.id() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while !d.log().contains("unsubscribed: no pipeline takes this filter any more") {
+        assert!(Instant::now() < until, "no unsubscribe after the reload:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(broker.log().contains("Received UNSUBSCRIBE"), "{}", common::tail(&broker.log(), 20));
+    broker.publish_raw("doors/front/frames", &["-m", "frame"], None);
+    broker.publish_raw("cameras/c/frames", &["-m", "frame"], None);
+    d.wait_metric("edgefn_results_total{pipeline=\"a\",camera=\"c\"}", 10, |v| v == 1.0);
+    assert_eq!(d.metric("edgefn_mqtt_unrouted_total"), 0.0, "the removed filter still receives");
+    d.assert_alive();
+}
