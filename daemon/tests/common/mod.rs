@@ -221,7 +221,10 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) {
-        let until = Instant::now() + Duration::from_secs(60);
+        // Under qemu (EDGEFN_TEST_RUNNER) the functions compile at emulated speed.
+        let emulated = std::env::var("EDGEFN_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty());
+        let wait = Duration::from_secs(if emulated { 300 } else { 60 });
+        let until = Instant::now() + wait;
         while Instant::now() < until {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("edgefn exited early ({status}):\n{}", self.log());
@@ -232,7 +235,7 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("edgefn not listening after 60 s:\n{}", self.log());
+        panic!("edgefn not listening after {wait:?}:\n{}", self.log());
     }
 
     pub fn url(&self, path: &str) -> String {
