@@ -109,6 +109,7 @@ $dapr
 
 [server]
 listen = "127.0.0.1:$port"
+notice_file = "$state/notice"
 
 [runtime]
 functions_dir = "$PWD/functions/out"
@@ -171,7 +172,10 @@ for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$port/healthz" >/dev/null 2>
 attach_dapr() {
   echo "demo: building the Dapr sidecar in the background (log: $state/daprd-build.log); the page shows it once it is up"
   local built
-  if ! built="$(nice -n 19 scripts/build-daprd.sh 2> "$state/daprd-build.log")"; then
+  # The page shows the build's progress from this file (server.notice_file).
+  echo "Dapr sidecar: building it in the background; the page turns \"Dapr reachable\" when it is up" > "$state/notice"
+  if ! built="$(EDGEFN_DAPRD_PROGRESS="$state/notice" nice -n 19 scripts/build-daprd.sh 2> "$state/daprd-build.log")"; then
+    echo "Dapr sidecar: the build failed (see $state/daprd-build.log); results go to the file and MQTT sinks" > "$state/notice"
     echo "demo: building daprd failed, the demo goes on without it; the end of $state/daprd-build.log:" >&2
     tail -n 20 "$state/daprd-build.log" >&2
     return 0
@@ -181,6 +185,7 @@ attach_dapr() {
   trap 'kill "$daprd_pid" 2>/dev/null' EXIT INT TERM
   write_config
   kill -HUP "$edgefn_pid"
+  rm -f "$state/notice"
   echo "demo: daprd attached: edgefn reloaded with the Dapr sinks"
   wait "$daprd_pid"
 }

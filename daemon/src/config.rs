@@ -249,6 +249,9 @@ pub struct Server {
     /// board's own host name; web pages from other hosts are refused (DNS rebinding,
     /// cross-site requests).
     pub allowed_hosts: Vec<String>,
+    /// A file whose first line the page shows as a notice, re-read every second: a note from
+    /// whoever runs the board (the demo writes its sidecar build's progress there).
+    pub notice_file: Option<PathBuf>,
     /// Open connections at most (also held under half the open-file limit). Past it, a new
     /// connection replaces the oldest one that has no request in progress.
     pub max_connections: usize,
@@ -262,6 +265,7 @@ impl Default for Server {
             shutdown_grace: Duration::from_secs(10),
             token: None,
             allowed_hosts: Vec::new(),
+            notice_file: None,
             max_connections: 512,
         }
     }

@@ -328,3 +328,48 @@ fn an_mqtt_frame_that_meets_a_missing_model_is_classified_once_it_is_back() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// Inference runs off the async workers (`runtime::blocking`), so with every model context
+/// busy, more contexts than the daemon has workers, `/healthz` still answers at once. Checks
+/// that the scenario happened: the pool was seen with no idle context while `/healthz` was
+/// asked.
+#[test]
+fn healthz_answers_while_every_model_context_is_busy() {
+    const CONTEXTS: u32 = 4;
+    // Enough instances that every context can be taken at once.
+    let toml = models_toml(CONTEXTS).replace("deadline = \"30s\"", "deadline = \"30s\"\nmax_instances = 8");
+    let d = start(&tempfile::tempdir().unwrap().keep(), &toml, common::litert_lib());
+    let frame = common::camera_jpeg();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (mut slowest, mut asked, mut all_busy) = (Duration::ZERO, 0, 0);
+    std::thread::scope(|s| {
+        for _ in 0..3 * CONTEXTS {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = d.post("/v1/functions/classify", &frame);
+                    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+                }
+            });
+        }
+        let until = std::time::Instant::now() + Duration::from_secs(8);
+        while std::time::Instant::now() < until {
+            let t0 = std::time::Instant::now();
+            let health = d.get("/healthz");
+            let took = t0.elapsed();
+            assert_eq!(health.status, 200);
+            slowest = slowest.max(took);
+            asked += 1;
+            let models = d.get("/v1/functions").json()["models"].clone();
+            if models[0]["idle"] == 0 {
+                all_busy += 1;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    println!("/healthz asked {asked} times, {all_busy} of them with all {CONTEXTS} contexts busy; slowest {slowest:?}");
+    // The guest's own JPEG decoding shares the two cores with inference, so the pool is not
+    // full all the time; ten samples show it was, again and again.
+    assert!(all_busy >= 10, "the contexts were not kept busy ({all_busy} of {asked} samples)");
+    assert!(slowest < Duration::from_secs(1), "/healthz took {slowest:?} with every context busy");
+}

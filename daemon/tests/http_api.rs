@@ -199,3 +199,26 @@ fn cross_site_requests_and_dns_rebinding_are_refused() {
     assert_eq!(allowed.0, 200, "{}", allowed.1);
     assert!(d.log().contains("refused: Host `attacker.example:8080`"), "{}", d.log());
 }
+
+/// `server.notice_file`: the page's status carries the file's first line, follows each change
+/// without a reload, and drops it when the file goes.
+#[test]
+fn the_operator_notice_follows_its_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("notice");
+    std::fs::write(&file, "Dapr sidecar: building, 12 of 900 packages\nignored\n").unwrap();
+    let d = Daemon::start(&format!("[server]\nnotice_file = \"{}\"\n", file.display()));
+    let notice = || d.get("/v1/status").json()["operator_notice"].clone();
+    let wait_for = |want: serde_json::Value| {
+        let t0 = std::time::Instant::now();
+        while notice() != want {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(10), "notice {} never became {want}", notice());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    wait_for("Dapr sidecar: building, 12 of 900 packages".into());
+    std::fs::write(&file, "Dapr sidecar: starting\n").unwrap();
+    wait_for("Dapr sidecar: starting".into());
+    std::fs::remove_file(&file).unwrap();
+    wait_for(serde_json::Value::Null);
+}

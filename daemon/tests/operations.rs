@@ -6,13 +6,13 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use common::{Daemon, asset};
 
 fn packaging(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging").join(path)
+    common::repo().join("packaging").join(path)
 }
 
 /// Every `edgefn_…` name in `text`.

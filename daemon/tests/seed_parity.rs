@@ -16,7 +16,11 @@ async fn same_pixels_as_the_seed() {
     let path = tmp.path().join("edgefn.toml");
     std::fs::write(
         &path,
-        format!("[runtime]\nfunctions_dir = {:?}\ncache_dir = {:?}\n", functions_dir(), tmp.path().join("c")),
+        format!(
+            "[runtime]\nfunctions_dir = {:?}\ncache_dir = {:?}\n",
+            functions_dir(),
+            common::aot_cache(tmp.path().join("c"))
+        ),
     )
     .unwrap();
     let rt = Runtime::load(&Config::load(&path, true).unwrap(), Arc::new(Metrics::new()), None).unwrap();

@@ -25,12 +25,12 @@ impl Drop for Killed {
 
 #[test]
 fn page_uploads_shows_cameras_and_errors_with_token_auth() {
-    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/web");
+    let web = common::repo().join("tests/web");
     assert!(
         web.join("node_modules/playwright-core").exists() && Path::new("/usr/bin/chromium").exists(),
         "needs playwright-core in tests/web and Debian's chromium: run scripts/setup.sh"
     );
-    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/artifacts");
+    let artifacts = common::repo().join("tests/artifacts");
     std::fs::create_dir_all(&artifacts).unwrap();
 
     let tmp = tempfile::tempdir().unwrap();

@@ -52,6 +52,7 @@ fn world() -> &'static World {
             app_token: None,
             token: None,
             allowed_hosts: Vec::new(),
+            notice: Default::default(),
             closing,
             event_streams: Default::default(),
             daemon_problems: Default::default(),

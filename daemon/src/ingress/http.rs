@@ -47,6 +47,8 @@ pub struct Api {
     /// `server.allowed_hosts`: names besides IP addresses and localhost that requests may be
     /// sent to, and web pages they may come from ([`super::origin`]).
     pub allowed_hosts: Vec<String>,
+    /// `server.notice_file`'s first line, for the page.
+    pub notice: super::notice::Notice,
     /// Turns true when this generation stops: event streams end then.
     pub closing: watch::Receiver<bool>,
     /// Open event streams, capped at [`web::MAX_EVENT_STREAMS`].

@@ -6,6 +6,7 @@ pub mod handoff;
 pub mod http;
 pub mod listener;
 pub mod mqtt;
+pub mod notice;
 pub mod openapi;
 pub mod origin;
 pub mod routes;

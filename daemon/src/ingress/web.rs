@@ -80,6 +80,7 @@ pub fn status(api: &Api) -> Value {
         "mqtt_connected": snap.mqtt_connected,
         "dapr": { "configured": snap.dapr_configured, "reachable": snap.dapr_reachable },
         "notice": notice,
+        "operator_notice": api.notice.get(),
         "outbox": snap.outbox(),
         "functions": functions,
         "failed": rt.failed(),

@@ -32,6 +32,7 @@ use crate::config::{self, Config, SinkConfig};
 use crate::ingress::http::Api;
 use crate::ingress::listener;
 use crate::ingress::mqtt::{Ingress, Route};
+use crate::ingress::notice::Notice;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipelines;
 use crate::runtime::Runtime;
@@ -173,6 +174,10 @@ impl Prepared {
             app_token: std::env::var("APP_API_TOKEN").ok().filter(|t| !t.is_empty()),
             token: cfg.server.token.clone().filter(|t| !t.is_empty()),
             allowed_hosts: cfg.server.allowed_hosts.clone(),
+            notice: match &cfg.server.notice_file {
+                Some(path) => Notice::watch(path.clone(), intake_rx.clone()),
+                None => Notice::default(),
+            },
             closing: intake_rx.clone(),
             event_streams: Default::default(),
             daemon_problems: self.problems,

@@ -13,7 +13,7 @@ pub fn bin() -> PathBuf {
         if let Some(p) = std::env::var_os("DAPRD_BIN") {
             return PathBuf::from(p);
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-daprd.sh");
+        let script = super::repo().join("scripts/build-daprd.sh");
         let out = Command::new(&script).stderr(Stdio::inherit()).output().expect("run scripts/build-daprd.sh");
         assert!(out.status.success(), "scripts/build-daprd.sh failed: no daprd to test against");
         PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())

@@ -18,6 +18,17 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_edgefn");
 /// result ids are `BOARD/pipeline/camera/seq`.
 pub const BOARD: &str = "tb";
 
+/// The checkout under test: `CARGO_MANIFEST_DIR/..` as cargo sets it when it runs the test, not
+/// as it was when the test was compiled. One target dir serves every clone (`.cargo/config.toml`),
+/// and cargo keeps a test binary built in another clone fresh, so a path baked in at compile time
+/// can name a clone that is gone.
+pub fn repo() -> PathBuf {
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    dir.parent().expect("the daemon crate sits in the repo").to_path_buf()
+}
+
 /// A command running the built `edgefn`. With `EDGEFN_TEST_RUNNER` set (e.g. `qemu-aarch64 -L /`
 /// for the aarch64 build, where binfmt is not mounted), it runs under that runner.
 pub fn edgefn() -> Command {
@@ -37,16 +48,25 @@ pub fn edgefn() -> Command {
 pub fn functions_dir() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let out = std::env::var_os("EDGEFN_FUNCTIONS_OUT")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../functions/out"));
+        let out =
+            std::env::var_os("EDGEFN_FUNCTIONS_OUT").map(PathBuf::from).unwrap_or_else(|| repo().join("functions/out"));
         let out = out.canonicalize().unwrap_or(out);
         assert!(
             out.join("grayscale.wasm").exists() && out.join("fixtures/spin.wasm").exists(),
             "{} lacks the functions or fixtures: run functions/build.sh first (tests/run.sh does)",
             out.display()
         );
-        let merged = std::env::temp_dir().join(format!("edgefn-test-functions-{}", std::process::id()));
+        // A test process cannot clean up after a static, so each one sweeps the dirs of those
+        // that have exited.
+        let tmp = std::env::temp_dir();
+        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let pid = name.to_str().and_then(|n| n.strip_prefix("edgefn-test-functions-"));
+            if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let merged = tmp.join(format!("edgefn-test-functions-{}", std::process::id()));
         std::fs::create_dir_all(&merged).unwrap();
         for dir in [out.clone(), out.join("fixtures")] {
             for entry in std::fs::read_dir(&dir).unwrap().flatten() {
@@ -64,12 +84,21 @@ pub fn functions_dir() -> PathBuf {
 }
 
 /// The runtime in-process, over `functions_dir()` with `extra` config, and its scratch dir.
+/// The AOT cache for a test that does not test the cache itself: `EDGEFN_TEST_AOT_CACHE`,
+/// one directory for the whole run, when the harness sets it, else `own`. Under qemu
+/// (tests/system/aarch64.sh) each start would otherwise compile every function at emulated
+/// speed, about a minute each; the AOT tests keep their own caches, so compiling under
+/// emulation is still tested.
+pub fn aot_cache(own: PathBuf) -> PathBuf {
+    std::env::var_os("EDGEFN_TEST_AOT_CACHE").filter(|p| !p.is_empty()).map(PathBuf::from).unwrap_or(own)
+}
+
 pub fn runtime(extra: &str) -> (edgefn::runtime::Runtime, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     let toml = format!(
         "[runtime]\nfunctions_dir = {:?}\ncache_dir = {:?}\n{extra}",
         functions_dir(),
-        tmp.path().join("cache")
+        aot_cache(tmp.path().join("cache"))
     );
     let path = tmp.path().join("edgefn.toml");
     std::fs::write(&path, toml).unwrap();
@@ -152,32 +181,32 @@ impl Daemon {
     pub fn start(extra: &str) -> Daemon {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let mut d = Daemon::start_in(&dir, extra);
+        let mut d = Daemon::start_full(&dir, &functions_dir(), extra, &[], aot_cache(dir.join("cache")));
         d._tmp = Some(tmp);
         d
     }
 
-    /// Starts in `dir` (kept by the caller, so a restart finds the same cache).
+    /// Starts in `dir` (kept by the caller, so a restart finds the same cache: its own,
+    /// never [`aot_cache`]'s).
     pub fn start_in(dir: &Path, extra: &str) -> Daemon {
         Daemon::start_with_functions(dir, &functions_dir(), extra)
     }
 
-    /// Starts in `dir` serving the functions in `functions`.
+    /// Starts in `dir` serving the functions in `functions`, with its own AOT cache.
     pub fn start_with_functions(dir: &Path, functions: &Path, extra: &str) -> Daemon {
-        Daemon::start_full(dir, functions, extra, &[])
+        Daemon::start_full(dir, functions, extra, &[], dir.join("cache"))
     }
 
     /// Starts in `dir` with `envs` set (e.g. DAPR_HTTP_PORT, tokens).
     pub fn start_env(dir: &Path, extra: &str, envs: &[(&str, String)]) -> Daemon {
-        Daemon::start_full(dir, &functions_dir(), extra, envs)
+        Daemon::start_full(dir, &functions_dir(), extra, envs, aot_cache(dir.join("cache")))
     }
 
-    pub fn start_full(dir: &Path, functions: &Path, extra: &str, envs: &[(&str, String)]) -> Daemon {
+    pub fn start_full(dir: &Path, functions: &Path, extra: &str, envs: &[(&str, String)], cache: PathBuf) -> Daemon {
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let config = format!(
-            "[runtime]\nfunctions_dir = {functions:?}\ncache_dir = {:?}\nstate_dir = {:?}\n\n{extra}\n",
-            dir.join("cache"),
+            "[runtime]\nfunctions_dir = {functions:?}\ncache_dir = {cache:?}\nstate_dir = {:?}\n\n{extra}\n",
             dir.join("state"),
         );
         let config_path = dir.join("edgefn.toml");
