@@ -183,8 +183,14 @@ attach_dapr() {
   start_daprd "$built"
   # This runs in a subshell: daprd is its child, and goes when it goes.
   trap 'kill "$daprd_pid" 2>/dev/null' EXIT INT TERM
+  echo "Dapr sidecar: up; reloading edgefn with the Dapr sinks" > "$state/notice"
   write_config
   kill -HUP "$edgefn_pid"
+  # The note goes once the new generation serves with the sidecar configured.
+  for _ in $(seq 300); do
+    curl -fsS "http://127.0.0.1:$port/v1/status" 2>/dev/null | grep -q '"configured":true' && break
+    sleep 0.1
+  done
   rm -f "$state/notice"
   echo "demo: daprd attached: edgefn reloaded with the Dapr sinks"
   wait "$daprd_pid"

@@ -31,7 +31,15 @@ url="http://127.0.0.1:$EDGEFN_DEMO_PORT"
 # A fresh machine's path: the page is up before the sidecar; then daprd (built once by the
 # test command, so no second build here) is started and the daemon reloaded with the Dapr
 # sinks, by itself.
+# Meanwhile the page carries the sidecar's progress as its notice (server.notice_file).
+(while kill -0 "$demo" 2>/dev/null; do
+   curl -fsS "$url/v1/status" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["operator_notice"])' || true
+   sleep 0.2
+ done) > "$dir/notices" 2>/dev/null & notices=$!
 until_line "daprd attached" 120 "attaching daprd"
+sleep 3; kill "$notices" 2>/dev/null || true
+grep -q '^Dapr sidecar' "$dir/notices" || fail "the page never showed the sidecar's progress: $(sort -u "$dir/notices")"
+[ "$(tail -n 1 "$dir/notices")" = None ] || fail "the page still shows a notice after daprd attached: $(tail -n 1 "$dir/notices")"
 grep -q "no Dapr sidecar yet" "$dir/demo.out" || fail "the page did not come up before the sidecar"
 grep -q "daprd started as edgefn's sidecar" "$dir/demo.out" || fail "the demo did not start daprd"
 
