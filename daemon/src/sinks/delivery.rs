@@ -18,20 +18,62 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
-use super::outbox::Outbox;
+use super::outbox::{Outbox, Pending};
 use super::{Outcome, Sink};
 use crate::metrics::{Metrics, SinkLabel};
+
+/// What a worker needs of the outbox: its sink's queue. Blocking calls; the worker runs them
+/// on the blocking pool.
+pub trait Queue: Send + Sync + 'static {
+    fn peek(&self, sink: &str, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>>;
+    fn settle(&self, sink: &str, delivered: &[u64], dead: &[(u64, String)]) -> anyhow::Result<()>;
+    /// Notified when the sink's queue gains results.
+    fn waker(&self, sink: &Arc<str>) -> Arc<Notify>;
+}
+
+impl Queue for Outbox {
+    fn peek(&self, sink: &str, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>> {
+        Outbox::peek(self, sink, max, max_bytes)
+    }
+    fn settle(&self, sink: &str, delivered: &[u64], dead: &[(u64, String)]) -> anyhow::Result<()> {
+        Outbox::settle(self, sink, delivered, dead)
+    }
+    fn waker(&self, sink: &Arc<str>) -> Arc<Notify> {
+        Outbox::waker(self, sink)
+    }
+}
+
+/// How often each result at the head of the queue has failed while others were delivered.
+/// Only the head is ever retried, so a count whose result left it (delivered, dead, or
+/// evicted by the caps) is dropped at the next batch, never kept for ever.
+#[derive(Default)]
+struct Attempts(HashMap<u64, u32>);
+
+impl Attempts {
+    fn keep_only(&mut self, batch: &[Pending]) {
+        self.0.retain(|k, _| batch.iter().any(|p| p.key == *k));
+    }
+    /// Counts one more failure; the count so far.
+    fn failed(&mut self, key: u64) -> u32 {
+        let n = self.0.entry(key).or_default();
+        *n += 1;
+        *n
+    }
+    fn forget(&mut self, key: u64) {
+        self.0.remove(&key);
+    }
+}
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Failures of one result, while others were delivered, before it is dead-lettered.
 pub const MAX_ATTEMPTS: u32 = 10;
 
-pub async fn run(
+pub async fn run<Q: Queue>(
     sink: Arc<Sink>,
-    outbox: Arc<Outbox>,
+    outbox: Arc<Q>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
@@ -40,7 +82,7 @@ pub async fn run(
     let label = SinkLabel { sink: key.to_string() };
     let waker = outbox.waker(&key);
     let mut backoff = FIRST_BACKOFF;
-    let mut attempts: HashMap<u64, u32> = HashMap::new();
+    let mut attempts = Attempts::default();
     let mut stop_at: Option<tokio::time::Instant> = None;
     loop {
         if stop_at.is_none() && *shutdown.borrow() {
@@ -67,9 +109,7 @@ pub async fn run(
                 continue;
             }
         };
-        // Only results at the head of the queue are retried; a count kept for one that left it
-        // otherwise (evicted by the caps) would stay for ever.
-        attempts.retain(|k, _| batch.iter().any(|p| p.key == *k));
+        attempts.keep_only(&batch);
         if batch.is_empty() {
             if stop_at.is_some() {
                 break;
@@ -96,12 +136,10 @@ pub async fn run(
                 }
                 Outcome::Retry(why) if some_delivered => {
                     metrics.outbox_retried.get_or_create(&label).inc();
-                    let n = attempts.entry(p.key).or_default();
-                    *n += 1;
-                    if *n >= MAX_ATTEMPTS {
+                    let n = attempts.failed(p.key);
+                    if n >= MAX_ATTEMPTS {
                         let why = format!("failed {n} times while other results were delivered; last: {why}");
                         tracing::error!(sink = %key, id = %p.record.id, "dead letter: {why}");
-                        attempts.remove(&p.key);
                         dead.push((p.key, why));
                     } else {
                         retry.get_or_insert(why);
@@ -119,7 +157,7 @@ pub async fn run(
             }
         }
         for k in delivered.iter().chain(dead.iter().map(|(k, _)| k)) {
-            attempts.remove(k);
+            attempts.forget(*k);
         }
         let settled = {
             let (outbox, key) = (outbox.clone(), key.clone());
@@ -166,4 +204,129 @@ async fn pause(backoff: &mut Duration, shutdown: &mut watch::Receiver<bool>) -> 
     };
     *backoff = (*backoff * 2).min(MAX_BACKOFF);
     !stopping && !*shutdown.borrow()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::SinkConfig;
+    use crate::sinks::outbox::{Boot, Record, now_ms};
+
+    fn pending(key: u64) -> Pending {
+        let record = Record {
+            id: format!("b/p/cam/{key}"),
+            board: "b".into(),
+            pipeline: "p".into(),
+            camera: "cam".into(),
+            seq: key,
+            topic: "t".into(),
+            content_type: "text/plain".into(),
+            created_ms: now_ms(),
+            boot: Boot::now(),
+            error: None,
+        };
+        Pending { key, record, payload: Bytes::from_static(b"result") }
+    }
+
+    /// A queue of three results whose reads fail while `fail_peek` is set and whose settles
+    /// fail while `fail_settle` is: the outbox's disk failing under a working sink.
+    #[derive(Default)]
+    struct Failing {
+        fail_peek: std::sync::atomic::AtomicBool,
+        fail_settle: std::sync::atomic::AtomicBool,
+        peeks: AtomicUsize,
+        settled: Mutex<Vec<u64>>,
+        waker: Arc<Notify>,
+    }
+
+    impl Queue for Failing {
+        fn peek(&self, _: &str, _: usize, _: usize) -> anyhow::Result<Vec<Pending>> {
+            self.peeks.fetch_add(1, Ordering::Relaxed);
+            anyhow::ensure!(!self.fail_peek.load(Ordering::Relaxed), "injected read error");
+            let settled = self.settled.lock().unwrap();
+            Ok((1..=3).filter(|k| !settled.contains(k)).map(pending).collect())
+        }
+        fn settle(&self, _: &str, delivered: &[u64], _: &[(u64, String)]) -> anyhow::Result<()> {
+            anyhow::ensure!(!self.fail_settle.load(Ordering::Relaxed), "injected write error");
+            self.settled.lock().unwrap().extend_from_slice(delivered);
+            Ok(())
+        }
+        fn waker(&self, _: &Arc<str>) -> Arc<Notify> {
+            self.waker.clone()
+        }
+    }
+
+    fn file_sink(dir: &std::path::Path) -> (Arc<Sink>, std::path::PathBuf) {
+        let path = dir.join("results.jsonl");
+        let cfg = SinkConfig::File { path: path.clone() };
+        let sink = Sink {
+            key: crate::sinks::key(&cfg),
+            kind: crate::sinks::Kind::File(crate::sinks::file::FileSink::new(path.clone())),
+        };
+        (Arc::new(sink), path)
+    }
+
+    fn lines(path: &std::path::Path) -> usize {
+        std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
+    }
+
+    /// A settle that failed reset the backoff, and the worker delivered the same batch again at
+    /// once, for as long as the settle kept failing: a flood of duplicates upstream.
+    #[tokio::test]
+    async fn a_failing_settle_backs_off_instead_of_redelivering_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (sink, path) = file_sink(tmp.path());
+        let queue = Arc::new(Failing::default());
+        queue.fail_settle.store(true, Ordering::Relaxed);
+        let (stop, shutdown) = watch::channel(false);
+        let worker = tokio::spawn(run(sink, queue.clone(), Arc::new(Metrics::new()), shutdown, Duration::ZERO));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Backoff 0.2, 0.4, 0.8, 1.6 s: at most four attempts in three seconds (fewer on a
+        // slow machine), each writing the batch of 3. Without it, thousands.
+        let attempts = lines(&path) / 3;
+        assert!((1..=5).contains(&attempts), "{attempts} deliveries of the same batch in 3 s");
+        queue.fail_settle.store(false, Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
+        while queue.settled.lock().unwrap().len() < 3 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "not settled once the disk works again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(*queue.settled.lock().unwrap(), [1, 2, 3]);
+        stop.send(true).unwrap();
+        worker.await.unwrap();
+    }
+
+    /// A read error slept 30 s whatever the shutdown: a stop waited it out, past any grace.
+    /// Now it backs off like a delivery and a shutdown ends the wait.
+    #[tokio::test]
+    async fn a_read_error_backs_off_and_a_shutdown_ends_the_wait() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (sink, _) = file_sink(tmp.path());
+        let queue = Arc::new(Failing::default());
+        queue.fail_peek.store(true, Ordering::Relaxed);
+        let (stop, shutdown) = watch::channel(false);
+        let worker = tokio::spawn(run(sink, queue.clone(), Arc::new(Metrics::new()), shutdown, Duration::from_secs(1)));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let peeks = queue.peeks.load(Ordering::Relaxed);
+        assert!((1..=5).contains(&peeks), "{peeks} reads in 3 s");
+        let t0 = tokio::time::Instant::now();
+        stop.send(true).unwrap();
+        worker.await.unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(1), "the stop waited {:?}", t0.elapsed());
+    }
+
+    #[test]
+    fn attempts_keep_only_the_results_at_the_head() {
+        let mut attempts = Attempts::default();
+        assert_eq!((attempts.failed(1), attempts.failed(1), attempts.failed(2)), (1, 2, 1));
+        // Result 1 left the queue without being settled here (evicted by the caps).
+        attempts.keep_only(&[pending(2), pending(3)]);
+        assert_eq!(attempts.0.keys().copied().collect::<Vec<_>>(), [2]);
+        assert_eq!(attempts.failed(1), 1, "a result that comes back starts again");
+    }
 }

@@ -447,3 +447,56 @@ impl Outbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(seq: u64) -> Item {
+        Item {
+            sink: "s".into(),
+            record: Record {
+                id: format!("b/p/cam/{seq}"),
+                board: "b".into(),
+                pipeline: "p".into(),
+                camera: "cam".into(),
+                seq,
+                topic: "t".into(),
+                content_type: "text/plain".into(),
+                created_ms: now_ms(),
+                boot: Boot::now(),
+                error: None,
+            },
+            payload: Bytes::from_static(b"result"),
+        }
+    }
+
+    /// One undecodable dead letter aborted the whole replay (one transaction, `decode()?`),
+    /// so no dead letter could be replayed at all. Now it stays, named, and the rest move.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_undecodable_dead_letter_stays_and_the_rest_are_replayed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&tmp.path().join("o.redb"), &Default::default(), Arc::new(Metrics::new())).unwrap();
+        outbox.commit((1..=3).map(item).collect()).await.unwrap();
+        let keys: Vec<u64> = outbox.peek("s", 10, usize::MAX).unwrap().iter().map(|p| p.key).collect();
+        let dead: Vec<(u64, String)> = keys.iter().map(|k| (*k, "refused".to_string())).collect();
+        outbox.settle("s", &[], &dead).unwrap();
+        // A torn row, as a bad sector or an older format would leave it.
+        outbox
+            .db
+            .with(|db| {
+                let txn = db.begin_write()?;
+                txn.open_table(DEAD)?.insert(("s", keys[1]), &b"\x00garbage"[..])?;
+                txn.commit()?;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(outbox.replay_dead().unwrap(), 2);
+        let back: Vec<u64> = outbox.peek("s", 10, usize::MAX).unwrap().iter().map(|p| p.record.seq).collect();
+        assert_eq!(back, [1, 3]);
+        let left =
+            outbox.db.with(|db| Ok(redb::ReadableTableMetadata::len(&db.begin_read()?.open_table(DEAD)?)?)).unwrap();
+        assert_eq!(left, 1, "the unreadable row stays where it was");
+        assert!(outbox.dead_letters(10).unwrap().is_empty(), "the page lists no unreadable row");
+    }
+}
