@@ -65,6 +65,9 @@ for arch in "${arches[@]}"; do
     name="$(basename "$wasm" .wasm)"
     "$edgefn" compile "$wasm" -o "$staging/$name.cwasm" --target "$triple"
   done
+  # The package vouches for its native code: the daemon maps a .cwasm only if the root-owned
+  # list beside it names its digest (runtime/aot.rs).
+  (cd "$staging" && sha256sum -- *.cwasm > SHA256SUMS)
   # LiteRT for this architecture and the model, both fetched and pinned by scripts/setup.sh.
   litert="${EDGEFN_LITERT_DIR:-/var/cache/edgefn/litert}/$arch/libLiteRt.so"
   model="${EDGEFN_ASSETS:-/var/cache/edgefn/assets}/efficientnet_lite0.tflite"

@@ -274,7 +274,8 @@ impl Default for Server {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Runtime {
-    /// Every `NAME.wasm` or `NAME.cwasm` here becomes function `NAME`.
+    /// Every `NAME.wasm` or `NAME.cwasm` here becomes function `NAME`; a `.cwasm` only if the
+    /// root-owned `SHA256SUMS` beside it lists its digest (`runtime::aot`).
     pub functions_dir: PathBuf,
     /// Native code compiled from `.wasm` files, so a restart compiles nothing.
     pub cache_dir: PathBuf,

@@ -1,5 +1,6 @@
-//! Ahead-of-time compilation: a restart compiles nothing, a precompiled `.cwasm` loads, and one
-//! built for another architecture is refused with a sentence that says so.
+//! Ahead-of-time compilation: a restart compiles nothing, a packaged `.cwasm` loads, one built
+//! for another architecture is refused with a sentence that says so, and no other native code
+//! is ever mapped.
 
 mod common;
 
@@ -63,6 +64,10 @@ fn precompiled_cwasm_loads_and_foreign_arch_is_refused() {
     };
     let host_target = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
     compile(Some(&host_target), &funcs.join("grayscale.cwasm"));
+    // Vouched for as the package does: a root-owned digest list beside it (tests run as root).
+    let sums = std::process::Command::new("sha256sum").arg("grayscale.cwasm").current_dir(&funcs).output().unwrap();
+    std::fs::write(funcs.join("SHA256SUMS"), &sums.stdout).unwrap();
+    assert!(nix::unistd::geteuid().is_root(), "the packaged-code tests need root, as CI has");
     let d = Daemon::start_with_functions(dir.path(), &funcs, "");
     let list = d.get("/v1/functions").json();
     assert_eq!(list["functions"][0]["origin"], "precompiled", "{list}");
@@ -96,4 +101,70 @@ fn precompiled_cwasm_loads_and_foreign_arch_is_refused() {
     assert_eq!(resp.status, 503);
     assert!(resp.json()["error"].as_str().unwrap().contains(foreign));
     d.assert_alive();
+}
+
+/// Native code runs outside the sandbox, so only two kinds of file are ever mapped as native
+/// code: the daemon's own AOT cache (in a directory no one else can write) and a packaged
+/// `.cwasm` whose digest a root-owned `SHA256SUMS` beside it lists. A `.wasm` holding native
+/// code, a `.cwasm` nothing vouches for, and a cache others can write into are all refused;
+/// the old loader deserialized each of them.
+#[test]
+fn native_code_is_mapped_only_from_the_own_cache_or_a_listed_cwasm() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let funcs = dir.path().join("funcs");
+    std::fs::create_dir(&funcs).unwrap();
+    let compile = |name: &str, out: &std::path::Path| {
+        let st = common::edgefn()
+            .args(["compile", wasm(name).to_str().unwrap(), "-o", out.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "edgefn compile {name}");
+    };
+    compile("printenv", &funcs.join("evil.wasm"));
+    compile("grayscale", &funcs.join("gray.cwasm"));
+    std::fs::copy(wasm("grayscale"), funcs.join("grayscale.wasm")).unwrap();
+    let failed = |d: &Daemon, name: &str| d.get("/healthz").json()["failed"][name].as_str().map(str::to_string);
+
+    // A .wasm that is native code: refused, never run.
+    let d = Daemon::start_with_functions(dir.path(), &funcs, "");
+    let why = failed(&d, "evil").unwrap_or_else(|| panic!("evil.wasm was loaded:\n{}", d.log()));
+    assert!(why.contains("precompiled native code"), "{why}");
+    assert_eq!(d.post("/v1/functions/evil", b"x").status, 503);
+    // A .cwasm with no digest list beside it.
+    let why = failed(&d, "gray").expect("an unlisted .cwasm was loaded");
+    assert!(why.contains("SHA256SUMS"), "{why}");
+    drop(d);
+
+    // Listed, but in a list anyone may edit: still refused. Root-owned 0644, as dpkg installs
+    // it: loaded.
+    let sums = funcs.join("SHA256SUMS");
+    let out = std::process::Command::new("sha256sum").arg("gray.cwasm").current_dir(&funcs).output().unwrap();
+    std::fs::write(&sums, &out.stdout).unwrap();
+    std::fs::set_permissions(&sums, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let d = Daemon::start_with_functions(dir.path(), &funcs, "");
+    assert!(failed(&d, "gray").is_some_and(|w| w.contains("writable")), "{:?}", failed(&d, "gray"));
+    drop(d);
+    std::fs::set_permissions(&sums, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let d = Daemon::start_with_functions(dir.path(), &funcs, "");
+    assert_eq!(failed(&d, "gray"), None, "a listed .cwasm was refused:\n{}", d.log());
+    common::assert_gray(&d.post("/v1/functions/gray", &asset("chelsea.png")).body);
+    drop(d);
+
+    // The cache: a planted entry in a directory others can write is never mapped; the module
+    // is compiled from its .wasm instead, and the right function answers.
+    let cache = dir.path().join("cache");
+    // grayscale.wasm is the one module here that is compiled, so its entry is the only one.
+    let entries: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    let [entry] = entries.as_slice() else { panic!("cache entries: {entries:?}") };
+    compile("printenv", entry);
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let d = Daemon::start_with_functions(dir.path(), &funcs, "");
+    common::assert_gray(&d.post("/v1/functions/grayscale", &asset("chelsea.png")).body);
+    assert!(d.log().contains("AOT cache not used"), "no warning about the cache:\n{}", d.log());
 }

@@ -1,12 +1,21 @@
 //! Ahead-of-time compilation: `.wasm` becomes native code once, on disk, and a restart only maps it.
 //!
-//! The cache key is the module's sha256 plus wasmtime's engine compatibility hash (target, ISA
-//! flags, tunables, features and wasmtime's own version), so a changed module, setting or
-//! upgrade never loads stale code. Precompiled `.cwasm` files are checked for the host's
-//! architecture first, so a file built for another board fails with a sentence, not a
+//! Native code runs outside the sandbox, so bytes from outside are never native code. Only two
+//! kinds of file are ever mapped as such:
+//! - the daemon's own AOT cache: entries it wrote itself, in a directory only it can write,
+//!   named by the module's sha256 and wasmtime's engine compatibility hash (target, ISA flags,
+//!   tunables, features and wasmtime's version), so a changed module, setting or upgrade never
+//!   loads stale code;
+//! - a packaged `.cwasm` whose sha256 a root-owned [`DIGEST_LIST`] beside it names: the .deb
+//!   installs both, so the package vouches for its code as it does for the binary.
+//!
+//! Anything else that holds native code (a `.wasm` that is really a `.cwasm`, a `.cwasm` no
+//! list names, a registry layer) is refused with a sentence; a cache others could write into is
+//! not used at all. A `.cwasm` built for another architecture is named as such, not left to a
 //! deserialization error.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -15,6 +24,9 @@ use wasmtime::{Engine, Module};
 
 use super::engine::compilation_config;
 
+/// The digests packaged `.cwasm` files may have, in `sha256sum`'s format, beside them.
+pub const DIGEST_LIST: &str = "SHA256SUMS";
+
 /// How a module's native code was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -22,7 +34,7 @@ pub enum Origin {
     Compiled,
     /// Mapped from the AOT cache.
     Cached,
-    /// Mapped from a `.cwasm` file shipped precompiled.
+    /// Mapped from a packaged `.cwasm`.
     Precompiled,
 }
 
@@ -39,15 +51,24 @@ pub fn load(engine: &Engine, path: &Path, cache_dir: &Path) -> anyhow::Result<Lo
     let sha256 = hex(&Sha256::digest(&bytes));
 
     if Engine::detect_precompiled(&bytes).is_some() {
+        built_for_this_host(path, &bytes)?;
+        vouched_for(path, &sha256)?;
         let module = deserialize(engine, path, &bytes)?;
         return Ok(LoadedModule { module, sha256, origin: Origin::Precompiled });
     }
 
-    let cached = cache_path(engine, cache_dir, &sha256);
-    if cached.exists() {
-        // SAFETY: the file is one this daemon wrote from a validated module, named by its
-        // compatibility hash; wasmtime still checks the header before mapping it.
-        match unsafe { Module::deserialize_file(engine, &cached) } {
+    let cached = match private_dir(cache_dir) {
+        Ok(()) => Some(cache_path(engine, cache_dir, &sha256)),
+        Err(why) => {
+            tracing::warn!(cache_dir = %cache_dir.display(), "AOT cache not used, {path} compiles at every start: {why:#}", path = path.display());
+            None
+        }
+    };
+    if let Some(cached) = cached.as_deref().filter(|c| own_file(c)) {
+        // SAFETY: the file is one this daemon wrote from a validated module, in a directory only
+        // it can write, named by its sha256 and compatibility hash; wasmtime still checks the
+        // header before mapping it.
+        match unsafe { Module::deserialize_file(engine, cached) } {
             Ok(module) => {
                 return Ok(LoadedModule { module, sha256, origin: Origin::Cached });
             }
@@ -58,7 +79,9 @@ pub fn load(engine: &Engine, path: &Path, cache_dir: &Path) -> anyhow::Result<Lo
     }
 
     let native = engine.precompile_module(&bytes).map_err(|e| anyhow::anyhow!("compiling {}: {e}", path.display()))?;
-    if let Err(e) = store(&cached, &native) {
+    if let Some(cached) = &cached
+        && let Err(e) = store(cached, &native)
+    {
         // A read-only or full cache costs a compile at the next start, nothing more.
         tracing::warn!(path = %cached.display(), "cannot write AOT cache: {e:#}");
     }
@@ -66,6 +89,74 @@ pub fn load(engine: &Engine, path: &Path, cache_dir: &Path) -> anyhow::Result<Lo
     let module = unsafe { Module::deserialize(engine, &native) }
         .map_err(|e| anyhow::anyhow!("loading compiled {}: {e}", path.display()))?;
     Ok(LoadedModule { module, sha256, origin: Origin::Compiled })
+}
+
+/// Whether the package vouches for the precompiled code at `path`: it is a `.cwasm`, and the
+/// root-owned, not group- or world-writable [`DIGEST_LIST`] beside it names its sha256.
+fn vouched_for(path: &Path, sha256: &str) -> anyhow::Result<()> {
+    let shown = path.display();
+    if path.extension().is_none_or(|e| e != "cwasm") {
+        anyhow::bail!(
+            "{shown} holds precompiled native code, not WebAssembly: edgefn maps native code only \
+             from its own AOT cache or a packaged .cwasm listed in the {DIGEST_LIST} beside it; ship the .wasm"
+        );
+    }
+    let list = path.with_file_name(DIGEST_LIST);
+    let unlisted = || {
+        format!(
+            "{shown} is precompiled native code that no {} vouches for: ship the .wasm (compiled \
+             and cached here), or list its sha256 there as the package does",
+            list.display()
+        )
+    };
+    let meta = std::fs::symlink_metadata(&list).map_err(|_| anyhow::anyhow!(unlisted()))?;
+    anyhow::ensure!(meta.is_file(), unlisted());
+    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        anyhow::bail!(
+            "{} is writable by others than root (owner uid {}, mode {:o}): a digest list that \
+             vouches for native code must be root's alone, as the package installs it",
+            list.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        );
+    }
+    let text = std::fs::read_to_string(&list).with_context(|| format!("reading {}", list.display()))?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let listed = text
+        .lines()
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .any(|(digest, file)| digest.eq_ignore_ascii_case(sha256) && file.trim_start().trim_start_matches('*') == name);
+    anyhow::ensure!(
+        listed,
+        "{shown} (sha256 {sha256}) is not among the digests in {}: ship the .wasm, or the package's own .cwasm",
+        list.display()
+    );
+    Ok(())
+}
+
+/// Makes `dir` (0700 when new) and checks that only this daemon can write into it: native code
+/// found there is run as the daemon's own.
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let euid = nix::unistd::geteuid().as_raw();
+    anyhow::ensure!(meta.is_dir(), "{} is not a directory", dir.display());
+    anyhow::ensure!(meta.uid() == euid, "it belongs to uid {}, not to this daemon (uid {euid})", meta.uid());
+    anyhow::ensure!(
+        meta.mode() & 0o022 == 0,
+        "others may write into it (mode {:o}); make it 0700, as systemd's CacheDirectory= does",
+        meta.mode() & 0o7777
+    );
+    Ok(())
+}
+
+/// A regular file of this daemon's user (not a link to somewhere else).
+fn own_file(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file() && m.uid() == nix::unistd::geteuid().as_raw())
 }
 
 /// `edgefn compile`: precompiles `input` for `target` (a target triple; None for this host).
@@ -80,7 +171,7 @@ pub fn precompile(input: &Path, output: &Path, target: Option<&str>) -> anyhow::
 fn cache_path(engine: &Engine, cache_dir: &Path, sha256: &str) -> PathBuf {
     let mut h = DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
-    cache_dir.join(format!("{}-{:016x}.cwasm", &sha256[..32], h.finish()))
+    cache_dir.join(format!("{sha256}-{:016x}.cwasm", h.finish()))
 }
 
 /// Writes atomically and durably: the bytes reach the disk before the file takes its final
@@ -102,7 +193,7 @@ fn store(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
 }
 
-fn deserialize(engine: &Engine, path: &Path, bytes: &[u8]) -> anyhow::Result<Module> {
+fn built_for_this_host(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let host = std::env::consts::ARCH;
     if let Some(arch) = elf_arch(bytes).filter(|a| *a != host) {
         anyhow::bail!(
@@ -112,8 +203,12 @@ fn deserialize(engine: &Engine, path: &Path, bytes: &[u8]) -> anyhow::Result<Mod
             path.display()
         );
     }
-    // SAFETY: a `.cwasm` is trusted like the daemon binary itself (it comes from the package or
-    // the operator); wasmtime checks its header, version and settings before mapping it.
+    Ok(())
+}
+
+fn deserialize(engine: &Engine, path: &Path, bytes: &[u8]) -> anyhow::Result<Module> {
+    // SAFETY: the package vouches for this `.cwasm` ([`vouched_for`]) as it does for the daemon
+    // binary itself; wasmtime checks its header, version and settings before mapping it.
     unsafe { Module::deserialize(engine, bytes) }.map_err(|e| {
         anyhow::anyhow!(
             "{} was precompiled by an incompatible engine (another edgefn version or settings): \
