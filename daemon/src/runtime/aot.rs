@@ -142,7 +142,9 @@ fn private_dir(dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))?;
-    let meta = std::fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    // Followed if a link: systemd's DynamicUser= makes CacheDirectory= a link into
+    // /var/cache/private, and only root could swap a link in a root-owned parent.
+    let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
     let euid = nix::unistd::geteuid().as_raw();
     anyhow::ensure!(meta.is_dir(), "{} is not a directory", dir.display());
     anyhow::ensure!(meta.uid() == euid, "it belongs to uid {}, not to this daemon (uid {euid})", meta.uid());
