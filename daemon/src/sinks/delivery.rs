@@ -271,6 +271,18 @@ mod tests {
         (Arc::new(sink), path)
     }
 
+    /// A worker delivering `queue` to a file sink in `dir`: the file, the stop, the task.
+    fn start(
+        dir: &std::path::Path,
+        queue: &Arc<Failing>,
+        grace: Duration,
+    ) -> (std::path::PathBuf, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let (sink, path) = file_sink(dir);
+        let (stop, shutdown) = watch::channel(false);
+        let worker = tokio::spawn(run(sink, queue.clone(), Arc::new(Metrics::new()), shutdown, grace));
+        (path, stop, worker)
+    }
+
     fn lines(path: &std::path::Path) -> usize {
         std::fs::read_to_string(path).map_or(0, |t| t.lines().count())
     }
@@ -280,11 +292,9 @@ mod tests {
     #[tokio::test]
     async fn a_failing_settle_backs_off_instead_of_redelivering_at_once() {
         let tmp = tempfile::tempdir().unwrap();
-        let (sink, path) = file_sink(tmp.path());
         let queue = Arc::new(Failing::default());
         queue.fail_settle.store(true, Ordering::Relaxed);
-        let (stop, shutdown) = watch::channel(false);
-        let worker = tokio::spawn(run(sink, queue.clone(), Arc::new(Metrics::new()), shutdown, Duration::ZERO));
+        let (path, stop, worker) = start(tmp.path(), &queue, Duration::ZERO);
         tokio::time::sleep(Duration::from_secs(3)).await;
         // Backoff 0.2, 0.4, 0.8, 1.6 s: at most four attempts in three seconds (fewer on a
         // slow machine), each writing the batch of 3. Without it, thousands.
@@ -306,11 +316,9 @@ mod tests {
     #[tokio::test]
     async fn a_read_error_backs_off_and_a_shutdown_ends_the_wait() {
         let tmp = tempfile::tempdir().unwrap();
-        let (sink, _) = file_sink(tmp.path());
         let queue = Arc::new(Failing::default());
         queue.fail_peek.store(true, Ordering::Relaxed);
-        let (stop, shutdown) = watch::channel(false);
-        let worker = tokio::spawn(run(sink, queue.clone(), Arc::new(Metrics::new()), shutdown, Duration::from_secs(1)));
+        let (_, stop, worker) = start(tmp.path(), &queue, Duration::from_secs(1));
         tokio::time::sleep(Duration::from_secs(3)).await;
         let peeks = queue.peeks.load(Ordering::Relaxed);
         assert!((1..=5).contains(&peeks), "{peeks} reads in 3 s");
