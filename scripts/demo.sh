@@ -188,7 +188,7 @@ attach_dapr() {
   kill -HUP "$edgefn_pid"
   # The note goes once the new generation serves with the sidecar configured.
   for _ in $(seq 300); do
-    curl -fsS "http://127.0.0.1:$port/v1/status" 2>/dev/null | grep -q '"configured":true' && break
+    curl -fsS "http://127.0.0.1:$port/v1/status" 2>/dev/null | grep -c '"configured":true' >/dev/null && break
     sleep 0.1
   done
   rm -f "$state/notice"

@@ -50,7 +50,7 @@ fi
 # qemu-user from bookworm-backports (10.x): it shows guests an aarch64 /proc/cpuinfo, which
 # XNNPACK inside LiteRT parses to pick its kernels. Under bookworm's 7.2 it sees the x86 host's
 # and crashes, so arm64 inference could not be tested.
-if ! qemu-aarch64 --version 2>/dev/null | grep -qE 'version (9|[1-9][0-9])\.'; then
+if ! qemu-aarch64 --version 2>/dev/null | grep -cE 'version (9|[1-9][0-9])\.' >/dev/null; then
   echo "setup: qemu-user from bookworm-backports"
   echo "deb http://deb.debian.org/debian bookworm-backports main" \
     | $SUDO tee /etc/apt/sources.list.d/edgefn-bookworm-backports.list >/dev/null

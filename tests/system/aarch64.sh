@@ -21,11 +21,11 @@ grep -q './usr/bin/edgefn$' <<<"$listing" || fail "no usr/bin/edgefn in $deb"
 grep -q './usr/lib/edgefn/functions/grayscale.cwasm$' <<<"$listing" || fail "no grayscale.cwasm in $deb"
 x="$(mktemp -d)"; trap 'rm -rf "$x"' EXIT
 dpkg-deb -x "$deb" "$x"
-file "$x/usr/bin/edgefn" | grep -q 'ARM aarch64' || fail "usr/bin/edgefn is not aarch64: $(file "$x/usr/bin/edgefn")"
+file "$x/usr/bin/edgefn" | grep -c 'ARM aarch64' >/dev/null || fail "usr/bin/edgefn is not aarch64: $(file "$x/usr/bin/edgefn")"
 for c in "$x"/usr/lib/edgefn/functions/*.cwasm; do
-  file "$c" | grep -q 'ARM aarch64' || fail "$c is not aarch64: $(file "$c")"
+  file "$c" | grep -c 'ARM aarch64' >/dev/null || fail "$c is not aarch64: $(file "$c")"
 done
-file "$x/usr/lib/edgefn/libLiteRt.so" | grep -q 'ARM aarch64' || fail "libLiteRt.so is not aarch64"
+file "$x/usr/lib/edgefn/libLiteRt.so" | grep -c 'ARM aarch64' >/dev/null || fail "libLiteRt.so is not aarch64"
 [ -s "$x/usr/share/edgefn/models/efficientnet_lite0.tflite" ] || fail "no model in $deb"
 ok "$(basename "$deb") ($(stat -c %s "$deb") bytes) holds an aarch64 ELF, aarch64 .cwasm files and an aarch64 libLiteRt.so"
 

@@ -60,15 +60,19 @@ done
 case "$state" in running|degraded) ;; *) fail "container systemd: ${state:-no PID 1}" ;; esac
 ok "container booted ($state)"
 
+# Matches are `grep -c ... >/dev/null`, not `grep -q`: -q stops at the first match, the writer
+# (journalctl, curl) then dies of SIGPIPE, and pipefail fails a line that matched. A CI run
+# failed "no stop line" on a journal that held it.
+
 # Install: the unit becomes active only through READY=1 (Type=notify).
 inside dpkg -i /root/debs/v1/edgefn_0.1.0-1_amd64.deb >/dev/null
 [ "$(inside systemctl is-active edgefn)" = active ] || fail "not active after install"
 [ "$(inside systemctl show -p Type --value edgefn)" = notify ] || fail "not Type=notify"
-inside systemctl show -p StatusText --value edgefn | grep -q functions || fail "no STATUS= text"
+inside systemctl show -p StatusText --value edgefn | grep -c functions >/dev/null || fail "no STATUS= text"
 ok "installed; active (running) through READY=1; status: $(inside systemctl show -p StatusText --value edgefn)"
 
 # The startup line, with structured fields, in the journal.
-inside journalctl -u edgefn -o verbose --no-pager | grep -q 'MESSAGE=edgefn ready' || fail "no startup line"
+inside journalctl -u edgefn -o verbose --no-pager | grep -c 'MESSAGE=edgefn ready' >/dev/null || fail "no startup line"
 # As many functions as the package ships precompiled.
 shipped="$(dpkg-deb -c "$DEBS/v1/edgefn_0.1.0-1_amd64.deb" | grep -c '\.cwasm$')"
 inside journalctl -u edgefn -o verbose --no-pager | grep -Eq "^ *(F_)?FUNCTIONS=$shipped\$" \
@@ -86,7 +90,7 @@ ok "systemd-analyze verify clean; security exposure $exposure"
 inside sed -i "s/^listen = .*/listen = \"127.0.0.1:$PORT\"/; s/^deadline = .*/deadline = \"3s\"/" /etc/edgefn/edgefn.toml
 inside systemctl reload edgefn
 [ "$(inside systemctl is-active edgefn)" = active ] || fail "not active after reload"
-curl -fsS "http://127.0.0.1:$PORT/v1/functions" | grep -q '"deadline_ms":3000' || fail "reload did not apply the config change"
+curl -fsS "http://127.0.0.1:$PORT/v1/functions" | grep -c '"deadline_ms":3000' >/dev/null || fail "reload did not apply the config change"
 [ -z "$(inside journalctl -u edgefn -p err --no-pager -q)" ] || fail "errors in the journal after reload"
 ok "reload applied the change (new port, deadline 3 s), unit active, no errors"
 
@@ -108,7 +112,7 @@ import sys, json
 j = json.load(open(sys.argv[1]))
 assert j["label"] == "Egyptian cat" and abs(j["score"] - 0.816) <= 0.03, j
 PY
-curl -fsS "http://127.0.0.1:$PORT/metrics" | grep -q '^edgefn_model_loads_total{model="efficientnet-lite0"} 1$' || fail "model loads != 1"
+curl -fsS "http://127.0.0.1:$PORT/metrics" | grep -c '^edgefn_model_loads_total{model="efficientnet-lite0"} 1$' >/dev/null || fail "model loads != 1"
 ok "classify in the service: $(python3 -c 'import json,sys; j=json.load(open(sys.argv[1])); print(j["label"], j["score"])' "$DEBS/class.json")"
 
 # Startup time with a warm cache, and idle memory.
@@ -130,7 +134,7 @@ for _ in $(seq 60); do
   sleep 0.5
 done
 [ "$(inside systemctl show -p NRestarts --value edgefn)" -gt "$before" ] || fail "watchdog did not restart the wedged daemon"
-inside journalctl -u edgefn --no-pager | grep -qi "watchdog timeout" || fail "no watchdog timeout in the journal"
+inside journalctl -u edgefn --no-pager | grep -ci "watchdog timeout" >/dev/null || fail "no watchdog timeout in the journal"
 for _ in $(seq 40); do [ "$(inside systemctl is-active edgefn)" = active ] && break; sleep 0.25; done
 [ "$(inside systemctl is-active edgefn)" = active ] || fail "not active again after the watchdog restart"
 inside rm -rf /etc/systemd/system/edgefn.service.d && inside systemctl daemon-reload
@@ -140,7 +144,7 @@ ok "wedged daemon killed by the watchdog and restarted"
 inside systemctl stop edgefn
 [ "$(inside systemctl show -p Result --value edgefn)" = success ] || fail "stop result: $(inside systemctl show -p Result --value edgefn)"
 [ "$(inside systemctl show -p ExecMainStatus --value edgefn)" = 0 ] || fail "exit status on stop"
-inside journalctl -u edgefn --no-pager | grep -q "edgefn stopped" || fail "no stop line"
+inside journalctl -u edgefn --no-pager | grep -c "edgefn stopped" >/dev/null || fail "no stop line"
 ok "systemctl stop exits cleanly (status 0)"
 
 # The example sidecar unit (packaging/daprd/): the real daprd under systemd with its hardening,
@@ -161,7 +165,7 @@ inside cp /root/debs/memory.yaml /etc/dapr/components/
 inside systemctl daemon-reload
 verify="$(inside systemd-analyze verify /etc/systemd/system/daprd.service 2>&1 >/dev/null || true)"
 [ -z "$verify" ] || fail "systemd-analyze verify daprd.service: $verify"
-inside systemctl show -p After --value edgefn | grep -q daprd.service || fail "edgefn.service is not ordered after daprd.service"
+inside systemctl show -p After --value edgefn | grep -c daprd.service >/dev/null || fail "edgefn.service is not ordered after daprd.service"
 inside systemctl start edgefn
 [ "$(inside systemctl is-active daprd)" = active ] || fail "daprd.service not started with edgefn (Wants=)"
 for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$DHTTP/v1.0/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
