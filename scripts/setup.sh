@@ -34,9 +34,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 # ---- the tests only from here ----
 apt_install openssl chromium redis-server redis-tools python3-venv faketime prometheus \
-  debootstrap systemd-container lintian file
-# The tests start their own redis-server (and promtool needs no server).
-for unit in redis-server prometheus; do
+  debootstrap systemd-container lintian file docker-registry apache2-utils
+# The tests start their own redis-server and registry (and promtool needs no server).
+for unit in redis-server prometheus docker-registry; do
   if systemctl is-active --quiet "$unit" 2>/dev/null; then $SUDO systemctl disable --now "$unit" >/dev/null 2>&1 || true; fi
 done
 # Packaging and the aarch64 cross build (../shared/notes/toolchain.md).
@@ -67,4 +67,6 @@ fi
 scripts/assets.sh all
 # The real Dapr sidecar, built from its Go module (tests/daprd pins the release).
 scripts/build-daprd.sh >/dev/null
+# cosign and oras, for the fleet tests' interop (tests/tools pins them).
+scripts/build-tools.sh >/dev/null
 echo "setup: ok"
