@@ -24,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod content_type;
 pub mod control;
+pub mod fleet;
 pub mod ingress;
 pub mod logging;
 pub mod memory;

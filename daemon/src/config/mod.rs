@@ -12,6 +12,9 @@ use anyhow::Context;
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
+mod fleet;
+pub use self::fleet::{Fleet, Registries, Registry, Trust};
+
 /// Where the packaged daemon looks for its configuration.
 pub const DEFAULT_PATH: &str = "/etc/edgefn/edgefn.toml";
 
@@ -33,6 +36,12 @@ pub struct Config {
     pub mqtt: Option<Mqtt>,
     pub dapr: Dapr,
     pub outbox: Outbox,
+    /// Signing keys that functions from a registry must be signed with.
+    pub trust: Trust,
+    /// How functions are pulled from registries.
+    pub fleet: Fleet,
+    /// Per-registry TLS and credentials, by `HOST[:PORT]`.
+    pub registries: Registries,
     #[serde(rename = "pipeline")]
     pub pipelines: Vec<PipelineConfig>,
 }
@@ -334,6 +343,8 @@ impl Default for Limits {
 pub struct FunctionConfig {
     /// A `.wasm` (compiled and cached) or `.cwasm` (precompiled); relative to `functions_dir`.
     pub path: Option<PathBuf>,
+    /// An OCI artifact instead of a file: `oci://HOST[:PORT]/REPO:TAG` or `...@sha256:DIGEST`.
+    pub image: Option<String>,
     pub memory: Option<ByteSize>,
     #[serde(with = "humantime_serde")]
     pub deadline: Option<Duration>,
@@ -460,8 +471,25 @@ impl Config {
         anyhow::ensure!(self.outbox.max_bytes.as_u64() >= MIN_OUTBOX_BYTES, "outbox.max_bytes must be at least 64 KiB");
         anyhow::ensure!(!self.outbox.max_age.is_zero(), "outbox.max_age must be positive");
         anyhow::ensure!(self.dapr.max_request.as_u64() >= 1024, "dapr.max_request must be at least 1 KiB");
+        anyhow::ensure!(!self.fleet.pull_timeout.is_zero(), "fleet.pull_timeout must be positive");
+        anyhow::ensure!(!self.fleet.stall_timeout.is_zero(), "fleet.stall_timeout must be positive");
+        anyhow::ensure!(self.fleet.max_module.as_u64() >= 1024, "fleet.max_module must be at least 1 KiB");
+        for (host, r) in &self.registries {
+            anyhow::ensure!(
+                r.token.is_none() || (r.username.is_none() && r.password.is_none()),
+                "registries.\"{host}\": set `token` or `username` and `password`, not both"
+            );
+            anyhow::ensure!(
+                r.username.is_some() == r.password.is_some(),
+                "registries.\"{host}\": `username` and `password` go together"
+            );
+        }
         for (name, f) in &self.functions {
             anyhow::ensure!(is_valid_name(name), "functions.{name}: names are [a-z0-9_-]+");
+            if let Some(image) = &f.image {
+                anyhow::ensure!(f.path.is_none(), "functions.{name}: set `path` or `image`, not both");
+                crate::fleet::ImageRef::parse(image).map_err(|e| anyhow::anyhow!("functions.{name}.image: {e}"))?;
+            }
             check(&format!("functions.{name}"), &f.limits(&self.limits))?;
             for m in f.models.iter().flatten() {
                 anyhow::ensure!(self.models.contains_key(m), "functions.{name}.models: no [models.{m}]");
@@ -487,6 +515,10 @@ impl Config {
         mask(&mut shown.server.token);
         if let Some(m) = &mut shown.mqtt {
             mask(&mut m.password);
+        }
+        for r in shown.registries.values_mut() {
+            mask(&mut r.password);
+            mask(&mut r.token);
         }
         toml::to_string_pretty(&shown).expect("config serialises")
     }

@@ -1,0 +1,60 @@
+//! The fleet's part of the configuration: where functions come from (`[registries]`, `[fleet]`)
+//! and whom their signatures must come from (`[trust]`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+
+/// Keys an artifact from a registry must be signed with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Trust {
+    /// PEM files of ECDSA P-256 public keys, as `cosign generate-key-pair` writes `cosign.pub`.
+    /// Set: a function from a registry loads only if one of them signed it. Empty: it loads
+    /// with a warning.
+    pub keys: Vec<PathBuf>,
+}
+
+/// How functions are pulled.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fleet {
+    /// One pull (manifest, signatures, config and module) must finish in this time.
+    #[serde(with = "humantime_serde")]
+    pub pull_timeout: Duration,
+    /// A registry that sends nothing for this long is given up on.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// A module layer larger than this is refused before it is downloaded.
+    pub max_module: ByteSize,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Fleet {
+            pull_timeout: Duration::from_secs(120),
+            stall_timeout: Duration::from_secs(15),
+            max_module: ByteSize::mib(64),
+        }
+    }
+}
+
+/// One registry, by `HOST[:PORT]` as image references name it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Registry {
+    /// Plain HTTP. Loopback registries may always use it; any other host only when set here.
+    pub insecure: bool,
+    /// PEM file of the CA that signed the registry's certificate, trusted besides the system's.
+    pub ca: Option<PathBuf>,
+    /// HTTP basic auth (the registry may trade it for a bearer token).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// A bearer token, instead of a username and password.
+    pub token: Option<String>,
+}
+
+pub type Registries = BTreeMap<String, Registry>;

@@ -1,0 +1,27 @@
+//! The fleet: function versions as signed OCI artifacts from any registry.
+//!
+//! - [`reference`]: `oci://HOST[:PORT]/REPO:TAG` or `@sha256:DIGEST`, always naming its host.
+//! - [`artifact`]: the CNCF wasm layout, judged on pull and written on push.
+//! - [`registry`]: manifests and blobs over the distribution API (`oci-client`, rustls + ring),
+//!   capped and hashed as they arrive.
+//! - [`trust`]: cosign keyed signatures, checked against `[trust] keys`; [`signer`], the
+//!   operator's key.
+//! - [`blobs`]: the board's store, by digest, under the state dir; what each reference resolved
+//!   to, so an offline board starts from it.
+//! - [`images`]: a pull or a stored version, verified, ready for the runtime.
+//! - [`push`]: `edgefn push` and `edgefn sign`.
+//!
+//! Imports point one way: fleet → runtime, never back. The runtime sees a verified module as
+//! a file path; it compiles it like any `.wasm` and never maps it as native code.
+
+pub mod artifact;
+pub mod blobs;
+pub mod images;
+pub mod push;
+pub mod reference;
+pub mod registry;
+pub mod signer;
+pub mod trust;
+
+pub use self::images::{Images, Pulled};
+pub use self::reference::ImageRef;
