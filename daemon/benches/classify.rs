@@ -67,7 +67,7 @@ fn main() {
         .unwrap();
         let cfg = Config::load(&config_path, true).unwrap();
         let metrics = Arc::new(Metrics::new());
-        let rt = Runtime::load(&cfg, metrics.clone(), Some("classify")).unwrap();
+        let rt = Runtime::load(&cfg, metrics.clone(), Some("classify"), &Default::default()).unwrap();
         let mut ctx = model.compile(threads).unwrap();
 
         let mut native = || {

@@ -40,7 +40,7 @@ fn main() {
     )
     .unwrap();
     let cfg = Config::load(&config_path, true).unwrap();
-    let rt = Runtime::load(&cfg, Arc::new(Metrics::new()), None).unwrap();
+    let rt = Runtime::load(&cfg, Arc::new(Metrics::new()), None, &Default::default()).unwrap();
     let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 
     // P1: in-process invocation.

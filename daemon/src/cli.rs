@@ -53,6 +53,35 @@ pub enum Command {
     ///
     /// The daemon is found at the config's server.listen, with its server.token.
     Replay,
+    /// Push a .wasm module to a registry as a CNCF wasm artifact; prints REF@DIGEST.
+    ///
+    /// Credentials and TLS for the registry come from the config's [registries]. The same file
+    /// pushed twice has the same digest. Example: edgefn push grayscale.wasm oci://registry.example.org/edge/grayscale:v2
+    Push {
+        /// The .wasm module (a WASI preview 1 command).
+        module: PathBuf,
+        /// oci://HOST[:PORT]/REPO:TAG
+        image: String,
+    },
+    /// Pull a function version into the board's store ahead of time, verified under [trust].
+    ///
+    /// The daemon then starts from the store without asking the registry, for example on a
+    /// board that boots offline.
+    Pull {
+        /// oci://HOST[:PORT]/REPO:TAG or ...@sha256:DIGEST
+        image: String,
+    },
+    /// Sign a pushed version with a P-256 key, as `cosign sign --key` does (tag sha256-<hex>.sig).
+    ///
+    /// KEY is cosign's cosign.key (its password in COSIGN_PASSWORD) or a PKCS#8 or SEC1 PEM.
+    /// `cosign verify --key cosign.pub --insecure-ignore-tlog` accepts the result.
+    Sign {
+        /// oci://HOST[:PORT]/REPO:TAG or ...@sha256:DIGEST
+        image: String,
+        /// The private key.
+        #[arg(long)]
+        key: PathBuf,
+    },
     /// Camera simulator: publish image files round-robin to an MQTT topic at a frame rate.
     ///
     /// The broker comes from --broker, else the config's [mqtt] section (with its TLS and

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use edgefn::cli::{Cli, Command};
 use edgefn::config::Config;
+use edgefn::fleet::{self, ImageRef};
 use edgefn::metrics::Metrics;
 use edgefn::runtime::{Runtime, aot};
 
@@ -46,6 +47,34 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             aot::precompile(&input, &output, target.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Push { module, image } => {
+            let cfg = load_config()?;
+            let image = ImageRef::parse(&image).map_err(anyhow::Error::msg)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let digest = rt.block_on(fleet::push::push(&fleet::registry::Registry::new(&cfg), &module, &image))?;
+            println!("{}", image.with_digest(&digest));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pull { image } => {
+            let cfg = load_config()?;
+            let image = ImageRef::parse(&image).map_err(anyhow::Error::msg)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let pulled = rt.block_on(async { fleet::Images::new(&cfg)?.pull(&image).await })?;
+            match &pulled.signed_by {
+                Some(key) => eprintln!("edgefn: pulled {image} ({}), signed by {key}", pulled.manifest),
+                None => eprintln!("edgefn: pulled {image} ({}); not checked: [trust] has no keys", pulled.manifest),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sign { image, key } => {
+            let cfg = load_config()?;
+            let image = ImageRef::parse(&image).map_err(anyhow::Error::msg)?;
+            let signer = fleet::signer::Signer::load(&key)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let digest = rt.block_on(fleet::push::sign(&fleet::registry::Registry::new(&cfg), &signer, &image))?;
+            eprintln!("edgefn: signed {}", image.with_digest(&digest));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Publish { topic, fps, count, broker, images } => {
             let cfg = load_config()?;
             let mut mqtt = cfg.mqtt.unwrap_or_default();
@@ -75,7 +104,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn invoke(cfg: Config, name: &str, env: &[(String, String)]) -> anyhow::Result<ExitCode> {
-    let runtime = Runtime::load(&cfg, Arc::new(Metrics::new()), Some(name))?;
+    let fetched = fleet::images::fetch_configured(&cfg, Some(name)).await;
+    let runtime = Runtime::load(&cfg, Arc::new(Metrics::new()), Some(name), &fetched)?;
     let mut input = Vec::new();
     std::io::stdin().read_to_end(&mut input).context("reading stdin")?;
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

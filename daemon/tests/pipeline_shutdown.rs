@@ -25,7 +25,7 @@ async fn a_frame_submitted_after_shutdown_is_handed_back_not_run() {
     ))
     .unwrap();
     let metrics = Arc::new(Metrics::new());
-    let runtime = Arc::new(Runtime::load(&cfg, metrics.clone(), None).unwrap());
+    let runtime = Arc::new(Runtime::load(&cfg, metrics.clone(), None, &Default::default()).unwrap());
     let outbox = Outbox::open(&tmp.path().join("outbox.redb"), &cfg.outbox, metrics.clone()).unwrap();
     let pipelines = Pipelines::new(
         &cfg.pipelines,

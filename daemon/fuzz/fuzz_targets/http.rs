@@ -39,7 +39,7 @@ fn world() -> &'static World {
         .unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let metrics = Arc::new(Metrics::new());
-        let runtime = Arc::new(Runtime::load(&cfg, metrics.clone(), None).unwrap());
+        let runtime = Arc::new(Runtime::load(&cfg, metrics.clone(), None, &Default::default()).unwrap());
         let outbox = rt.block_on(async { Outbox::open(&dir.path().join("state/outbox.redb"), &cfg.outbox, metrics.clone()) }).unwrap();
         let pipelines = Pipelines::new(&cfg.pipelines, |_| unreachable!("no sinks"), runtime.clone(), outbox, metrics, Default::default(), "fuzz");
         // Closed from the start, so an event stream ends at once instead of holding the run.

@@ -46,8 +46,8 @@ impl Default for Fleet {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Registry {
-    /// Plain HTTP. Loopback registries may always use it; any other host only when set here.
-    pub insecure: bool,
+    /// Plain HTTP when true, HTTPS when false. Unset: plain HTTP for loopback hosts only.
+    pub insecure: Option<bool>,
     /// PEM file of the CA that signed the registry's certificate, trusted besides the system's.
     pub ca: Option<PathBuf>,
     /// HTTP basic auth (the registry may trade it for a bearer token).

@@ -125,10 +125,14 @@ impl Layout {
         }
     }
 
-    /// The manifest and config `edgefn push` writes for `module`. `created` is fixed (from
-    /// `SOURCE_DATE_EPOCH` if set) so the same module always makes the same manifest digest.
-    pub fn build(module: &[u8]) -> (Vec<u8>, Vec<u8>) {
-        let module = Descriptor::of(MODULE, module);
+    /// The manifest and config `edgefn push` writes for `module`, its layer titled `title` (the
+    /// file name `oras pull` writes it to). `created` is fixed (from `SOURCE_DATE_EPOCH` if
+    /// set), so the same file always makes the same manifest digest.
+    pub fn build(module: &[u8], title: &str) -> (Vec<u8>, Vec<u8>) {
+        let mut module = Descriptor::of(MODULE, module);
+        let mut title_annotation = serde_json::Map::new();
+        title_annotation.insert("org.opencontainers.image.title".into(), title.into());
+        module.annotations = Some(title_annotation);
         let config = WasmConfig {
             created: created(),
             architecture: "wasm".into(),
@@ -185,8 +189,8 @@ mod tests {
 
     #[test]
     fn a_built_artifact_passes_its_own_checks_and_is_reproducible() {
-        let (manifest, config) = Layout::build(WASM);
-        assert_eq!(Layout::build(WASM).0, manifest);
+        let (manifest, config) = Layout::build(WASM, "f.wasm");
+        assert_eq!(Layout::build(WASM, "f.wasm").0, manifest);
         let layout = Layout::check(&manifest, 1 << 20).unwrap();
         layout.check_config(&config).unwrap();
         assert_eq!(layout.module.digest, digest(WASM));
@@ -196,7 +200,7 @@ mod tests {
 
     #[test]
     fn other_layouts_are_refused_with_a_reason() {
-        let (manifest, _) = Layout::build(WASM);
+        let (manifest, _) = Layout::build(WASM, "f.wasm");
         let m: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
         let edit = |f: &dyn Fn(&mut serde_json::Value)| {
             let mut m = m.clone();

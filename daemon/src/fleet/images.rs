@@ -18,6 +18,47 @@ use super::reference::ImageRef;
 use super::registry::Registry;
 use super::trust::{self, SignedPayload, Trust};
 use crate::config::Config;
+use crate::runtime::Fetched;
+
+/// Fetches the image of every configured function that has one (with `only`, of that one),
+/// the store first: what the runtime loads them from. A failure is that function's alone.
+pub async fn fetch_configured(cfg: &Config, only: Option<&str>) -> Fetched {
+    let wanted: Vec<(&String, &String)> = cfg
+        .functions
+        .iter()
+        .filter(|(name, _)| only.is_none_or(|o| o == name.as_str()))
+        .filter_map(|(name, f)| Some((name, f.image.as_ref()?)))
+        .collect();
+    let mut fetched = Fetched::new();
+    if wanted.is_empty() {
+        return fetched;
+    }
+    let images = match Images::new(cfg) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!("no function from a registry loads: {e:#}");
+            return wanted.into_iter().map(|(name, _)| (name.clone(), Err(format!("{e:#}")))).collect();
+        }
+    };
+    if images.trust.is_empty() {
+        tracing::warn!("functions from registries load unverified: [trust] keys is empty");
+    }
+    for (name, text) in wanted {
+        let result = match ImageRef::parse(text) {
+            Ok(image) => images.fetch(&image).await.map_err(|e| format!("{e:#}")),
+            Err(e) => Err(e),
+        };
+        match &result {
+            Ok(p) => tracing::info!(
+                function = %name, image = %p.image, digest = %p.manifest,
+                signed_by = p.signed_by.as_deref().unwrap_or("nobody (no [trust] keys)"), "image ready"
+            ),
+            Err(e) => tracing::error!(function = %name, "image not usable: {e}"),
+        }
+        fetched.insert(name.clone(), result.map(|p| p.module));
+    }
+    fetched
+}
 
 /// A signature manifest may carry this many layers; more are not read.
 const MAX_SIGNATURES: usize = 32;

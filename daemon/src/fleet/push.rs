@@ -16,7 +16,8 @@ use super::trust;
 pub async fn push(registry: &Registry, module: &Path, image: &ImageRef) -> anyhow::Result<String> {
     let bytes = std::fs::read(module).with_context(|| format!("reading {}", module.display()))?;
     Layout::check_module(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", module.display()))?;
-    let (manifest, config) = Layout::build(&bytes);
+    let title = module.file_name().and_then(|n| n.to_str()).unwrap_or("module.wasm");
+    let (manifest, config) = Layout::build(&bytes, title);
     registry.push_blob(image, &bytes).await?;
     registry.push_blob(image, &config).await?;
     registry.push_manifest(image, &manifest).await

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
-use oci_client::Client;
+use oci_client::{Client, RegistryOperation};
 use sha2::{Digest, Sha256};
 
 use super::artifact::{self, Descriptor};
@@ -40,7 +40,8 @@ impl Registry {
             return Ok(c.clone());
         }
         let settings = self.registries.get(host).cloned().unwrap_or_default();
-        let protocol = if settings.insecure || is_loopback(host) { ClientProtocol::Http } else { ClientProtocol::Https };
+        let plain = settings.insecure.unwrap_or_else(|| is_loopback(host));
+        let protocol = if plain { ClientProtocol::Http } else { ClientProtocol::Https };
         let mut extra = Vec::new();
         if let Some(ca) = &settings.ca {
             let data = std::fs::read(ca).with_context(|| format!("registries.\"{host}\".ca: reading {}", ca.display()))?;
@@ -70,9 +71,17 @@ impl Registry {
         }
     }
 
+    /// Signs in for `op` on `r`'s repository: a bearer token from the registry's token
+    /// service, or basic auth where the registry asks for that (docker-registry's htpasswd).
+    async fn authenticated(&self, r: &ImageRef, op: RegistryOperation) -> anyhow::Result<Arc<Client>> {
+        let client = self.client(r)?;
+        client.auth(r.oci(), &self.auth(r), op).await.map_err(|e| anyhow::anyhow!("{r}: signing in: {}", describe(&e)))?;
+        Ok(client)
+    }
+
     /// The manifest `r` names, its bytes and digest; None if the registry has none there.
     pub async fn manifest(&self, r: &ImageRef, accepted: &[&str]) -> anyhow::Result<Option<(Vec<u8>, String)>> {
-        let client = self.client(r)?;
+        let client = self.authenticated(r, RegistryOperation::Pull).await?;
         match client.pull_manifest_raw(r.oci(), &self.auth(r), accepted).await {
             Ok((body, _)) => {
                 anyhow::ensure!(
@@ -92,6 +101,11 @@ impl Registry {
                 Ok(Some((body.to_vec(), digest)))
             }
             Err(e) if not_found(&e) => Ok(None),
+            // oci-client checks a pinned digest too; say which promise broke.
+            Err(OciDistributionError::DigestError(e)) if r.digest().is_some() => Err(anyhow::anyhow!(
+                "{r}: the registry sent a manifest whose digest is not the pinned {}: {e}",
+                r.digest().unwrap_or_default()
+            )),
             Err(e) => Err(anyhow::anyhow!("{r}: {}", describe(&e))),
         }
     }
@@ -108,7 +122,11 @@ impl Registry {
         let mut bytes = Vec::with_capacity(d.size.min(cap) as usize);
         let mut hash = Sha256::new();
         while let Some(chunk) = stream.stream.next().await {
-            let chunk = chunk.map_err(|e| anyhow::anyhow!("{r}: blob {} broke off after {} bytes: {e}", d.digest, bytes.len()))?;
+            // oci-client hashes as well, and ends the stream with its own error on a mismatch.
+            let chunk = chunk.map_err(|e| match chain(&e) {
+                t if t.contains("digest") => anyhow::anyhow!("{r}: blob {} arrived with another digest: tampered with or damaged ({t})", d.digest),
+                t => anyhow::anyhow!("{r}: blob {} broke off after {} bytes: {t}", d.digest, bytes.len()),
+            })?;
             anyhow::ensure!(
                 (bytes.len() + chunk.len()) as u64 <= d.size.min(cap),
                 "{r}: blob {} is longer than the {} bytes its descriptor says",
@@ -126,9 +144,8 @@ impl Registry {
 
     /// Uploads a blob unless the registry has it.
     pub async fn push_blob(&self, r: &ImageRef, bytes: &[u8]) -> anyhow::Result<String> {
-        let client = self.client(r)?;
+        let client = self.authenticated(r, RegistryOperation::Push).await?;
         let digest = artifact::digest(bytes);
-        client.store_auth_if_needed(r.registry(), &self.auth(r)).await;
         if !client.blob_exists(r.oci(), &digest).await.unwrap_or(false) {
             client
                 .push_blob(r.oci(), Bytes::copy_from_slice(bytes), &digest)
@@ -140,8 +157,7 @@ impl Registry {
 
     /// Uploads a manifest under `r`'s tag (or digest); returns its digest.
     pub async fn push_manifest(&self, r: &ImageRef, manifest: &[u8]) -> anyhow::Result<String> {
-        let client = self.client(r)?;
-        client.store_auth_if_needed(r.registry(), &self.auth(r)).await;
+        let client = self.authenticated(r, RegistryOperation::Push).await?;
         let content_type = http::HeaderValue::from_static(artifact::MANIFEST);
         client
             .push_manifest_raw(r.oci(), Bytes::copy_from_slice(manifest), content_type)
@@ -172,13 +188,20 @@ fn not_found(e: &OciDistributionError) -> bool {
 }
 
 /// One line, with the cause's chain: reqwest's own top line alone says little ("error sending
-/// request").
+/// request", "error decoding response body").
 fn describe(e: &OciDistributionError) -> String {
+    chain(e)
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        let next = s.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
         source = s.source();
     }
     text

@@ -54,10 +54,15 @@ struct Spec {
     models: Option<Vec<String>>,
 }
 
+/// Where each function with an `image` was fetched to (a verified module file), or why it was
+/// not: the fleet fetches, the runtime only loads.
+pub type Fetched = BTreeMap<String, Result<PathBuf, String>>;
+
 impl Runtime {
-    /// Loads every function the config names or `functions_dir` holds; with `only`, just that one.
-    pub fn load(cfg: &Config, metrics: Arc<Metrics>, only: Option<&str>) -> anyhow::Result<Runtime> {
-        let (mut specs, mut failed) = discover(cfg);
+    /// Loads every function the config names or `functions_dir` holds; with `only`, just that
+    /// one. Functions with an `image` load from `fetched`.
+    pub fn load(cfg: &Config, metrics: Arc<Metrics>, only: Option<&str>, fetched: &Fetched) -> anyhow::Result<Runtime> {
+        let (mut specs, mut failed) = discover(cfg, fetched);
         if let Some(name) = only {
             specs.retain(|s| s.name == name);
             failed.retain(|n, _| n == name);
@@ -168,7 +173,7 @@ impl Runtime {
 }
 
 /// Functions from `functions_dir` (by file stem, `.cwasm` preferred) and from `[functions]`.
-fn discover(cfg: &Config) -> (Vec<Spec>, BTreeMap<String, String>) {
+fn discover(cfg: &Config, fetched: &Fetched) -> (Vec<Spec>, BTreeMap<String, String>) {
     let dir = &cfg.runtime.functions_dir;
     let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
     match std::fs::read_dir(dir) {
@@ -207,6 +212,17 @@ fn discover(cfg: &Config) -> (Vec<Spec>, BTreeMap<String, String>) {
     }
     for (name, fc) in &cfg.functions {
         let path = match (&fc.path, found.get(name)) {
+            _ if fc.image.is_some() => match fetched.get(name) {
+                Some(Ok(p)) => p.clone(),
+                Some(Err(cause)) => {
+                    failed.insert(name.clone(), cause.clone());
+                    continue;
+                }
+                None => {
+                    failed.insert(name.clone(), "its image was not fetched".into());
+                    continue;
+                }
+            },
             (Some(p), _) => resolve(dir, p),
             (None, Some(p)) => p.clone(),
             (None, None) => {

@@ -104,10 +104,11 @@ pub async fn prepare(cfg: &Config, shared: &Shared, listener: Option<TcpListener
 impl Prepared {
     async fn new(cfg: &Config, shared: &Shared, listener: Option<TcpListener>) -> anyhow::Result<Prepared> {
         let metrics = Arc::new(Metrics::new());
+        let fetched = crate::fleet::images::fetch_configured(cfg, None).await;
         let runtime = {
             let (cfg, metrics) = (cfg.clone(), metrics.clone());
             // Compiling is CPU work; keep it off the async workers.
-            Arc::new(tokio::task::spawn_blocking(move || Runtime::load(&cfg, metrics, None)).await??)
+            Arc::new(tokio::task::spawn_blocking(move || Runtime::load(&cfg, metrics, None, &fetched)).await??)
         };
         let mut prepared = Prepared {
             cfg: cfg.clone(),

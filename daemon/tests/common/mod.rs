@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod daprd;
 pub mod fake_dapr;
+pub mod registry;
 
 use std::io::Cursor;
 use std::net::{SocketAddr, TcpListener};
@@ -104,7 +105,7 @@ pub fn runtime(extra: &str) -> (edgefn::runtime::Runtime, tempfile::TempDir) {
     std::fs::write(&path, toml).unwrap();
     let cfg = edgefn::config::Config::load(&path, true).unwrap();
     let metrics = std::sync::Arc::new(edgefn::metrics::Metrics::new());
-    (edgefn::runtime::Runtime::load(&cfg, metrics, None).unwrap(), tmp)
+    (edgefn::runtime::Runtime::load(&cfg, metrics, None, &Default::default()).unwrap(), tmp)
 }
 
 pub fn wasm(name: &str) -> PathBuf {
