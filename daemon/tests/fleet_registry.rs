@@ -318,3 +318,37 @@ fn a_registry_behind_tls_and_htpasswd_takes_the_configured_ca_and_credentials() 
     assert!(err.contains("certificate") || err.contains("unknownissuer") || err.contains("invalid peer"), "{err}");
     registry.stop();
 }
+
+/// Nothing unsigned runs under trust: not an unsigned pull at start, and not a stored version
+/// whose key has since left `[trust]` (checked again offline, at every start). The functions
+/// from files keep serving meanwhile.
+#[test]
+fn under_trust_an_unsigned_image_never_runs_nor_a_stored_one_whose_key_was_removed() {
+    let fx = Fixture::new("");
+    let unsigned = fx.registry.image("edge/echo:unsigned");
+    fx.push(&wasm("echo"), &unsigned);
+    let signed = fx.registry.image("edge/echo:signed");
+    fx.push(&wasm("printenv"), &signed);
+    fx.sign(&signed, "cosign.key");
+
+    let dir = fx.dir.join("daemon");
+    let functions = format!("[functions.unsigned]\nimage = {unsigned:?}\n\n[functions.signed]\nimage = {signed:?}\n");
+    let trusting = |key: &str| format!("[trust]\nkeys = [{:?}]\n\n{functions}", fx.dir.join(key));
+    let mut daemon = Daemon::start_in(&dir, &trusting("cosign.pub"));
+    let r = daemon.post("/v1/functions/unsigned", b"x");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("is not signed"), "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(daemon.post("/v1/functions/signed", b"").status, 200, "{}", daemon.log());
+    assert_eq!(daemon.post("/v1/functions/echo", b"file").body, b"file");
+    daemon.stop();
+
+    // Offline, with the signer's key replaced by another: the stored version is refused too.
+    let mut registry = fx.registry;
+    registry.stop();
+    let mut daemon = Daemon::start_in(&dir, &trusting("other.pub"));
+    let r = daemon.post("/v1/functions/signed", b"");
+    assert_eq!(r.status, 503, "{}", daemon.log());
+    assert!(daemon.log().contains("none by a key in [trust] keys"), "{}", daemon.log());
+    assert_eq!(daemon.post("/v1/functions/echo", b"file").body, b"file");
+    daemon.stop();
+}
