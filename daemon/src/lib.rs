@@ -17,7 +17,11 @@
 //!   allocator), [`mqtt`] (the broker connection), [`content_type`]; [`publish`], the camera
 //!   simulator; and [`control`], subcommands that act on a running daemon.
 //!
-//! Imports point one way: ingress → pipeline → runtime; pipeline → sinks.
+//! - [`fleet`]: function versions as signed OCI artifacts: pulled from any registry, checked
+//!   against cosign signatures, stored by digest for an offline start; `edgefn push`, `pull`
+//!   and `sign`.
+//!
+//! Imports point one way: ingress → pipeline → runtime; pipeline → sinks; fleet → runtime.
 
 pub mod board;
 pub mod cli;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::artifact::{self, Descriptor, Layout};
+use super::artifact::{self, Layout};
 use super::blobs::{Blobs, Resolved};
 use super::reference::ImageRef;
 use super::registry::Registry;
@@ -177,7 +177,7 @@ impl Images {
         let at = image.with_tag(&trust::signature_tag(digest));
         let layers = match self.registry.manifest(&at, &SIGNATURE_MANIFESTS).await? {
             None => Vec::new(),
-            Some((bytes, _)) => signature_layers(&bytes),
+            Some((bytes, _)) => trust::signature_layers(&bytes),
         };
         let mut payloads = Vec::new();
         for (d, signature) in layers.iter().take(MAX_SIGNATURES) {
@@ -196,22 +196,3 @@ impl Images {
 
 /// cosign writes OCI manifests; older versions wrote Docker's.
 const SIGNATURE_MANIFESTS: [&str; 2] = [artifact::MANIFEST, "application/vnd.docker.distribution.manifest.v2+json"];
-
-/// The simple-signing layers of a signature manifest, each with its signature annotation.
-fn signature_layers(manifest: &[u8]) -> Vec<(Descriptor, String)> {
-    #[derive(serde::Deserialize)]
-    struct Layers {
-        layers: Vec<Descriptor>,
-    }
-    let Ok(m) = serde_json::from_slice::<Layers>(manifest) else {
-        return Vec::new();
-    };
-    m.layers
-        .into_iter()
-        .filter(|d| d.media_type == trust::SIGNATURE_LAYER)
-        .filter_map(|d| {
-            let sig = d.annotations.as_ref()?.get(trust::SIGNATURE_ANNOTATION)?.as_str()?.to_string();
-            Some((d, sig))
-        })
-        .collect()
-}

@@ -18,6 +18,8 @@ use p256::ecdsa::signature::Verifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 use p256::pkcs8::DecodePublicKey;
 
+use super::artifact::Descriptor;
+
 pub const SIGNATURE_LAYER: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 pub const SIGNATURE_TYPE: &str = "cosign container image signature";
@@ -108,6 +110,26 @@ fn claimed_digest(payload: &[u8]) -> Result<String, String> {
         .and_then(|(_, v)| v.as_str())
         .map(str::to_string)
         .ok_or_else(|| "a payload without critical.image.docker-manifest-digest".into())
+}
+
+/// The simple-signing layers of a signature manifest, each with its signature annotation;
+/// anything else in it is ignored.
+pub fn signature_layers(manifest: &[u8]) -> Vec<(Descriptor, String)> {
+    #[derive(serde::Deserialize)]
+    struct Layers {
+        layers: Vec<Descriptor>,
+    }
+    let Ok(m) = serde_json::from_slice::<Layers>(manifest) else {
+        return Vec::new();
+    };
+    m.layers
+        .into_iter()
+        .filter(|d| d.media_type == SIGNATURE_LAYER)
+        .filter_map(|d| {
+            let sig = d.annotations.as_ref()?.get(SIGNATURE_ANNOTATION)?.as_str()?.to_string();
+            Some((d, sig))
+        })
+        .collect()
 }
 
 /// The payload `edgefn sign` signs: what cosign writes for `name` (`HOST/REPO`) at `digest`.
