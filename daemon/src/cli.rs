@@ -82,6 +82,17 @@ pub enum Command {
         #[arg(long)]
         key: PathBuf,
     },
+    /// Deploy a new version of a function from a registry to the running daemon, on trial.
+    ///
+    /// The daemon pulls, verifies and compiles it, switches it in, and commits it once it
+    /// passes its gate ([fleet] gate_*), or rolls back to the version before by itself. The
+    /// daemon is found at the config's server.listen, with its server.token.
+    Deploy {
+        /// The function, as configured with [functions.NAME] image.
+        name: String,
+        /// oci://HOST[:PORT]/REPO:TAG or ...@sha256:DIGEST
+        image: String,
+    },
     /// Camera simulator: publish image files round-robin to an MQTT topic at a frame rate.
     ///
     /// The broker comes from --broker, else the config's [mqtt] section (with its TLS and

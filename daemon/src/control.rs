@@ -1,4 +1,4 @@
-//! Subcommands that act on a running daemon through its HTTP API (`edgefn replay`): the
+//! Subcommands that act on a running daemon through its HTTP API (`edgefn replay`, `deploy`): the
 //! address and token come from the same config the daemon reads.
 
 use anyhow::Context;
@@ -12,6 +12,11 @@ use crate::config::Config;
 
 /// `POST path` on the daemon configured by `cfg`; the JSON answer, or an error naming the cause.
 pub async fn post(cfg: &Config, path: &str) -> anyhow::Result<serde_json::Value> {
+    post_json(cfg, path, Bytes::new()).await
+}
+
+/// `POST path` with `body` (JSON).
+pub async fn post_json(cfg: &Config, path: &str, body: Bytes) -> anyhow::Result<serde_json::Value> {
     let mut addr = cfg.server.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -22,7 +27,7 @@ pub async fn post(cfg: &Config, path: &str) -> anyhow::Result<serde_json::Value>
     }
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let resp = client
-        .request(req.body(Full::new(Bytes::new()))?)
+        .request(req.header("content-type", "application/json").body(Full::new(body))?)
         .await
         .with_context(|| format!("no edgefn daemon answering at {addr} (server.listen)"))?;
     let status = resp.status();

@@ -75,6 +75,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("edgefn: signed {}", image.with_digest(&digest));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Deploy { name, image } => {
+            let cfg = load_config()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let body = serde_json::to_vec(&serde_json::json!({ "image": image }))?;
+            let answer = rt.block_on(edgefn::control::post_json(&cfg, &format!("/v1/functions/{name}/deploy"), body.into()))?;
+            eprintln!("edgefn: {name}: {} {} ({})", answer["image"].as_str().unwrap_or(""), answer["state"].as_str().unwrap_or(""), answer["digest"].as_str().unwrap_or(""));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Publish { topic, fps, count, broker, images } => {
             let cfg = load_config()?;
             let mut mqtt = cfg.mqtt.unwrap_or_default();
@@ -104,7 +112,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn invoke(cfg: Config, name: &str, env: &[(String, String)]) -> anyhow::Result<ExitCode> {
-    let fetched = fleet::images::fetch_configured(&cfg, Some(name)).await;
+    let committed = fleet::rollout::Board::open(&cfg.runtime.state_dir).committed();
+    let fetched = fleet::images::fetch_configured(&cfg, Some(name), &committed).await;
     let runtime = Runtime::load(&cfg, Arc::new(Metrics::new()), Some(name), &fetched)?;
     let mut input = Vec::new();
     std::io::stdin().read_to_end(&mut input).context("reading stdin")?;

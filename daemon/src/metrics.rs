@@ -18,6 +18,20 @@ pub struct FunctionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeploymentLabel {
+    pub function: String,
+    /// started, committed, rolled_back, refused (pull or signature), failed_to_load.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    pub function: String,
+    /// sha256 of the module serving.
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabel {
     pub function: String,
     pub kind: &'static str,
@@ -68,6 +82,10 @@ pub struct Metrics {
     pub aot_compiles: Counter,
     /// Native code loaded from the AOT cache or a `.cwasm` file.
     pub aot_loads: Counter,
+    /// Function versions deployed from a registry, by outcome.
+    pub deployments: Family<DeploymentLabel, Counter>,
+    /// 1 for the version each function serves (an info series).
+    pub function_version: Family<VersionLabel, Gauge>,
 
     /// Frames accepted into a pipeline, per camera.
     pub frames: Family<CameraLabel, Counter>,
@@ -129,6 +147,10 @@ impl Metrics {
         );
         registry.register("aot_compiles", "Modules compiled to native code", aot_compiles.clone());
         registry.register("aot_loads", "Modules loaded precompiled", aot_loads.clone());
+        let deployments = Family::<DeploymentLabel, Counter>::default();
+        registry.register("deployments", "Function versions deployed from a registry, by outcome", deployments.clone());
+        let function_version = Family::<VersionLabel, Gauge>::default();
+        registry.register("function_version_info", "The module version each function serves", function_version.clone());
         let m = Metrics {
             registry,
             invocations,
@@ -136,6 +158,8 @@ impl Metrics {
             latency,
             aot_compiles,
             aot_loads,
+            deployments,
+            function_version,
             frames: Default::default(),
             drops: Default::default(),
             results: Default::default(),

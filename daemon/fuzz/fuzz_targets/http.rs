@@ -46,6 +46,7 @@ fn world() -> &'static World {
         let (_tx, closing) = tokio::sync::watch::channel(true);
         let api = Arc::new(Api {
             runtime,
+            config: Arc::new(cfg.clone()),
             pipelines: Some(pipelines),
             max_body: 1 << 20,
             bodies: edgefn::ingress::http::bodies_in_flight(1 << 20),

@@ -30,6 +30,17 @@ pub struct Fleet {
     pub stall_timeout: Duration,
     /// A module layer larger than this is refused before it is downloaded.
     pub max_module: ByteSize,
+    /// A new version is on trial for its first `gate_calls` calls, or `gate_time`, whichever
+    /// ends first; then it is committed.
+    pub gate_calls: u64,
+    #[serde(with = "humantime_serde")]
+    pub gate_time: Duration,
+    /// From this many calls on, the gate judges the version's faults and latency.
+    pub gate_min_calls: u64,
+    /// The share of calls (0 to 1) that may fault (trap, deadline, memory, output) on trial.
+    pub gate_max_faults: f64,
+    /// The version's p99 may be at most this many times the previous version's.
+    pub gate_p99_ratio: f64,
 }
 
 impl Default for Fleet {
@@ -38,6 +49,11 @@ impl Default for Fleet {
             pull_timeout: Duration::from_secs(120),
             stall_timeout: Duration::from_secs(15),
             max_module: ByteSize::mib(64),
+            gate_calls: 100,
+            gate_time: Duration::from_secs(600),
+            gate_min_calls: 10,
+            gate_max_faults: 0.2,
+            gate_p99_ratio: 3.0,
         }
     }
 }

@@ -15,14 +15,16 @@ use anyhow::Context;
 use super::artifact::{self, Layout};
 use super::blobs::{Blobs, Resolved};
 use super::reference::ImageRef;
+use super::rollout::Records;
 use super::registry::Registry;
 use super::trust::{self, SignedPayload, Trust};
 use crate::config::Config;
 use crate::runtime::Fetched;
 
 /// Fetches the image of every configured function that has one (with `only`, of that one),
-/// the store first: what the runtime loads them from. A failure is that function's alone.
-pub async fn fetch_configured(cfg: &Config, only: Option<&str>) -> Fetched {
+/// the store first, each at its `committed` version if it has one: what the runtime loads
+/// them from. A failure is that function's alone.
+pub async fn fetch_configured(cfg: &Config, only: Option<&str>, committed: &Records) -> Fetched {
     let wanted: Vec<(&String, &String)> = cfg
         .functions
         .iter()
@@ -44,7 +46,7 @@ pub async fn fetch_configured(cfg: &Config, only: Option<&str>) -> Fetched {
         tracing::warn!("functions from registries load unverified: [trust] keys is empty");
     }
     for (name, text) in wanted {
-        let result = match ImageRef::parse(text) {
+        let result = match super::rollout::start_reference(committed, name, text) {
             Ok(image) => images.fetch(&image).await.map_err(|e| format!("{e:#}")),
             Err(e) => Err(e),
         };

@@ -10,6 +10,8 @@
 //!   to, so an offline board starts from it.
 //! - [`images`]: a pull or a stored version, verified, ready for the runtime.
 //! - [`push`]: `edgefn push` and `edgefn sign`.
+//! - [`rollout`]: a new version switched in on trial, committed or rolled back by its gate;
+//!   the board's record of what each function committed.
 //!
 //! Imports point one way: fleet → runtime, never back. The runtime sees a verified module as
 //! a file path; it compiles it like any `.wasm` and never maps it as native code.
@@ -20,6 +22,7 @@ pub mod images;
 pub mod push;
 pub mod reference;
 pub mod registry;
+pub mod rollout;
 pub mod signer;
 pub mod trust;
 

@@ -35,6 +35,8 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 /// What the HTTP handlers share.
 pub struct Api {
     pub runtime: Arc<Runtime>,
+    /// The generation's config: what a deploy pulls and verifies with.
+    pub config: Arc<crate::config::Config>,
     pub pipelines: Option<Arc<Pipelines>>,
     pub max_body: usize,
     /// Request bodies held at once, in KiB ([`bodies_in_flight`]): each connection may send
@@ -119,6 +121,7 @@ pub(super) async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Bo
         }
         Endpoint::Functions => list_functions(api),
         Endpoint::Invoke => invoke(api, param(0), req, &[]).await,
+        Endpoint::Deploy => super::deploy::deploy(api, param(0), req).await,
         Endpoint::Pipelines => list_pipelines(api),
         Endpoint::RunPipeline => run_pipeline(api, param(0), req).await,
         Endpoint::DeadLetters => dead_letters(api),
@@ -297,7 +300,7 @@ pub fn bodies_in_flight(max_body: usize) -> Arc<tokio::sync::Semaphore> {
 /// An oversized body is still read and discarded (up to [`DRAIN_CAP`] and [`DRAIN_TIME`]), so a
 /// client that sends before it listens gets the 413 instead of a broken pipe. A client that
 /// sends `Expect: 100-continue` (curl does, for large bodies) gets the 413 before sending.
-async fn read_body(
+pub(super) async fn read_body(
     req: Request<Incoming>,
     api: &Api,
 ) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), Response<Body>> {
@@ -385,11 +388,13 @@ fn health(api: &Api) -> Response<Body> {
 fn list_functions(api: &Api) -> Response<Body> {
     let rt = &api.runtime;
     let metrics = rt.metrics();
+    let rollouts = crate::fleet::rollout::Board::open(&api.config.runtime.state_dir).read();
     let loaded: Vec<_> = rt
         .functions()
+        .iter()
         .map(|f| {
             let label = FunctionLabel { function: f.name.clone() };
-            json!({
+            let mut entry = json!({
                 "name": f.name,
                 "sha256": f.sha256,
                 "path": f.path,
@@ -403,7 +408,18 @@ fn list_functions(api: &Api) -> Response<Body> {
                 "invocations": metrics.invocations.get_or_create(&label).get(),
                 "errors": rt.error_count(&f.name),
                 "busy": f.busy(),
-            })
+            });
+            if rt.is_versioned(&f.name) {
+                let r = rollouts.get(&f.name).cloned().unwrap_or_default();
+                let serving = r.trial.as_ref().or(r.committed.as_ref());
+                entry["image"] = json!(serving.map(|v| &v.image).or(api.config.functions[&f.name].image.as_ref()));
+                entry["digest"] = json!(serving.map(|v| &v.digest));
+                entry["state"] = json!(if r.trial.is_some() { "trial" } else { "committed" });
+                entry["previous"] = json!(r.previous);
+                entry["last_rollout"] = json!(r.last);
+                entry["rolled_back"] = json!(r.rolled_back);
+            }
+            entry
         })
         .collect();
     let failed: Vec<_> = rt.failed().iter().map(|(n, c)| json!({"name": n, "error": c})).collect();
@@ -450,7 +466,7 @@ fn same_secret(given: &[u8], secret: &[u8]) -> bool {
     given.len() == secret.len() && given.iter().zip(secret).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+pub(super) fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(full(value.to_string()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -463,6 +479,6 @@ fn query_value(req: &Request<Incoming>, key: &str) -> Option<String> {
     url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == key).map(|(_, v)| v.into_owned())
 }
 
-fn error(status: StatusCode, message: String, function: Option<&str>, kind: &str) -> Response<Body> {
+pub(super) fn error(status: StatusCode, message: String, function: Option<&str>, kind: &str) -> Response<Body> {
     json_response(status, &json!({ "error": message, "function": function, "kind": kind }))
 }

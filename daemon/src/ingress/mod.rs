@@ -2,6 +2,7 @@
 //! answers its caller; none of them knows how functions run.
 
 pub mod dapr;
+mod deploy;
 pub mod handoff;
 pub mod http;
 pub mod listener;

@@ -53,7 +53,7 @@ impl Snapshot {
         problems.extend(models.failed().keys().map(|m| format!("model {m} not loaded")));
         let mut snap = Snapshot {
             problems,
-            functions: rt.functions().count(),
+            functions: rt.functions().len(),
             functions_failed: rt.failed().len(),
             failed: json!(rt.failed()),
             models: models.loaded().count(),

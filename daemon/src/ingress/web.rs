@@ -34,6 +34,7 @@ pub fn status(api: &Api) -> Value {
     let m = rt.metrics();
     let functions: Vec<Value> = rt
         .functions()
+        .iter()
         .map(|f| {
             let (p50, p99) = f.percentiles();
             let label = crate::metrics::FunctionLabel { function: f.name.clone() };

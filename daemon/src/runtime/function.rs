@@ -53,8 +53,12 @@ pub struct Function {
     models: nn::Grant,
     pre: InstancePre<Host>,
     slots: Semaphore,
-    /// Latencies of the last calls (µs), for p50/p99 on the page.
+    /// Latencies of the last calls (µs), for p50/p99 on the page and a rollout's gate.
     recent: std::sync::Mutex<std::collections::VecDeque<u32>>,
+    calls: std::sync::atomic::AtomicU64,
+    faults: std::sync::atomic::AtomicU64,
+    /// Woken at each call's end, so a rollout's gate judges every call, not every tick.
+    recorded: tokio::sync::Notify,
 }
 
 /// Calls kept for the latency percentiles.
@@ -134,6 +138,9 @@ impl Function {
             pre,
             slots,
             recent,
+            calls: Default::default(),
+            faults: Default::default(),
+            recorded: Default::default(),
         })
     }
 
@@ -263,12 +270,27 @@ impl Function {
         }
     }
 
-    pub(super) fn record(&self, elapsed: Duration) {
-        let mut r = self.recent.lock().expect("recent lock");
-        if r.len() == RECENT {
-            r.pop_front();
+    pub(super) fn record(&self, elapsed: Duration, failed: Option<&str>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.calls.fetch_add(1, Relaxed);
+        // What the version itself broke counts against it; a busy pool, a missing model or a
+        // frame it rightly rejected does not.
+        if failed.is_some_and(|k| matches!(k, "trap" | "deadline" | "memory_limit" | "output_too_large")) {
+            self.faults.fetch_add(1, Relaxed);
         }
-        r.push_back(elapsed.as_micros().min(u32::MAX as u128) as u32);
+        {
+            let mut r = self.recent.lock().expect("recent lock");
+            if r.len() == RECENT {
+                r.pop_front();
+            }
+            r.push_back(elapsed.as_micros().min(u32::MAX as u128) as u32);
+        }
+        self.recorded.notify_one();
+    }
+
+    /// Returns after the next call ends (or at once if one ended since the last wait).
+    pub async fn call_ended(&self) {
+        self.recorded.notified().await
     }
 
     /// (p50, p99) in milliseconds over the last calls; zeros before the first.
@@ -280,6 +302,12 @@ impl Function {
         v.sort_unstable();
         let at = |p: usize| v[(v.len() * p / 100).min(v.len() - 1)] as f64 / 1000.0;
         (at(50), at(99))
+    }
+
+    /// Calls of this version so far, and those that broke a limit or trapped.
+    pub fn calls_and_faults(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.calls.load(Relaxed), self.faults.load(Relaxed))
     }
 
     /// Instances running now.

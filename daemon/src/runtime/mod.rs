@@ -14,7 +14,9 @@ mod pipe;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -34,18 +36,25 @@ pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 use crate::config::{self, Config, Limits};
-use crate::metrics::{ErrorLabel, FunctionLabel, Metrics};
+use crate::metrics::{ErrorLabel, FunctionLabel, Metrics, VersionLabel};
 
 pub struct Runtime {
-    functions: BTreeMap<String, Arc<Function>>,
+    /// The version each name serves. A new version is switched in whole: a call holds the
+    /// `Arc` it started with, so calls in flight finish on the old version.
+    functions: RwLock<BTreeMap<String, Arc<Function>>>,
     /// Functions that are configured but could not load, with the cause.
-    failed: BTreeMap<String, String>,
+    failed: RwLock<BTreeMap<String, String>>,
+    /// How a function from an image is built again, for its next version.
+    versioned: BTreeMap<String, Spec>,
+    engine: wasmtime::Engine,
+    cache_dir: PathBuf,
     models: nn::Models,
     metrics: Arc<Metrics>,
     ticker: EpochTicker,
 }
 
 /// A function to load: where from, with which limits and grants.
+#[derive(Clone)]
 struct Spec {
     name: String,
     path: PathBuf,
@@ -67,8 +76,19 @@ impl Runtime {
             specs.retain(|s| s.name == name);
             failed.retain(|n, _| n == name);
         }
+        // A function from an image may run two versions at once while one is switched in
+        // (calls in flight on the old, new calls on the new): it gets room for both.
+        let versioned: BTreeMap<String, Spec> = specs
+            .iter()
+            .filter(|s| cfg.functions.get(&s.name).is_some_and(|f| f.image.is_some()))
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect();
         let pool = PoolSize {
-            slots: specs.iter().map(|s| s.limits.max_instances).sum::<u32>().max(1),
+            slots: specs
+                .iter()
+                .map(|s| s.limits.max_instances * if versioned.contains_key(&s.name) { 2 } else { 1 })
+                .sum::<u32>()
+                .max(1),
             max_memory: specs.iter().map(|s| s.limits.memory.as_u64()).max().unwrap_or(1 << 20),
         };
         let engine = engine::host_engine(&pool)?;
@@ -108,19 +128,76 @@ impl Runtime {
             }
         }
         let ticker = EpochTicker::start(engine.clone());
-        Ok(Runtime { functions, failed, models, metrics, ticker })
+        for f in functions.values() {
+            metrics.function_version.get_or_create(&VersionLabel { function: f.name.clone(), sha256: f.sha256.clone() }).set(1);
+        }
+        Ok(Runtime {
+            functions: RwLock::new(functions),
+            failed: RwLock::new(failed),
+            versioned,
+            engine,
+            cache_dir: cfg.runtime.cache_dir.clone(),
+            models,
+            metrics,
+            ticker,
+        })
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<Function>> {
-        self.functions.get(name)
+    pub fn get(&self, name: &str) -> Option<Arc<Function>> {
+        self.functions.read().expect("functions lock").get(name).cloned()
     }
 
-    pub fn functions(&self) -> impl Iterator<Item = &Arc<Function>> {
-        self.functions.values()
+    pub fn functions(&self) -> Vec<Arc<Function>> {
+        self.functions.read().expect("functions lock").values().cloned().collect()
     }
 
-    pub fn failed(&self) -> &BTreeMap<String, String> {
-        &self.failed
+    pub fn failed(&self) -> BTreeMap<String, String> {
+        self.failed.read().expect("failed lock").clone()
+    }
+
+    /// Whether `name` comes from an image, so that new versions of it can be loaded.
+    pub fn is_versioned(&self, name: &str) -> bool {
+        self.versioned.contains_key(name)
+    }
+
+    /// Compiles (or maps from the AOT cache) another version of the image function `name` from
+    /// the module file `path`, with the same limits and grants. It serves nothing until
+    /// [`Runtime::switch`]. Blocks on compilation: call it off the async workers.
+    pub fn load_version(&self, name: &str, path: &Path) -> anyhow::Result<Arc<Function>> {
+        let spec = self.versioned.get(name).with_context(|| format!("{name} does not come from an image"))?;
+        let m = aot::load(&self.engine, path, &self.cache_dir)?;
+        match m.origin {
+            aot::Origin::Compiled => self.metrics.aot_compiles.inc(),
+            aot::Origin::Cached | aot::Origin::Precompiled => self.metrics.aot_loads.inc(),
+        };
+        let f = Function::new(
+            &self.engine,
+            name.to_string(),
+            path.to_path_buf(),
+            m,
+            spec.limits,
+            spec.grants.clone(),
+            &self.models,
+            spec.models.as_deref(),
+        )?;
+        Ok(Arc::new(f))
+    }
+
+    /// Serves `function` under its name from the next call on; returns the version it replaced.
+    pub fn switch(&self, function: Arc<Function>) -> Option<Arc<Function>> {
+        let name = function.name.clone();
+        self.metrics.declare_function(&name, &InvokeError::KINDS);
+        self.show_version(&function);
+        self.failed.write().expect("failed lock").remove(&name);
+        let old = self.functions.write().expect("functions lock").insert(name.clone(), function);
+        if let Some(old) = &old {
+            self.metrics.function_version.remove(&VersionLabel { function: name, sha256: old.sha256.clone() });
+        }
+        old
+    }
+
+    fn show_version(&self, f: &Function) {
+        self.metrics.function_version.get_or_create(&VersionLabel { function: f.name.clone(), sha256: f.sha256.clone() }).set(1);
     }
 
     pub fn models(&self) -> &nn::Models {
@@ -144,8 +221,8 @@ impl Runtime {
 
     /// Runs function `name` on `input`, with `env` added to what its config grants.
     pub async fn invoke(&self, name: &str, input: Bytes, env: &[(&str, &str)]) -> Result<Output, InvokeError> {
-        let Some(function) = self.functions.get(name) else {
-            return Err(match self.failed.get(name) {
+        let Some(function) = self.get(name) else {
+            return Err(match self.failed.read().expect("failed lock").get(name) {
                 Some(cause) => InvokeError::Unavailable { function: name.into(), cause: cause.clone() },
                 None => InvokeError::UnknownFunction { function: name.into() },
             });
@@ -163,7 +240,7 @@ impl Runtime {
             });
         let elapsed = started.elapsed();
         self.metrics.latency.get_or_create(&label).observe(elapsed.as_secs_f64());
-        function.record(elapsed);
+        function.record(elapsed, result.as_ref().err().map(InvokeError::kind));
         if let Err(e) = &result {
             let label = ErrorLabel { function: function.name.clone(), kind: e.kind() };
             self.metrics.errors.get_or_create(&label).inc();

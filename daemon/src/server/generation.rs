@@ -104,7 +104,8 @@ pub async fn prepare(cfg: &Config, shared: &Shared, listener: Option<TcpListener
 impl Prepared {
     async fn new(cfg: &Config, shared: &Shared, listener: Option<TcpListener>) -> anyhow::Result<Prepared> {
         let metrics = Arc::new(Metrics::new());
-        let fetched = crate::fleet::images::fetch_configured(cfg, None).await;
+        let committed = crate::fleet::rollout::Board::open(&cfg.runtime.state_dir).start();
+        let fetched = crate::fleet::images::fetch_configured(cfg, None, &committed).await;
         let runtime = {
             let (cfg, metrics) = (cfg.clone(), metrics.clone());
             // Compiling is CPU work; keep it off the async workers.
@@ -169,6 +170,7 @@ impl Prepared {
         let (stop_intake, intake_rx) = watch::channel(false);
         let api = Arc::new(Api {
             runtime: self.runtime.clone(),
+            config: Arc::new(cfg.clone()),
             pipelines: self.pipelines,
             max_body: cfg.server.max_body.as_u64() as usize,
             bodies: crate::ingress::http::bodies_in_flight(cfg.server.max_body.as_u64() as usize),
@@ -188,7 +190,7 @@ impl Prepared {
         }
         tracing::info!(
             listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            functions = self.runtime.functions().count(),
+            functions = self.runtime.functions().len(),
             failed = self.runtime.failed().len(),
             models = self.runtime.models().loaded().count(),
             pipelines = cfg.pipelines.len(),
