@@ -79,8 +79,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = load_config()?;
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let body = serde_json::to_vec(&serde_json::json!({ "image": image }))?;
-            let answer = rt.block_on(edgefn::control::post_json(&cfg, &format!("/v1/functions/{name}/deploy"), body.into()))?;
-            eprintln!("edgefn: {name}: {} {} ({})", answer["image"].as_str().unwrap_or(""), answer["state"].as_str().unwrap_or(""), answer["digest"].as_str().unwrap_or(""));
+            let answer =
+                rt.block_on(edgefn::control::post_json(&cfg, &format!("/v1/functions/{name}/deploy"), body.into()))?;
+            eprintln!(
+                "edgefn: {name}: {} {} ({})",
+                answer["image"].as_str().unwrap_or(""),
+                answer["state"].as_str().unwrap_or(""),
+                answer["digest"].as_str().unwrap_or("")
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Publish { topic, fps, count, broker, images } => {

@@ -82,12 +82,11 @@ fn check_config_prints_effective_values_with_env_overrides() {
 
 #[test]
 fn check_config_masks_secrets() {
-    let (_tmp, path) =
-        write_config(concat!(
-            "[server]\ntoken = \"tok-s3cret\"\n\n[mqtt]\nusername = \"cam\"\npassword = \"pw-s3cret\"\n\n",
-            "[registries.\"registry.example.org\"]\nusername = \"ci\"\npassword = \"reg-s3cret\"\n\n",
-            "[registries.\"other.example.org\"]\ntoken = \"bearer-s3cret\"\n",
-        ));
+    let (_tmp, path) = write_config(concat!(
+        "[server]\ntoken = \"tok-s3cret\"\n\n[mqtt]\nusername = \"cam\"\npassword = \"pw-s3cret\"\n\n",
+        "[registries.\"registry.example.org\"]\nusername = \"ci\"\npassword = \"reg-s3cret\"\n\n",
+        "[registries.\"other.example.org\"]\ntoken = \"bearer-s3cret\"\n",
+    ));
     let out = edgefn(&["--config", &path, "check-config"], &[], b"");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).unwrap();

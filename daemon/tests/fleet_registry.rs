@@ -31,7 +31,11 @@ impl Fixture {
         let config = dir.join("cli.toml");
         std::fs::write(
             &config,
-            format!("[runtime]\nstate_dir = {:?}\n\n[trust]\nkeys = [{:?}]\n{extra}\n", dir.join("state"), dir.join("cosign.pub")),
+            format!(
+                "[runtime]\nstate_dir = {:?}\n\n[trust]\nkeys = [{:?}]\n{extra}\n",
+                dir.join("state"),
+                dir.join("cosign.pub")
+            ),
         )
         .unwrap();
         Fixture { _tmp: tmp, dir, registry, config }
@@ -109,7 +113,12 @@ fn what_edgefn_pushes_oras_pulls_and_what_oras_pushes_a_daemon_serves() {
     std::fs::write(fx.dir.join("config.json"), config.to_string()).unwrap();
     let oras_image = fx.registry.image("edge/gray:oras");
     let config_arg = "config.json:application/vnd.wasm.config.v0+json";
-    tool_ok("oras", &fx.dir, &["push", "--plain-http", host_ref(&oras_image), "--config", config_arg, "grayscale.wasm:application/wasm"], &[]);
+    tool_ok(
+        "oras",
+        &fx.dir,
+        &["push", "--plain-http", host_ref(&oras_image), "--config", config_arg, "grayscale.wasm:application/wasm"],
+        &[],
+    );
 
     // No [trust] keys: both load, with a warning.
     let dir = fx.dir.join("daemon");
@@ -174,7 +183,14 @@ fn what_edgefn_signs_cosign_verifies_and_a_key_it_did_not_sign_with_fails() {
     // cosign's own sealed key, and a plain PKCS#8 key from openssl.
     fx.sign(&image, "cosign.key");
     fx.sign(&image, "other.key");
-    let verify = |key: &str| tool("cosign", &fx.dir, &["verify", "--key", key, "--insecure-ignore-tlog=true", "--allow-http-registry", &pinned], &[]);
+    let verify = |key: &str| {
+        tool(
+            "cosign",
+            &fx.dir,
+            &["verify", "--key", key, "--insecure-ignore-tlog=true", "--allow-http-registry", &pinned],
+            &[],
+        )
+    };
     for key in ["cosign.pub", "other.pub"] {
         let out = verify(key);
         assert!(out.status.success(), "cosign verify --key {key}: {}", String::from_utf8_lossy(&out.stderr));
@@ -239,7 +255,8 @@ fn unsigned_foreign_copied_tampered_malformed_oversized_and_cut_off_artifacts_ar
     let pinned_image = fx.registry.image("edge/echo:pinned");
     let pinned_digest = fx.push(&wasm("flood"), &pinned_image);
     let manifest_file = fx.registry.blob_file(&pinned_digest);
-    let altered = String::from_utf8(std::fs::read(&manifest_file).unwrap()).unwrap().replacen("flood.wasm", "flood.wasn", 1);
+    let altered =
+        String::from_utf8(std::fs::read(&manifest_file).unwrap()).unwrap().replacen("flood.wasm", "flood.wasn", 1);
     std::fs::write(&manifest_file, altered).unwrap();
     let by_digest = format!("{}@{pinned_digest}", pinned_image.rsplit_once(':').unwrap().0);
     let err = fx.refused(&by_digest);
@@ -251,13 +268,35 @@ fn unsigned_foreign_copied_tampered_malformed_oversized_and_cut_off_artifacts_ar
     let config_arg = "config.json:application/vnd.wasm.config.v0+json";
     std::fs::write(fx.dir.join("config.json"), "{}").unwrap();
     let wrong_type = fx.registry.image("edge/echo:octet");
-    tool_ok("oras", &fx.dir, &["push", "--plain-http", host_ref(&wrong_type), "--config", config_arg, "echo.wasm:application/octet-stream"], &[]);
-    assert!(fx.refused(&wrong_type).contains("its layer's media type is application/octet-stream"), "{}", fx.refused(&wrong_type));
+    tool_ok(
+        "oras",
+        &fx.dir,
+        &["push", "--plain-http", host_ref(&wrong_type), "--config", config_arg, "echo.wasm:application/octet-stream"],
+        &[],
+    );
+    assert!(
+        fx.refused(&wrong_type).contains("its layer's media type is application/octet-stream"),
+        "{}",
+        fx.refused(&wrong_type)
+    );
     let no_config = fx.registry.image("edge/echo:noconfig");
     tool_ok("oras", &fx.dir, &["push", "--plain-http", host_ref(&no_config), "echo.wasm:application/wasm"], &[]);
     assert!(fx.refused(&no_config).contains("not a wasm artifact"), "{}", fx.refused(&no_config));
     let two = fx.registry.image("edge/echo:two");
-    tool_ok("oras", &fx.dir, &["push", "--plain-http", host_ref(&two), "--config", config_arg, "echo.wasm:application/wasm", "trap.wasm:application/wasm"], &[]);
+    tool_ok(
+        "oras",
+        &fx.dir,
+        &[
+            "push",
+            "--plain-http",
+            host_ref(&two),
+            "--config",
+            config_arg,
+            "echo.wasm:application/wasm",
+            "trap.wasm:application/wasm",
+        ],
+        &[],
+    );
     assert!(fx.refused(&two).contains("has 2 layers"), "{}", fx.refused(&two));
 
     // Over fleet.max_module (256 KiB): grayscale is larger, and is refused before it downloads.
@@ -291,7 +330,8 @@ fn module_digest(fx: &Fixture, digest: &str) -> String {
 fn a_registry_behind_tls_and_htpasswd_takes_the_configured_ca_and_credentials() {
     let tmp = tempfile::tempdir().unwrap();
     let tls = common::broker::Tls::generate(&tmp.path().join("tls"));
-    let mut registry = Registry::start_tls(&tmp.path().join("registry"), &tls.server_cert, &tls.server_key, "edge", "s3cret");
+    let mut registry =
+        Registry::start_tls(&tmp.path().join("registry"), &tls.server_cert, &tls.server_key, "edge", "s3cret");
     let host = registry.host();
     let image = format!("oci://{host}/edge/echo:v1");
     let config = |extra: &str| {
@@ -303,7 +343,10 @@ fn a_registry_behind_tls_and_htpasswd_takes_the_configured_ca_and_credentials() 
     let echo = wasm("echo");
     let echo = echo.to_str().unwrap();
 
-    let full = format!("[registries.\"{host}\"]\ninsecure = false\nca = {:?}\nusername = \"edge\"\npassword = \"s3cret\"\n", tls.ca);
+    let full = format!(
+        "[registries.\"{host}\"]\ninsecure = false\nca = {:?}\nusername = \"edge\"\npassword = \"s3cret\"\n",
+        tls.ca
+    );
     let out = run(&config(&full), &["push", echo, &image]);
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), registry.log());
     let out = run(&config(&full), &["pull", &image]);
@@ -313,7 +356,8 @@ fn a_registry_behind_tls_and_htpasswd_takes_the_configured_ca_and_credentials() 
     let no_auth = format!("[registries.\"{host}\"]\ninsecure = false\nca = {:?}\n", tls.ca);
     let err = String::from_utf8_lossy(&run(&config(&no_auth), &["pull", &image]).stderr).to_lowercase();
     assert!(err.contains("not authorized"), "{err}");
-    let no_ca = "[registries.\"127.0.0.1\"]\n".to_string() + &format!("[registries.\"{host}\"]\ninsecure = false\nusername = \"edge\"\npassword = \"s3cret\"\n");
+    let no_ca = "[registries.\"127.0.0.1\"]\n".to_string()
+        + &format!("[registries.\"{host}\"]\ninsecure = false\nusername = \"edge\"\npassword = \"s3cret\"\n");
     let err = String::from_utf8_lossy(&run(&config(&no_ca), &["pull", &image]).stderr).to_lowercase();
     assert!(err.contains("certificate") || err.contains("unknownissuer") || err.contains("invalid peer"), "{err}");
     registry.stop();

@@ -37,10 +37,16 @@ impl Board {
     /// Pushes and signs `module` at `tag`; its manifest digest.
     fn release(&self, module: &Path, tag: &str) -> String {
         let image = self.registry.image(&format!("edge/f:{tag}"));
-        let out = edgefn().arg("--config").arg(&self.cli).args(["push", module.to_str().unwrap(), &image]).output().unwrap();
+        let out =
+            edgefn().arg("--config").arg(&self.cli).args(["push", module.to_str().unwrap(), &image]).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let key = self.dir.join("ops.key");
-        let signed = edgefn().arg("--config").arg(&self.cli).args(["sign", &image, "--key", key.to_str().unwrap()]).output().unwrap();
+        let signed = edgefn()
+            .arg("--config")
+            .arg(&self.cli)
+            .args(["sign", &image, "--key", key.to_str().unwrap()])
+            .output()
+            .unwrap();
         assert!(signed.status.success(), "{}", String::from_utf8_lossy(&signed.stderr));
         String::from_utf8(out.stdout).unwrap().trim().rsplit_once('@').unwrap().1.to_string()
     }
@@ -56,7 +62,13 @@ impl Board {
 
 /// `edgefn deploy f IMAGE` against `daemon`.
 fn deploy(daemon: &Daemon, image: &str) -> std::process::Output {
-    edgefn().arg("--config").arg(daemon.dir.join("edgefn.toml")).env("EDGEFN__SERVER__LISTEN", daemon.addr.to_string()).args(["deploy", "f", image]).output().unwrap()
+    edgefn()
+        .arg("--config")
+        .arg(daemon.dir.join("edgefn.toml"))
+        .env("EDGEFN__SERVER__LISTEN", daemon.addr.to_string())
+        .args(["deploy", "f", image])
+        .output()
+        .unwrap()
 }
 
 fn function(daemon: &Daemon) -> serde_json::Value {
@@ -74,7 +86,8 @@ struct Load {
 
 impl Load {
     fn start(daemon: &Daemon, clients: usize) -> Load {
-        let (stop, ok, faults) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (stop, ok, faults) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let threads = (0..clients)
             .map(|_| {
                 let (stop, ok, faults, url) = (stop.clone(), ok.clone(), faults.clone(), daemon.url("/v1/functions/f"));
@@ -140,7 +153,9 @@ fn a_good_version_is_committed_and_one_that_traps_rolls_back_by_itself_under_loa
     let faults_before = load.faults.load(Ordering::Relaxed);
     let out = deploy(&daemon, &board.registry.image("edge/f:v3"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let f = wait_for(&daemon, "v3 rolled back", 60, |f| f["rolled_back"].as_array().is_some_and(|r| r.iter().any(|d| d == v3.as_str())));
+    let f = wait_for(&daemon, "v3 rolled back", 60, |f| {
+        f["rolled_back"].as_array().is_some_and(|r| r.iter().any(|d| d == v3.as_str()))
+    });
     assert_eq!((f["state"].as_str(), f["digest"].as_str()), (Some("committed"), Some(v2.as_str())), "{f}");
     assert!(f["last_rollout"].as_str().unwrap().starts_with("rolled_back"), "{f}");
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -157,7 +172,8 @@ fn a_good_version_is_committed_and_one_that_traps_rolls_back_by_itself_under_loa
     for outcome in ["committed", "rolled_back"] {
         assert!(m.contains(&format!("edgefn_deployments_total{{function=\"f\",outcome=\"{outcome}\"}} 1")), "{m}");
     }
-    let serving = format!("edgefn_function_version_info{{function=\"f\",sha256=\"{}\"}} 1", f["sha256"].as_str().unwrap());
+    let serving =
+        format!("edgefn_function_version_info{{function=\"f\",sha256=\"{}\"}} 1", f["sha256"].as_str().unwrap());
     assert!(m.contains(&serving) && m.matches("edgefn_function_version_info{function=\"f\"").count() == 1, "{m}");
     daemon.stop();
 
@@ -180,7 +196,12 @@ fn a_crash_on_trial_counts_against_the_version_and_a_refused_one_is_never_switch
 
     // Unsigned: refused, and v1 keeps serving.
     let unsigned = board.registry.image("edge/f:unsigned");
-    let out = edgefn().arg("--config").arg(&board.cli).args(["push", wasm("trap").to_str().unwrap(), &unsigned]).output().unwrap();
+    let out = edgefn()
+        .arg("--config")
+        .arg(&board.cli)
+        .args(["push", wasm("trap").to_str().unwrap(), &unsigned])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let out = deploy(&daemon, &unsigned);
     assert!(!out.status.success());

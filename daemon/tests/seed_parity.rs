@@ -23,7 +23,8 @@ async fn same_pixels_as_the_seed() {
         ),
     )
     .unwrap();
-    let rt = Runtime::load(&Config::load(&path, true).unwrap(), Arc::new(Metrics::new()), None, &Default::default()).unwrap();
+    let rt = Runtime::load(&Config::load(&path, true).unwrap(), Arc::new(Metrics::new()), None, &Default::default())
+        .unwrap();
 
     let coffee = image::load_from_memory(&asset("coffee.png")).unwrap();
     let inputs = [

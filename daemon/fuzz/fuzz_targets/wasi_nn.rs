@@ -15,14 +15,28 @@ use wasmtime_wasi_nn::wit::TensorType;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    SetInput { index: u32, ty: u8, dims: Vec<u32>, data: Vec<u8> },
+    SetInput {
+        index: u32,
+        ty: u8,
+        dims: Vec<u32>,
+        data: Vec<u8>,
+    },
     /// A well-formed input (the model's own shape), so compute gets reached.
-    SetExactInput { index: u32, byte: u8 },
+    SetExactInput {
+        index: u32,
+        byte: u8,
+    },
     Compute,
-    GetOutput { index: u32 },
-    GetNamedOutput { name: String },
+    GetOutput {
+        index: u32,
+    },
+    GetNamedOutput {
+        name: String,
+    },
     SecondContext,
-    Grant { name: String },
+    Grant {
+        name: String,
+    },
 }
 
 fn model() -> &'static (Models, Arc<Model>) {
@@ -40,8 +54,15 @@ fn model() -> &'static (Models, Arc<Model>) {
     })
 }
 
-const TYPES: [TensorType; 7] =
-    [TensorType::Fp16, TensorType::Fp32, TensorType::Fp64, TensorType::Bf16, TensorType::U8, TensorType::I32, TensorType::I64];
+const TYPES: [TensorType; 7] = [
+    TensorType::Fp16,
+    TensorType::Fp32,
+    TensorType::Fp64,
+    TensorType::Bf16,
+    TensorType::U8,
+    TensorType::I32,
+    TensorType::I64,
+];
 
 libfuzzer_sys::fuzz_target!(|ops: Vec<Op>| {
     let (models, m) = model();

@@ -475,10 +475,16 @@ impl Config {
         anyhow::ensure!(!self.fleet.stall_timeout.is_zero(), "fleet.stall_timeout must be positive");
         anyhow::ensure!(self.fleet.max_module.as_u64() >= 1024, "fleet.max_module must be at least 1 KiB");
         let f = &self.fleet;
-        anyhow::ensure!(f.gate_min_calls >= 1 && f.gate_calls >= f.gate_min_calls, "fleet.gate_calls must be at least fleet.gate_min_calls, itself at least 1");
+        anyhow::ensure!(
+            f.gate_min_calls >= 1 && f.gate_calls >= f.gate_min_calls,
+            "fleet.gate_calls must be at least fleet.gate_min_calls, itself at least 1"
+        );
         anyhow::ensure!(!f.gate_time.is_zero(), "fleet.gate_time must be positive");
         anyhow::ensure!((0.0..=1.0).contains(&f.gate_max_faults), "fleet.gate_max_faults is a share, 0 to 1");
-        anyhow::ensure!(f.gate_p99_ratio >= 1.0 && f.gate_p99_ratio.is_finite(), "fleet.gate_p99_ratio must be at least 1");
+        anyhow::ensure!(
+            f.gate_p99_ratio >= 1.0 && f.gate_p99_ratio.is_finite(),
+            "fleet.gate_p99_ratio must be at least 1"
+        );
         for (host, r) in &self.registries {
             anyhow::ensure!(
                 r.token.is_none() || (r.username.is_none() && r.password.is_none()),

@@ -63,7 +63,8 @@ impl Layout {
     /// Judges a manifest: an OCI image manifest with a wasm config and one wasm layer, the
     /// module no larger than `max_module`.
     pub fn check(manifest: &[u8], max_module: u64) -> Result<Layout, String> {
-        let m: Manifest = serde_json::from_slice(manifest).map_err(|e| format!("the manifest is not an OCI image manifest: {e}"))?;
+        let m: Manifest =
+            serde_json::from_slice(manifest).map_err(|e| format!("the manifest is not an OCI image manifest: {e}"))?;
         if m.schema_version != 2 || m.media_type.as_deref() != Some(MANIFEST) {
             return Err(format!(
                 "the manifest's media type is {}, not {MANIFEST} (schema 2)",
@@ -71,10 +72,16 @@ impl Layout {
             ));
         }
         if m.config.media_type != CONFIG {
-            return Err(format!("the config's media type is {}, not {CONFIG}: not a wasm artifact", m.config.media_type));
+            return Err(format!(
+                "the config's media type is {}, not {CONFIG}: not a wasm artifact",
+                m.config.media_type
+            ));
         }
         let [module] = m.layers.as_slice() else {
-            return Err(format!("the artifact has {} layers; a wasm artifact has exactly one, {MODULE}", m.layers.len()));
+            return Err(format!(
+                "the artifact has {} layers; a wasm artifact has exactly one, {MODULE}",
+                m.layers.len()
+            ));
         };
         if module.media_type != MODULE {
             return Err(format!("its layer's media type is {}, not {MODULE}", module.media_type));
@@ -88,10 +95,7 @@ impl Layout {
             return Err(format!("its config is {} bytes; more than {MAX_METADATA} is refused", m.config.size));
         }
         if module.size > max_module {
-            return Err(format!(
-                "its module is {} bytes, over fleet.max_module ({max_module} bytes)",
-                module.size
-            ));
+            return Err(format!("its module is {} bytes, over fleet.max_module ({max_module} bytes)", module.size));
         }
         Ok(Layout { config: m.config.clone(), module: module.clone() })
     }
@@ -99,8 +103,8 @@ impl Layout {
     /// Judges the config blob the manifest named: a wasm config for WASI preview 1 that lists
     /// exactly the one layer.
     pub fn check_config(&self, config: &[u8]) -> Result<(), String> {
-        let c: WasmConfig =
-            serde_json::from_slice(config).map_err(|e| format!("the config is not a wasm config (architecture, os, layerDigests, created): {e}"))?;
+        let c: WasmConfig = serde_json::from_slice(config)
+            .map_err(|e| format!("the config is not a wasm config (architecture, os, layerDigests, created): {e}"))?;
         if c.architecture != "wasm" || c.os != "wasip1" {
             return Err(format!(
                 "the config says architecture `{}`, os `{}`: edgefn runs architecture `wasm`, os `wasip1`",
@@ -108,7 +112,10 @@ impl Layout {
             ));
         }
         if c.layer_digests != [self.module.digest.clone()] {
-            return Err(format!("the config's layerDigests {:?} do not name the one layer {}", c.layer_digests, self.module.digest));
+            return Err(format!(
+                "the config's layerDigests {:?} do not name the one layer {}",
+                c.layer_digests, self.module.digest
+            ));
         }
         Ok(())
     }
@@ -207,18 +214,30 @@ mod tests {
             f(&mut m);
             Layout::check(&serde_json::to_vec(&m).unwrap(), 1 << 20).unwrap_err()
         };
-        assert!(edit(&|m| m["layers"][0]["mediaType"] = "application/octet-stream".into()).contains("layer's media type"));
-        assert!(edit(&|m| m["config"]["mediaType"] = "application/vnd.oci.image.config.v1+json".into()).contains("not a wasm artifact"));
-        assert!(edit(&|m| {
-            let l = m["layers"][0].clone();
-            m["layers"].as_array_mut().unwrap().push(l)
-        })
-        .contains("2 layers"));
+        assert!(
+            edit(&|m| m["layers"][0]["mediaType"] = "application/octet-stream".into()).contains("layer's media type")
+        );
+        assert!(
+            edit(&|m| m["config"]["mediaType"] = "application/vnd.oci.image.config.v1+json".into())
+                .contains("not a wasm artifact")
+        );
+        assert!(
+            edit(&|m| {
+                let l = m["layers"][0].clone();
+                m["layers"].as_array_mut().unwrap().push(l)
+            })
+            .contains("2 layers")
+        );
         assert!(edit(&|m| m["mediaType"] = "application/vnd.oci.image.index.v1+json".into()).contains("media type"));
         assert!(Layout::check(&manifest, 4).unwrap_err().contains("over fleet.max_module"));
         assert!(Layout::check_module(b"\0asm\x0d\0\x01\0").unwrap_err().contains("component"));
         assert!(Layout::check_module(b"\x7fELF\x02\x01\x01\0").unwrap_err().contains("not a WebAssembly module"));
         let layout = Layout::check(&manifest, 1 << 20).unwrap();
-        assert!(layout.check_config(br#"{"created":"x","architecture":"amd64","os":"linux","layerDigests":[]}"#).unwrap_err().contains("architecture"));
+        assert!(
+            layout
+                .check_config(br#"{"created":"x","architecture":"amd64","os":"linux","layerDigests":[]}"#)
+                .unwrap_err()
+                .contains("architecture")
+        );
     }
 }

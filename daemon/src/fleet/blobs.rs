@@ -58,7 +58,9 @@ impl Blobs {
         let actual = super::artifact::digest(&bytes);
         if actual != digest {
             let _ = std::fs::remove_file(&path);
-            anyhow::bail!("the cached blob {digest} is damaged (its bytes hash to {actual}); removed, to be pulled again");
+            anyhow::bail!(
+                "the cached blob {digest} is damaged (its bytes hash to {actual}); removed, to be pulled again"
+            );
         }
         Ok(bytes)
     }

@@ -15,8 +15,8 @@ use anyhow::Context;
 use super::artifact::{self, Layout};
 use super::blobs::{Blobs, Resolved};
 use super::reference::ImageRef;
-use super::rollout::Records;
 use super::registry::Registry;
+use super::rollout::Records;
 use super::trust::{self, SignedPayload, Trust};
 use crate::config::Config;
 use crate::runtime::Fetched;
@@ -122,9 +122,12 @@ impl Images {
             let payloads = resolved
                 .signatures
                 .iter()
-                .map(|(digest, signature)| Ok(SignedPayload { payload: self.blobs.get(digest)?, signature: signature.clone() }))
+                .map(|(digest, signature)| {
+                    Ok(SignedPayload { payload: self.blobs.get(digest)?, signature: signature.clone() })
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let key = self.trust.verify_image(&resolved.manifest, &payloads).map_err(|e| anyhow::anyhow!("{image}: {e}"))?;
+            let key =
+                self.trust.verify_image(&resolved.manifest, &payloads).map_err(|e| anyhow::anyhow!("{image}: {e}"))?;
             Some(key.to_string())
         };
         let module = self.blobs.checked_path(&layout.module.digest)?;
@@ -186,7 +189,11 @@ impl Images {
             let payload = self.registry.blob(&at, d, artifact::MAX_METADATA).await?;
             payloads.push(SignedPayload { payload, signature: signature.clone() });
         }
-        let key = self.trust.verify_image(digest, &payloads).map_err(|e| anyhow::anyhow!("{image}: refused: {e}"))?.to_string();
+        let key = self
+            .trust
+            .verify_image(digest, &payloads)
+            .map_err(|e| anyhow::anyhow!("{image}: refused: {e}"))?
+            .to_string();
         let mut stored = Vec::new();
         for ((d, signature), p) in layers.iter().zip(&payloads) {
             self.blobs.put(&d.digest, &p.payload)?;

@@ -35,7 +35,9 @@ pub async fn sign(registry: &Registry, signer: &Signer, image: &ImageRef) -> any
     let at = image.with_tag(&trust::signature_tag(&digest));
 
     let mut layers: Vec<serde_json::Value> = match registry.manifest(&at, &[artifact::MANIFEST]).await? {
-        Some((bytes, _)) => serde_json::from_slice::<serde_json::Value>(&bytes)?["layers"].as_array().cloned().unwrap_or_default(),
+        Some((bytes, _)) => {
+            serde_json::from_slice::<serde_json::Value>(&bytes)?["layers"].as_array().cloned().unwrap_or_default()
+        }
         None => Vec::new(),
     };
     let payload_digest = registry.push_blob(&at, &payload).await?;

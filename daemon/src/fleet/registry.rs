@@ -44,7 +44,8 @@ impl Registry {
         let protocol = if plain { ClientProtocol::Http } else { ClientProtocol::Https };
         let mut extra = Vec::new();
         if let Some(ca) = &settings.ca {
-            let data = std::fs::read(ca).with_context(|| format!("registries.\"{host}\".ca: reading {}", ca.display()))?;
+            let data =
+                std::fs::read(ca).with_context(|| format!("registries.\"{host}\".ca: reading {}", ca.display()))?;
             extra.push(Certificate { encoding: CertificateEncoding::Pem, data });
         }
         let config = ClientConfig {
@@ -56,7 +57,8 @@ impl Registry {
             platform_resolver: None,
             ..ClientConfig::default()
         };
-        let client = Arc::new(Client::try_from(config).map_err(|e| anyhow::anyhow!("registry client for {host}: {e}"))?);
+        let client =
+            Arc::new(Client::try_from(config).map_err(|e| anyhow::anyhow!("registry client for {host}: {e}"))?);
         self.clients.lock().expect("clients lock").insert(host.to_string(), client.clone());
         Ok(client)
     }
@@ -75,7 +77,10 @@ impl Registry {
     /// service, or basic auth where the registry asks for that (docker-registry's htpasswd).
     async fn authenticated(&self, r: &ImageRef, op: RegistryOperation) -> anyhow::Result<Arc<Client>> {
         let client = self.client(r)?;
-        client.auth(r.oci(), &self.auth(r), op).await.map_err(|e| anyhow::anyhow!("{r}: signing in: {}", describe(&e)))?;
+        client
+            .auth(r.oci(), &self.auth(r), op)
+            .await
+            .map_err(|e| anyhow::anyhow!("{r}: signing in: {}", describe(&e)))?;
         Ok(client)
     }
 
@@ -124,7 +129,10 @@ impl Registry {
         while let Some(chunk) = stream.stream.next().await {
             // oci-client hashes as well, and ends the stream with its own error on a mismatch.
             let chunk = chunk.map_err(|e| match chain(&e) {
-                t if t.contains("digest") => anyhow::anyhow!("{r}: blob {} arrived with another digest: tampered with or damaged ({t})", d.digest),
+                t if t.contains("digest") => anyhow::anyhow!(
+                    "{r}: blob {} arrived with another digest: tampered with or damaged ({t})",
+                    d.digest
+                ),
                 t => anyhow::anyhow!("{r}: blob {} broke off after {} bytes: {t}", d.digest, bytes.len()),
             })?;
             anyhow::ensure!(
@@ -137,8 +145,18 @@ impl Registry {
             bytes.extend_from_slice(&chunk);
         }
         let actual = format!("sha256:{}", artifact::hex(&hash.finalize()));
-        anyhow::ensure!(actual == d.digest, "{r}: blob {} arrived with digest {actual}: tampered with or damaged", d.digest);
-        anyhow::ensure!(bytes.len() as u64 == d.size, "{r}: blob {} is {} bytes, not {}", d.digest, bytes.len(), d.size);
+        anyhow::ensure!(
+            actual == d.digest,
+            "{r}: blob {} arrived with digest {actual}: tampered with or damaged",
+            d.digest
+        );
+        anyhow::ensure!(
+            bytes.len() as u64 == d.size,
+            "{r}: blob {} is {} bytes, not {}",
+            d.digest,
+            bytes.len(),
+            d.size
+        );
         Ok(bytes)
     }
 

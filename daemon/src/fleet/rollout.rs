@@ -100,7 +100,11 @@ impl Board {
                 crashed = true;
             }
         }
-        if crashed && let Err(e) = serde_json::to_vec_pretty(&all).map_err(anyhow::Error::from).and_then(|b| super::blobs::write_durably(&self.path, &b)) {
+        if crashed
+            && let Err(e) = serde_json::to_vec_pretty(&all)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| super::blobs::write_durably(&self.path, &b))
+        {
             tracing::error!("cannot record the rollback: {e:#}");
         }
         all
@@ -120,7 +124,13 @@ pub struct Gate {
 impl Gate {
     pub fn from(cfg: &Config) -> Gate {
         let f = &cfg.fleet;
-        Gate { calls: f.gate_calls, time: f.gate_time, min_calls: f.gate_min_calls, max_faults: f.gate_max_faults, p99_ratio: f.gate_p99_ratio }
+        Gate {
+            calls: f.gate_calls,
+            time: f.gate_time,
+            min_calls: f.gate_min_calls,
+            max_faults: f.gate_max_faults,
+            p99_ratio: f.gate_p99_ratio,
+        }
     }
 
     /// Some(Ok) to commit, Some(Err(why)) to roll back, None to wait.
@@ -129,7 +139,10 @@ impl Gate {
         if calls >= self.min_calls {
             let share = faults as f64 / calls as f64;
             if share > self.max_faults {
-                return Some(Err(format!("{faults} of its first {calls} calls failed (over {:.0} %)", self.max_faults * 100.0)));
+                return Some(Err(format!(
+                    "{faults} of its first {calls} calls failed (over {:.0} %)",
+                    self.max_faults * 100.0
+                )));
             }
             if let Some(old) = old.filter(|o| o.calls_and_faults().0 >= self.min_calls) {
                 let (p99_new, p99_old) = (new.percentiles().1, old.percentiles().1);
@@ -165,11 +178,19 @@ pub async fn deploy(
     image: &str,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Started> {
-    anyhow::ensure!(runtime.is_versioned(name), "function {name} does not come from an image ([functions.{name}] image)");
+    anyhow::ensure!(
+        runtime.is_versioned(name),
+        "function {name} does not come from an image ([functions.{name}] image)"
+    );
     let image = ImageRef::parse(image).map_err(anyhow::Error::msg)?;
     let board = Board::open(&cfg.runtime.state_dir);
     let metrics = runtime.metrics().clone();
-    let outcome = |o: &str| metrics.deployments.get_or_create(&crate::metrics::DeploymentLabel { function: name.into(), outcome: o.to_string() }).inc();
+    let outcome = |o: &str| {
+        metrics
+            .deployments
+            .get_or_create(&crate::metrics::DeploymentLabel { function: name.into(), outcome: o.to_string() })
+            .inc()
+    };
     let pulled = match Images::new(cfg)?.pull(&image).await {
         Ok(p) => p,
         Err(e) => {
@@ -224,7 +245,15 @@ pub async fn deploy(
             }
         };
         let metrics = runtime.metrics().clone();
-        let count = |o: &str| metrics.deployments.get_or_create(&crate::metrics::DeploymentLabel { function: name_owned.clone(), outcome: o.to_string() }).inc();
+        let count = |o: &str| {
+            metrics
+                .deployments
+                .get_or_create(&crate::metrics::DeploymentLabel {
+                    function: name_owned.clone(),
+                    outcome: o.to_string(),
+                })
+                .inc()
+        };
         let recorded = match verdict {
             Ok(()) => {
                 count("committed");

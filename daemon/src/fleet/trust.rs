@@ -43,7 +43,11 @@ pub struct Trust {
 
 impl Trust {
     pub fn load(cfg: &crate::config::Trust) -> anyhow::Result<Trust> {
-        let keys = cfg.keys.iter().map(|p| Ok((p.display().to_string(), read_public_key(p)?))).collect::<anyhow::Result<_>>()?;
+        let keys = cfg
+            .keys
+            .iter()
+            .map(|p| Ok((p.display().to_string(), read_public_key(p)?)))
+            .collect::<anyhow::Result<_>>()?;
         Ok(Trust { keys })
     }
 
@@ -148,7 +152,10 @@ pub fn payload(name: &str, digest: &str) -> Vec<u8> {
 fn read_public_key(path: &Path) -> anyhow::Result<VerifyingKey> {
     let pem = std::fs::read_to_string(path).with_context(|| format!("trust.keys: reading {}", path.display()))?;
     let key = p256::PublicKey::from_public_key_pem(&pem).map_err(|e| {
-        anyhow::anyhow!("trust.keys: {} is not an ECDSA P-256 public key in PEM (as cosign.pub is): {e}", path.display())
+        anyhow::anyhow!(
+            "trust.keys: {} is not an ECDSA P-256 public key in PEM (as cosign.pub is): {e}",
+            path.display()
+        )
     })?;
     Ok(VerifyingKey::from(key))
 }

@@ -25,7 +25,14 @@ pub(super) async fn deploy(api: &Api, name: &str, req: Request<Incoming>) -> Res
     let image = match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(v) => match v.get("image").and_then(|i| i.as_str()) {
             Some(i) => i.to_string(),
-            None => return error(StatusCode::BAD_REQUEST, "the body must be {\"image\": \"oci://...\"}".into(), Some(name), "bad_body"),
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "the body must be {\"image\": \"oci://...\"}".into(),
+                    Some(name),
+                    "bad_body",
+                );
+            }
         },
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}"), Some(name), "bad_body"),
     };

@@ -129,7 +129,10 @@ impl Runtime {
         }
         let ticker = EpochTicker::start(engine.clone());
         for f in functions.values() {
-            metrics.function_version.get_or_create(&VersionLabel { function: f.name.clone(), sha256: f.sha256.clone() }).set(1);
+            metrics
+                .function_version
+                .get_or_create(&VersionLabel { function: f.name.clone(), sha256: f.sha256.clone() })
+                .set(1);
         }
         Ok(Runtime {
             functions: RwLock::new(functions),
@@ -197,7 +200,10 @@ impl Runtime {
     }
 
     fn show_version(&self, f: &Function) {
-        self.metrics.function_version.get_or_create(&VersionLabel { function: f.name.clone(), sha256: f.sha256.clone() }).set(1);
+        self.metrics
+            .function_version
+            .get_or_create(&VersionLabel { function: f.name.clone(), sha256: f.sha256.clone() })
+            .set(1);
     }
 
     pub fn models(&self) -> &nn::Models {
