@@ -44,7 +44,7 @@ mod tests {
         let id = super::id(&cfg);
         assert!(super::valid_id(&id), "{id}");
         assert_eq!(id, super::id(&cfg));
-        let named = crate::config::Board { id: Some("depot-7".into()) };
+        let named = crate::config::Board { id: Some("depot-7".into()), ..Default::default() };
         assert_eq!(super::id(&named), "depot-7");
         assert!(!super::valid_id("a/b") && !super::valid_id(""));
     }

@@ -93,6 +93,15 @@ pub enum Command {
         /// oci://HOST[:PORT]/REPO:TAG or ...@sha256:DIGEST
         image: String,
     },
+    /// The fleet's operator: signed deploy messages to many boards, in waves.
+    ///
+    /// Boards take them from their [fleet] channel (an MQTT topic, or a Dapr subscription) and
+    /// check them against their [trust] keys. The broker comes from --broker, else the
+    /// config's [mqtt] section.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Camera simulator: publish image files round-robin to an MQTT topic at a frame rate.
     ///
     /// The broker comes from --broker, else the config's [mqtt] section (with its TLS and
@@ -114,6 +123,103 @@ pub enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum FleetCommand {
+    /// Print a deploy message (the exact bytes to sign, e.g. with `cosign sign-blob --key`).
+    Message {
+        #[command(flatten)]
+        order: OrderArgs,
+        /// Percentage of the selected boards, 0 to 100.
+        #[arg(long, default_value_t = 100.0)]
+        percent: f64,
+        /// Order the boards that took the rollout back to the version before it.
+        #[arg(long)]
+        rollback: bool,
+    },
+    /// Publish a deploy message, signed with --key or with a signature made elsewhere.
+    Publish {
+        /// The message file (as `edgefn fleet message` prints it).
+        message: PathBuf,
+        /// A P-256 private key (cosign.key, with COSIGN_PASSWORD, or PKCS#8 / SEC1 PEM).
+        #[arg(long, conflicts_with = "signature", required_unless_present = "signature")]
+        key: Option<PathBuf>,
+        /// A base64 signature over the file, e.g. `cosign sign-blob --key cosign.key FILE`'s.
+        #[arg(long)]
+        signature: Option<PathBuf>,
+        #[command(flatten)]
+        to: ChannelArgs,
+    },
+    /// Roll a version out wave by wave, watching the boards' deployment events; stop and
+    /// order a rollback when too many of a wave's boards fail. Exits 3 when stopped.
+    Rollout {
+        #[command(flatten)]
+        order: OrderArgs,
+        /// The signing key.
+        #[arg(long)]
+        key: PathBuf,
+        /// Wave percentages, rising.
+        #[arg(long, value_delimiter = ',', default_value = "10,50,100")]
+        waves: Vec<f64>,
+        /// Stop when more than this percentage of a wave's boards fail.
+        #[arg(long, default_value_t = 20.0)]
+        max_failed: f64,
+        /// A wave is done when no board is on trial and none has reported for this long.
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        settle: std::time::Duration,
+        /// A wave is judged after this long whatever has been reported.
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        wave_timeout: std::time::Duration,
+        /// The topic (filter) where boards send deployment events ([fleet] events).
+        #[arg(long, default_value = "edgefn/fleet/events")]
+        events: String,
+        #[command(flatten)]
+        to: ChannelArgs,
+    },
+    /// Print the boards' deployment events, one line each, until interrupted.
+    Watch {
+        #[arg(long, default_value = "edgefn/fleet/events")]
+        events: String,
+        /// Broker URL (mqtt:// or mqtts://), overriding the config.
+        #[arg(long)]
+        broker: Option<String>,
+    },
+}
+
+/// What a deploy message says.
+#[derive(clap::Args)]
+pub struct OrderArgs {
+    /// The function, as boards configure it ([functions.NAME] image).
+    pub function: String,
+    /// oci://HOST[:PORT]/REPO@sha256:DIGEST (a tag is resolved to its digest first).
+    pub image: String,
+    /// The rollout's id. Default: FUNCTION-<time>.
+    #[arg(long)]
+    pub rollout: Option<String>,
+    /// Only boards with this label (repeatable), as [board] labels sets them.
+    #[arg(long = "selector", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub selector: Vec<(String, String)>,
+    /// How long the message stays valid.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub expires: std::time::Duration,
+}
+
+/// Where deploy messages go: an MQTT topic, or a Dapr pub/sub topic through daprd.
+#[derive(clap::Args)]
+pub struct ChannelArgs {
+    /// Broker URL (mqtt:// or mqtts://), overriding the config.
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// The topic boards take deploy messages from ([fleet] channel).
+    #[arg(long, default_value = "edgefn/fleet/deploy")]
+    pub topic: String,
+    /// Publish through this daprd (e.g. http://127.0.0.1:3500) instead of MQTT.
+    #[arg(long)]
+    pub dapr: Option<String>,
+    /// The Dapr pub/sub component, with --dapr.
+    #[arg(long, default_value = "pubsub")]
+    pub pubsub: String,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {

@@ -41,6 +41,23 @@ pub struct Fleet {
     pub gate_max_faults: f64,
     /// The version's p99 may be at most this many times the previous version's.
     pub gate_p99_ratio: f64,
+    /// How often to ask the registry what a function's tag (`image = "oci://…:TAG"`) points
+    /// at, and deploy a new digest on trial. Unset: never; the tag is read at start only.
+    #[serde(with = "humantime_serde")]
+    pub poll: Option<Duration>,
+    /// Where signed deploy messages come from: the fleet's operator (`edgefn fleet`).
+    pub channel: Option<Channel>,
+    /// Where `deployment` events go upstream (CloudEvents, through the outbox like results):
+    /// sinks written as a pipeline's are.
+    pub events: Vec<super::SinkConfig>,
+}
+
+/// The fleet channel: one MQTT topic filter on the `[mqtt]` broker, or one Dapr subscription.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Channel {
+    pub mqtt: Option<String>,
+    pub dapr: Option<super::DaprTopic>,
 }
 
 impl Default for Fleet {
@@ -54,6 +71,9 @@ impl Default for Fleet {
             gate_min_calls: 10,
             gate_max_faults: 0.2,
             gate_p99_ratio: 3.0,
+            poll: None,
+            channel: None,
+            events: Vec::new(),
         }
     }
 }

@@ -13,7 +13,7 @@ use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 mod fleet;
-pub use self::fleet::{Fleet, Registries, Registry, Trust};
+pub use self::fleet::{Channel, Fleet, Registries, Registry, Trust};
 
 /// Where the packaged daemon looks for its configuration.
 pub const DEFAULT_PATH: &str = "/etc/edgefn/edgefn.toml";
@@ -53,6 +53,9 @@ pub struct Board {
     /// split one feed (an MQTT shared subscription) never collide. Unset: derived from
     /// `/etc/machine-id` (see [`crate::board`]).
     pub id: Option<String>,
+    /// What the fleet knows the board by (`site = "depot-3"`): deploy messages select boards
+    /// by them, and every `deployment` event names them.
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -454,17 +457,9 @@ impl Config {
                     "{at}: source.mqtt `{filter}` needs a `+` level for the camera id"
                 );
             }
-            for s in &p.sinks {
-                if let SinkConfig::Mqtt { topic } = s {
-                    anyhow::ensure!(self.mqtt.is_some(), "{at}: an mqtt sink needs an [mqtt] section");
-                    // A broker refuses every publish to such a topic, and the sink would jam.
-                    anyhow::ensure!(
-                        !topic.is_empty() && !topic.contains(['+', '#', '\0']),
-                        "{at}: mqtt sink topic `{topic}` must be a topic name, without `+`, `#` or NUL"
-                    );
-                }
-            }
+            self.check_sinks(&at, &p.sinks)?;
         }
+        self.check_fleet()?;
         if let Some(m) = &self.mqtt {
             m.validate()?;
         }
@@ -510,6 +505,56 @@ impl Config {
             anyhow::ensure!(is_valid_name(name), "models.{name}: names are [a-z0-9_-]+");
             anyhow::ensure!((1..=64).contains(&m.threads), "models.{name}.threads must be 1..=64");
             anyhow::ensure!((1..=64).contains(&m.contexts), "models.{name}.contexts must be 1..=64");
+        }
+        Ok(())
+    }
+
+    fn check_sinks(&self, at: &str, sinks: &[SinkConfig]) -> anyhow::Result<()> {
+        for s in sinks {
+            if let SinkConfig::Mqtt { topic } = s {
+                anyhow::ensure!(self.mqtt.is_some(), "{at}: an mqtt sink needs an [mqtt] section");
+                // A broker refuses every publish to such a topic, and the sink would jam.
+                anyhow::ensure!(
+                    !topic.is_empty() && !topic.contains(['+', '#', '\0']),
+                    "{at}: mqtt sink topic `{topic}` must be a topic name, without `+`, `#` or NUL"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn check_fleet(&self) -> anyhow::Result<()> {
+        for (k, v) in &self.board.labels {
+            anyhow::ensure!(
+                crate::board::valid_id(k) && !v.is_empty() && v.len() <= 128,
+                "board.labels: `{k}` must be 1 to 64 of [A-Za-z0-9._-], with a value of 1 to 128 characters"
+            );
+        }
+        self.check_sinks("fleet.events", &self.fleet.events)?;
+        anyhow::ensure!(
+            self.fleet.events.is_empty() || !self.pipelines.is_empty(),
+            "fleet.events: deployment events go through the outbox, which needs at least one [[pipeline]]"
+        );
+        if let Some(poll) = self.fleet.poll {
+            anyhow::ensure!(poll >= Duration::from_secs(1), "fleet.poll must be at least 1 s");
+        }
+        if let Some(c) = &self.fleet.channel {
+            anyhow::ensure!(
+                c.mqtt.is_some() != c.dapr.is_some(),
+                "fleet.channel: set `mqtt` (a topic filter) or `dapr` (a pub/sub topic), one of them"
+            );
+            anyhow::ensure!(
+                c.mqtt.is_none() || self.mqtt.is_some(),
+                "fleet.channel.mqtt needs an [mqtt] section (the broker)"
+            );
+            if let Some(filter) = &c.mqtt {
+                anyhow::ensure!(!filter.is_empty(), "fleet.channel.mqtt must not be empty");
+            }
+            // Deploy messages are signed; with nothing to check them against, none is taken.
+            anyhow::ensure!(
+                !self.trust.keys.is_empty(),
+                "fleet.channel: deploy messages must be signed, and [trust] keys is empty"
+            );
         }
         Ok(())
     }

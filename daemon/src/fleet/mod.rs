@@ -18,7 +18,13 @@
 
 pub mod artifact;
 pub mod blobs;
+pub mod channel;
+pub mod context;
+pub mod events;
 pub mod images;
+pub mod listen;
+pub mod operator;
+pub mod poll;
 pub mod push;
 pub mod reference;
 pub mod registry;
@@ -26,5 +32,6 @@ pub mod rollout;
 pub mod signer;
 pub mod trust;
 
+pub use self::context::Context;
 pub use self::images::{Images, Pulled};
 pub use self::reference::ImageRef;

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::context::{Context, Step};
 use super::images::Images;
 use super::reference::ImageRef;
 use crate::config::Config;
@@ -44,6 +45,18 @@ pub struct Record {
     /// The config's `image` when the version was deployed: a config that names another
     /// image since wins over the committed version.
     pub configured: Option<String>,
+    /// The fleet rollout the trial or committed version came with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+/// A fleet rollout as a board took it: its id, and the version it replaced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub id: String,
+    /// What the rollout deployed.
+    pub version: Version,
+    pub before: Option<Version>,
 }
 
 pub type Records = BTreeMap<String, Record>;
@@ -87,27 +100,51 @@ impl Board {
 
     /// At a start or a reload: a version still on trial had the daemon die or reload under
     /// it; it counts against that version. Returns what each function should start on.
-    pub fn start(&self) -> Records {
+    /// Also returns the versions so rolled back, with their rollouts, to report.
+    pub fn start(&self) -> (Records, Vec<Interrupted>) {
         let _held = RECORD.lock().expect("record lock");
         let mut all = self.load();
-        let mut crashed = false;
+        let mut crashed = Vec::new();
         for (name, r) in all.iter_mut() {
             if let Some(t) = r.trial.take() {
                 tracing::warn!(function = %name, image = %t.image, digest = %t.digest, "rolled back: the daemon stopped while this version was on trial");
-                r.rolled_back.insert(t.digest);
-                r.previous = None;
-                r.last = Some("rolled_back: the daemon stopped during its trial".into());
-                crashed = true;
+                r.rolled_back.insert(t.digest.clone());
+                r.last = Some(format!("rolled_back: {INTERRUPTED}"));
+                let rollout = r.rollout.as_ref().filter(|o| o.version == t).map(|o| o.id.clone());
+                crashed.push(Interrupted { function: name.clone(), version: t, rollout, previous: r.previous.take() });
             }
         }
-        if crashed
+        if !crashed.is_empty()
             && let Err(e) = serde_json::to_vec_pretty(&all)
                 .map_err(anyhow::Error::from)
                 .and_then(|b| super::blobs::write_durably(&self.path, &b))
         {
             tracing::error!("cannot record the rollback: {e:#}");
         }
-        all
+        (all, crashed)
+    }
+}
+
+const INTERRUPTED: &str = "the daemon stopped during its trial";
+
+/// A trial a stop or a crash ended: it counts as rolled back.
+pub struct Interrupted {
+    pub function: String,
+    pub version: Version,
+    pub rollout: Option<String>,
+    pub previous: Option<Version>,
+}
+
+impl Interrupted {
+    pub fn report(&self, ctx: &Context) {
+        ctx.report(Step {
+            function: &self.function,
+            rollout: self.rollout.as_deref(),
+            version: &self.version,
+            outcome: "rolled_back",
+            reason: Some(INTERRUPTED.into()),
+            previous: self.previous.as_ref(),
+        });
     }
 }
 
@@ -167,35 +204,59 @@ pub struct Started {
     pub state: &'static str,
 }
 
+/// Where a version comes from, which decides what a digest rolled back here means.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Origin<'a> {
+    /// `edgefn deploy`: an operator asked for this version by name, so it is tried even if it
+    /// was rolled back before.
+    Explicit,
+    /// A tag poll: a digest rolled back here is not tried again.
+    Poll,
+    /// A fleet rollout, by its id: as a poll, and the record keeps the rollout's id and the
+    /// version before it, for a rollback the operator orders.
+    Rollout(&'a str),
+}
+
+impl Origin<'_> {
+    fn rollout(&self) -> Option<&str> {
+        match self {
+            Origin::Rollout(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
 /// Pulls, verifies and compiles `image` for `name`, switches it in on trial, and leaves its
 /// gate running. An error means nothing was switched.
-/// The gate ends unjudged when `closing` turns true: a reload or a stop ended the generation
-/// (and the next start counts the trial as rolled back).
-pub async fn deploy(
-    cfg: &Config,
-    runtime: Arc<Runtime>,
-    name: &str,
-    image: &str,
-    mut closing: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<Started> {
+/// The gate ends unjudged when the generation closes (and the next start counts the trial as
+/// rolled back).
+pub async fn deploy(ctx: &Arc<Context>, name: &str, image: &str, origin: Origin<'_>) -> anyhow::Result<Started> {
+    let runtime = &ctx.runtime;
     anyhow::ensure!(
         runtime.is_versioned(name),
         "function {name} does not come from an image ([functions.{name}] image)"
     );
     let image = ImageRef::parse(image).map_err(anyhow::Error::msg)?;
-    let board = Board::open(&cfg.runtime.state_dir);
-    let metrics = runtime.metrics().clone();
-    let outcome = |o: &str| {
-        metrics
-            .deployments
-            .get_or_create(&crate::metrics::DeploymentLabel { function: name.into(), outcome: o.to_string() })
-            .inc()
+    let board = Board::open(&ctx.cfg.runtime.state_dir);
+    let rollout = origin.rollout();
+    let unpulled = Version { image: image.to_string(), digest: image.digest().unwrap_or_default().to_string() };
+    let refuse = |v: &Version, outcome: &str, why: String| -> anyhow::Result<()> {
+        count(runtime, name, outcome);
+        board.update(name, |r| r.last = Some(format!("{outcome}: {why}")))?;
+        ctx.report(Step { function: name, rollout, version: v, outcome, reason: Some(why), previous: None });
+        Ok(())
     };
-    let pulled = match Images::new(cfg)?.pull(&image).await {
+    if origin != Origin::Explicit && !unpulled.digest.is_empty() {
+        if board.read().get(name).is_some_and(|r| r.rolled_back.contains(&unpulled.digest)) {
+            let why = "this digest was rolled back on this board; only `edgefn deploy` tries it again".to_string();
+            refuse(&unpulled, "skipped", why.clone())?;
+            anyhow::bail!("{image}: {why}");
+        }
+    }
+    let pulled = match Images::new(&ctx.cfg)?.pull(&image).await {
         Ok(p) => p,
         Err(e) => {
-            outcome("refused");
-            board.update(name, |r| r.last = Some(format!("refused: {e:#}")))?;
+            refuse(&unpulled, "refused", format!("{e:#}"))?;
             return Err(e);
         }
     };
@@ -204,31 +265,52 @@ pub async fn deploy(
     if current.as_ref().is_some_and(|c| format!("sha256:{}", c.sha256) == module_digest(&pulled.module)) {
         return Ok(Started { function: name.into(), image: version.image, digest: version.digest, state: "serving" });
     }
+    if origin != Origin::Explicit && board.read().get(name).is_some_and(|r| r.rolled_back.contains(&version.digest)) {
+        let why = "this digest was rolled back on this board; only `edgefn deploy` tries it again".to_string();
+        refuse(&version, "skipped", why.clone())?;
+        anyhow::bail!("{image}: {why}");
+    }
     let (rt, n, path) = (runtime.clone(), name.to_string(), pulled.module.clone());
     let new = match tokio::task::spawn_blocking(move || rt.load_version(&n, &path)).await? {
         Ok(f) => f,
         Err(e) => {
-            outcome("failed_to_load");
-            board.update(name, |r| r.last = Some(format!("failed to load: {e:#}")))?;
+            refuse(&version, "failed_to_load", format!("{e:#}"))?;
             return Err(e.context(format!("{image} does not load")));
         }
     };
     // Recorded before the switch: a crash from here on counts against the new version.
-    let configured = cfg.functions.get(name).and_then(|f| f.image.clone());
+    let configured = ctx.cfg.functions.get(name).and_then(|f| f.image.clone());
+    let serving = serving_version(ctx, name);
     let previous = board.update(name, |r| {
         r.trial = Some(version.clone());
         r.configured = configured;
-        r.previous = r.committed.clone();
-        r.rolled_back.remove(&version.digest);
+        r.previous = r.committed.clone().or(serving);
+        if origin == Origin::Explicit {
+            r.rolled_back.remove(&version.digest);
+        }
+        r.rollout =
+            rollout.map(|id| Rollout { id: id.to_string(), version: version.clone(), before: r.previous.clone() });
         r.last = Some("on trial".into());
         r.previous.clone()
     })?;
     let old = runtime.switch(new.clone());
-    tracing::info!(function = %name, image = %version.image, digest = %version.digest, previous = ?previous.as_ref().map(|p| &p.digest), "on trial");
-    outcome("started");
-    let gate = Gate::from(cfg);
-    let (name_owned, version_owned) = (name.to_string(), version.clone());
+    tracing::info!(function = %name, image = %version.image, digest = %version.digest, previous = ?previous.as_ref().map(|p| &p.digest), rollout = ?rollout, "on trial");
+    count(runtime, name, "started");
+    let step = |outcome, reason| Step {
+        function: name,
+        rollout,
+        version: &version,
+        outcome,
+        reason,
+        previous: previous.as_ref(),
+    };
+    ctx.report(step("trial", None));
+    let gate = Gate::from(&ctx.cfg);
+    let (ctx, function, rollout) = (ctx.clone(), name.to_string(), rollout.map(str::to_string));
+    let mut closing = ctx.closing.clone();
+    let trial = version.clone();
     tokio::spawn(async move {
+        let name = function;
         let started = Instant::now();
         let verdict = loop {
             // Each call's end wakes the gate; the tick covers gate_time with no calls.
@@ -237,30 +319,23 @@ pub async fn deploy(
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                 _ = closing.wait_for(|c| *c) => return,
             }
-            if !runtime.get(&name_owned).is_some_and(|f| Arc::ptr_eq(&f, &new)) {
-                return; // replaced by another deploy, or by a reload
+            if !ctx.runtime.get(&name).is_some_and(|f| Arc::ptr_eq(&f, &new)) {
+                return; // replaced by another deploy, an ordered rollback, or a reload
             }
             if let Some(v) = gate.judge(&new, old.as_deref(), started.elapsed()) {
                 break v;
             }
         };
-        let metrics = runtime.metrics().clone();
-        let count = |o: &str| {
-            metrics
-                .deployments
-                .get_or_create(&crate::metrics::DeploymentLabel {
-                    function: name_owned.clone(),
-                    outcome: o.to_string(),
-                })
-                .inc()
+        let (outcome, reason) = match &verdict {
+            Ok(()) => ("committed", None),
+            Err(why) => ("rolled_back", Some(why.clone())),
         };
         let recorded = match verdict {
             Ok(()) => {
-                count("committed");
-                tracing::info!(function = %name_owned, digest = %version_owned.digest, "committed: passed its gate");
+                tracing::info!(function = %name, digest = %trial.digest, "committed: passed its gate");
                 // A start or reload since ended this trial (and counted it as rolled back).
-                board.update(&name_owned, |r| {
-                    if r.trial.as_ref() == Some(&version_owned) {
+                board.update(&name, |r| {
+                    if r.trial.as_ref() == Some(&trial) {
                         r.committed = r.trial.take();
                         r.previous = None;
                         r.last = Some("committed".into());
@@ -269,23 +344,88 @@ pub async fn deploy(
             }
             Err(why) => {
                 if let Some(old) = old {
-                    runtime.switch(old);
+                    ctx.runtime.switch(old);
                 }
-                count("rolled_back");
-                tracing::warn!(function = %name_owned, digest = %version_owned.digest, "rolled back: {why}");
-                board.update(&name_owned, |r| {
+                tracing::warn!(function = %name, digest = %trial.digest, "rolled back: {why}");
+                board.update(&name, |r| {
                     r.trial = None;
                     r.previous = None;
-                    r.rolled_back.insert(version_owned.digest.clone());
+                    r.rolled_back.insert(trial.digest.clone());
                     r.last = Some(format!("rolled_back: {why}"));
                 })
             }
         };
+        count(&ctx.runtime, &name, outcome);
         if let Err(e) = recorded {
-            tracing::error!(function = %name_owned, "cannot record the rollout's outcome: {e:#}");
+            tracing::error!(function = %name, "cannot record the rollout's outcome: {e:#}");
         }
+        ctx.report(Step {
+            function: &name,
+            rollout: rollout.as_deref(),
+            version: &trial,
+            outcome,
+            reason,
+            previous: previous.as_ref(),
+        });
     });
     Ok(Started { function: name.into(), image: version.image, digest: version.digest, state: "trial" })
+}
+
+/// Rollout `id` ordered back (by `edgefn fleet`, as its boards failed): a board that took
+/// that rollout for `name` and still serves it goes back to the version it served before,
+/// from the store, and the rollout's digest counts as rolled back here. Ok(None): this board
+/// has nothing to undo.
+pub async fn roll_back(ctx: &Arc<Context>, name: &str, id: &str) -> anyhow::Result<Option<Version>> {
+    let board = Board::open(&ctx.cfg.runtime.state_dir);
+    let record = board.read().remove(name).unwrap_or_default();
+    let Some(Rollout { version: undone, before, .. }) = record.rollout.filter(|r| r.id == id) else { return Ok(None) };
+    let serving = [&record.trial, &record.committed].into_iter().flatten().any(|v| v == &undone);
+    if !serving || record.rolled_back.contains(&undone.digest) {
+        return Ok(None);
+    }
+    let why = format!("ordered back with rollout {id}");
+    let step = |outcome, reason| Step {
+        function: name,
+        rollout: Some(id),
+        version: &undone,
+        outcome,
+        reason,
+        previous: before.as_ref(),
+    };
+    if let Some(before) = &before {
+        let image = ImageRef::parse(&before.image).map_err(anyhow::Error::msg)?.with_digest(&before.digest);
+        let pulled = Images::new(&ctx.cfg)?.fetch(&image).await?;
+        let (rt, n) = (ctx.runtime.clone(), name.to_string());
+        let old = tokio::task::spawn_blocking(move || rt.load_version(&n, &pulled.module)).await??;
+        ctx.runtime.switch(old);
+    }
+    board.update(name, |r| {
+        r.trial = None;
+        r.previous = None;
+        r.committed = before.clone();
+        r.rolled_back.insert(undone.digest.clone());
+        r.last = Some(format!("rolled_back: {why}"));
+    })?;
+    tracing::warn!(function = %name, digest = %undone.digest, back_to = ?before.as_ref().map(|b| &b.digest), "rolled back: {why}");
+    count(&ctx.runtime, name, "rolled_back");
+    ctx.report(step("rolled_back", Some(why)));
+    Ok(before)
+}
+
+/// The version `name` serves from its configured image, when the board has committed none:
+/// what a rollback from the first rollout goes back to.
+fn serving_version(ctx: &Context, name: &str) -> Option<Version> {
+    let image = ctx.cfg.functions.get(name)?.image.clone()?;
+    let resolved = super::blobs::Blobs::open(&ctx.cfg.runtime.state_dir).resolved(&image)?;
+    Some(Version { image, digest: resolved.manifest })
+}
+
+fn count(runtime: &Runtime, function: &str, outcome: &str) {
+    runtime
+        .metrics()
+        .deployments
+        .get_or_create(&crate::metrics::DeploymentLabel { function: function.into(), outcome: outcome.into() })
+        .inc();
 }
 
 fn module_digest(path: &Path) -> String {

@@ -5,29 +5,36 @@
 //! per the contract: `SUCCESS` once the result is durable in the outbox, `DROP` for an event
 //! no retry can fix (undecodable, too large, the function rejected it, or the pipeline names a
 //! function that does not exist), `RETRY` for a passing problem (saturated, not loaded yet,
-//! the outbox failing).
+//! the outbox failing). The fleet channel's deploy messages, when they come through the sidecar,
+//! arrive at `POST /v1/dapr/fleet` ([`crate::fleet::listen`]).
 
 use base64::Engine;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use crate::config::DaprTopic;
 use crate::pipeline::Pipelines;
 
 pub fn route(pipeline: &str) -> String {
     format!("/v1/dapr/events/{pipeline}")
 }
 
-pub fn subscriptions(pipelines: Option<&Pipelines>) -> Value {
+/// The pipelines' subscriptions, and the fleet channel's when it comes through the sidecar.
+pub fn subscriptions(pipelines: Option<&Pipelines>, fleet: Option<&DaprTopic>) -> Value {
     let subs: Vec<Value> = pipelines
         .into_iter()
         .flat_map(|ps| ps.iter())
         .filter_map(|p| {
             p.source.dapr.as_ref().map(|d| json!({ "pubsubname": d.pubsub, "topic": d.topic, "route": route(&p.name) }))
         })
+        .chain(fleet.map(|d| json!({ "pubsubname": d.pubsub, "topic": d.topic, "route": FLEET_ROUTE })))
         .collect();
     Value::Array(subs)
 }
+
+/// Where the sidecar delivers deploy messages of the fleet channel.
+pub const FLEET_ROUTE: &str = "/v1/dapr/fleet";
 
 /// Handles one delivered event; the answer is the `status` for the sidecar.
 pub async fn event(pipelines: &Pipelines, name: &str, body: &[u8]) -> &'static str {

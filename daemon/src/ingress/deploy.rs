@@ -39,7 +39,7 @@ pub(super) async fn deploy(api: &Api, name: &str, req: Request<Incoming>) -> Res
     if let Err(e) = ImageRef::parse(&image) {
         return error(StatusCode::BAD_REQUEST, e, Some(name), "bad_body");
     }
-    match rollout::deploy(&api.config, rt.clone(), name, &image, api.closing.clone()).await {
+    match rollout::deploy(&api.fleet, name, &image, rollout::Origin::Explicit).await {
         Ok(started) => json_response(StatusCode::OK, &json!(started)),
         Err(e) => {
             tracing::warn!(function = %name, image = %image, "deploy refused: {e:#}");

@@ -35,8 +35,11 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 /// What the HTTP handlers share.
 pub struct Api {
     pub runtime: Arc<Runtime>,
-    /// The generation's config: what a deploy pulls and verifies with.
-    pub config: Arc<crate::config::Config>,
+    /// The generation's fleet side: the config a deploy pulls and verifies with, and where
+    /// its events go.
+    pub fleet: Arc<crate::fleet::Context>,
+    /// The fleet channel, when `[fleet] channel` is set (its Dapr subscription lands here).
+    pub channel: Option<Arc<crate::fleet::listen::Listener>>,
     pub pipelines: Option<Arc<Pipelines>>,
     pub max_body: usize,
     /// Request bodies held at once, in KiB ([`bodies_in_flight`]): each connection may send
@@ -126,8 +129,12 @@ pub(super) async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Response<Bo
         Endpoint::RunPipeline => run_pipeline(api, param(0), req).await,
         Endpoint::DeadLetters => dead_letters(api),
         Endpoint::ReplayDeadLetters => replay_dead_letters(api).await,
-        Endpoint::DaprSubscribe => json_response(StatusCode::OK, &dapr::subscriptions(api.pipelines.as_deref())),
+        Endpoint::DaprSubscribe => {
+            let fleet = api.channel.as_ref().and_then(|_| api.fleet.cfg.fleet.channel.as_ref()?.dapr.as_ref());
+            json_response(StatusCode::OK, &dapr::subscriptions(api.pipelines.as_deref(), fleet))
+        }
         Endpoint::DaprEvent => dapr_event(api, param(0), req).await,
+        Endpoint::DaprFleet => dapr_fleet(api, req).await,
         Endpoint::SeedImage => invoke(api, "grayscale", req, &[]).await,
         // The seed's page picks the function with an `api` header: `go` meant classify, which
         // answered with a sentence.
@@ -199,6 +206,30 @@ async fn dapr_event(api: &Api, name: &str, req: Request<Incoming>) -> Response<B
     let status = match &api.pipelines {
         Some(p) => dapr::event(p, name, &body).await,
         None => "DROP",
+    };
+    json_response(StatusCode::OK, &json!({ "status": status }))
+}
+
+/// A deploy message through the sidecar: `SUCCESS` once judged (a refusal is final, and
+/// logged), `RETRY` while the board cannot take more.
+async fn dapr_fleet(api: &Api, req: Request<Incoming>) -> Response<Body> {
+    let (body, _held) = match read_body(req, api).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let status = match (&api.channel, dapr::unwrap_event(&body)) {
+        (None, _) => {
+            tracing::warn!("deploy message through the sidecar, but [fleet] channel is not set: dropped");
+            "DROP"
+        }
+        (Some(_), Err(why)) => {
+            tracing::warn!(channel = "dapr", "deploy message refused: {why}");
+            "DROP"
+        }
+        (Some(l), Ok((_, _, data))) => match l.receive(&data, "dapr") {
+            true => "SUCCESS",
+            false => "RETRY",
+        },
     };
     json_response(StatusCode::OK, &json!({ "status": status }))
 }
@@ -388,7 +419,7 @@ fn health(api: &Api) -> Response<Body> {
 fn list_functions(api: &Api) -> Response<Body> {
     let rt = &api.runtime;
     let metrics = rt.metrics();
-    let rollouts = crate::fleet::rollout::Board::open(&api.config.runtime.state_dir).read();
+    let rollouts = crate::fleet::rollout::Board::open(&api.fleet.cfg.runtime.state_dir).read();
     let loaded: Vec<_> = rt
         .functions()
         .iter()
@@ -412,7 +443,7 @@ fn list_functions(api: &Api) -> Response<Body> {
             if rt.is_versioned(&f.name) {
                 let r = rollouts.get(&f.name).cloned().unwrap_or_default();
                 let serving = r.trial.as_ref().or(r.committed.as_ref());
-                entry["image"] = json!(serving.map(|v| &v.image).or(api.config.functions[&f.name].image.as_ref()));
+                entry["image"] = json!(serving.map(|v| &v.image).or(api.fleet.cfg.functions[&f.name].image.as_ref()));
                 entry["digest"] = json!(serving.map(|v| &v.digest));
                 entry["state"] = json!(if r.trial.is_some() { "trial" } else { "committed" });
                 entry["previous"] = json!(r.previous);

@@ -27,6 +27,7 @@ pub enum Endpoint {
     ReplayDeadLetters,
     DaprSubscribe,
     DaprEvent,
+    DaprFleet,
     SeedImage,
     SeedHello,
 }
@@ -60,6 +61,7 @@ pub const ROUTES: &[(Method, &str, Endpoint)] = &[
     (Method::POST, "/v1/outbox/dead/replay", ReplayDeadLetters),
     (Method::GET, "/dapr/subscribe", DaprSubscribe),
     (Method::POST, "/v1/dapr/events/{pipeline}", DaprEvent),
+    (Method::POST, "/v1/dapr/fleet", DaprFleet),
     (Method::POST, "/api/image", SeedImage),
     (Method::POST, "/api/hello", SeedHello),
 ];

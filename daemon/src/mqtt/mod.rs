@@ -214,6 +214,18 @@ impl Client {
         Ok(())
     }
 
+    /// A retained QoS 1 publish: the broker keeps the last one per topic for whoever
+    /// subscribes later (a board that was offline when the fleet's operator sent it).
+    pub async fn publish_retained(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
+        match &self.inner {
+            ClientInner::V4(c) => c.publish_bytes(topic, QoS::AtLeastOnce, true, payload).await?,
+            ClientInner::V5(c) => {
+                c.publish_bytes(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, true, payload).await?
+            }
+        }
+        Ok(())
+    }
+
     /// Publishes at QoS 1; the receiver gets the broker's answer when its PUBACK arrives (on
     /// MQTT 5 possibly a refusal), and fails if the publish was lost with the session. Refused at once while the broker is offline, so
     /// retries do not pile up copies in rumqttc's queue.

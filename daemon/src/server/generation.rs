@@ -29,6 +29,10 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{self, Config, SinkConfig};
+use crate::fleet::Context;
+use crate::fleet::events::{Deployment, Reporter};
+use crate::fleet::listen::Listener;
+use crate::fleet::rollout::Interrupted;
 use crate::ingress::http::Api;
 use crate::ingress::listener;
 use crate::ingress::mqtt::{Ingress, Route};
@@ -37,7 +41,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipelines;
 use crate::runtime::Runtime;
 use crate::sinks::dapr::DaprClient;
-use crate::sinks::outbox::Outbox;
+use crate::sinks::outbox::{Item, Outbox, Record};
 use crate::sinks::{Kind, Sink, delivery};
 
 /// How long the broker connection gets to close once nothing else runs.
@@ -87,6 +91,10 @@ pub struct Prepared {
     mqtt: Option<(crate::mqtt::Client, crate::mqtt::Connection, Vec<Route>)>,
     listener: Option<TcpListener>,
     problems: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Where this generation's `deployment` events go.
+    events: Reporter,
+    /// Trials the last stop ended, to report once the generation runs.
+    interrupted: Vec<Interrupted>,
 }
 
 /// Prepares a generation; a panic anywhere in it (a library's assertion on a setting) is an
@@ -104,7 +112,7 @@ pub async fn prepare(cfg: &Config, shared: &Shared, listener: Option<TcpListener
 impl Prepared {
     async fn new(cfg: &Config, shared: &Shared, listener: Option<TcpListener>) -> anyhow::Result<Prepared> {
         let metrics = Arc::new(Metrics::new());
-        let committed = crate::fleet::rollout::Board::open(&cfg.runtime.state_dir).start();
+        let (committed, interrupted) = crate::fleet::rollout::Board::open(&cfg.runtime.state_dir).start();
         let fetched = crate::fleet::images::fetch_configured(cfg, None, &committed).await;
         let runtime = {
             let (cfg, metrics) = (cfg.clone(), metrics.clone());
@@ -119,6 +127,8 @@ impl Prepared {
             mqtt: None,
             listener,
             problems: shared.problems.clone(),
+            events: crate::fleet::events::nowhere(),
+            interrupted,
         };
         if cfg.pipelines.is_empty() {
             return Ok(prepared);
@@ -132,7 +142,7 @@ impl Prepared {
             None => None,
         };
         let mut sinks: BTreeMap<Arc<str>, Arc<Sink>> = BTreeMap::new();
-        for sc in cfg.pipelines.iter().flat_map(|p| &p.sinks) {
+        for sc in cfg.pipelines.iter().flat_map(|p| &p.sinks).chain(&cfg.fleet.events) {
             let sink = Sink::new(sc, &dapr, mqtt.as_ref().map(|(c, _)| c))?;
             sinks.entry(sink.key.clone()).or_insert_with(|| Arc::new(sink));
         }
@@ -147,6 +157,7 @@ impl Prepared {
             tokio::spawn(check_sidecar(cfg.clone(), dapr.clone()));
         }
         let resolve = |sc: &SinkConfig| sinks[&crate::sinks::key(sc)].clone();
+        prepared.events = events_to_outbox(cfg.fleet.events.iter().map(resolve).collect(), outbox.clone());
         let board_id = crate::board::id(&cfg.board);
         let pipelines =
             Pipelines::new(&cfg.pipelines, resolve, runtime, outbox, metrics, shared.board.clone(), &board_id);
@@ -168,9 +179,21 @@ impl Prepared {
         let cfg = &self.cfg;
         let listener = self.listener.unwrap_or(listener);
         let (stop_intake, intake_rx) = watch::channel(false);
+        let fleet = Context::new(Arc::new(cfg.clone()), self.runtime.clone(), self.events, intake_rx.clone());
+        for i in &self.interrupted {
+            i.report(&fleet);
+        }
+        let channel = cfg.fleet.channel.as_ref().and_then(|_| match Listener::start(fleet.clone()) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!("the fleet channel is off: {e:#}");
+                None
+            }
+        });
         let api = Arc::new(Api {
             runtime: self.runtime.clone(),
-            config: Arc::new(cfg.clone()),
+            fleet,
+            channel,
             pipelines: self.pipelines,
             max_body: cfg.server.max_body.as_u64() as usize,
             bodies: crate::ingress::http::bodies_in_flight(cfg.server.max_body.as_u64() as usize),
@@ -248,9 +271,14 @@ impl Generation {
         crate::ingress::status::Snapshot::take(&self.api).line()
     }
 
-    /// Delivery workers, then MQTT ingress.
+    /// The tag poll and the fleet channel; delivery workers, then MQTT ingress.
     pub fn start_workers(&mut self) {
         let Some(w) = self.workers.take() else { return };
+        tokio::spawn(crate::fleet::poll::run(self.api.fleet.clone()));
+        let channel = w.cfg.fleet.channel.as_ref().and_then(|c| c.mqtt.clone());
+        if let (Some(listener), Some(filter), Some(mqtt)) = (&self.api.channel, channel, &w.cfg.mqtt) {
+            tokio::spawn(listener.clone().run_mqtt(mqtt.clone(), filter, self.stop_intake.subscribe()));
+        }
         let Some(pipelines) = &self.api.pipelines else { return };
         let metrics = self.api.runtime.metrics().clone();
         pipelines.outbox().reconfigure(&w.cfg.outbox, metrics.clone());
@@ -315,6 +343,47 @@ impl Generation {
         drop(self.close_intake().await);
         self.drain().await;
     }
+}
+
+/// A reporter that commits each event to the outbox, for every `[fleet] events` sink, in the
+/// order reported.
+fn events_to_outbox(sinks: Vec<Arc<Sink>>, outbox: Arc<Outbox>) -> Reporter {
+    if sinks.is_empty() {
+        return crate::fleet::events::nowhere();
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Deployment>();
+    tokio::spawn(async move {
+        while let Some(d) = rx.recv().await {
+            let (id, event) = d.cloudevent();
+            let payload = bytes::Bytes::from(event);
+            let (created_ms, boot) = (crate::sinks::outbox::now_ms(), crate::sinks::outbox::Boot::now());
+            let items = sinks
+                .iter()
+                .map(|s| Item {
+                    sink: s.key.clone(),
+                    record: Record {
+                        id: id.clone(),
+                        board: d.board.clone(),
+                        pipeline: "fleet".into(),
+                        camera: d.function.clone(),
+                        seq: 0,
+                        topic: s.destination("fleet", &d.function),
+                        content_type: crate::fleet::events::CLOUDEVENT.into(),
+                        created_ms,
+                        boot: boot.clone(),
+                        error: None,
+                    },
+                    payload: payload.clone(),
+                })
+                .collect();
+            if let Err(e) = outbox.commit(items).await {
+                tracing::error!(function = %d.function, outcome = %d.outcome, "deployment event lost: {e:#}");
+            }
+        }
+    });
+    Arc::new(move |d| {
+        let _ = tx.send(d);
+    })
 }
 
 /// Waits (bounded) for the sidecar's components, then checks the configured pub/subs exist.

@@ -37,8 +37,17 @@ enum Data<'a> {
     Text(&'a str),
 }
 
-/// The envelope of `record` with `payload` as its data, as JSON text.
+/// A payload that is a whole CloudEvent already (the fleet's `deployment` events).
+const CLOUDEVENT: &str = "application/cloudevents+json";
+
+/// The envelope of `record` with `payload` as its data, as JSON text; a payload that is a
+/// CloudEvent already is its own envelope.
 pub fn envelope(record: &Record, payload: &[u8]) -> String {
+    if record.content_type == CLOUDEVENT
+        && let Ok(event) = std::str::from_utf8(payload)
+    {
+        return event.to_string();
+    }
     let time =
         humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(record.created_ms))
             .to_string();
@@ -99,5 +108,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&envelope(&record("application/json"), b"{broken")).unwrap();
         assert_eq!(v["data_base64"], "e2Jyb2tlbg==");
         assert!(v.get("data").is_none());
+        let whole = r#"{"specversion":"1.0","type":"io.edgefn.deployment","id":"x"}"#;
+        assert_eq!(envelope(&record(CLOUDEVENT), whole.as_bytes()), whole);
     }
 }
