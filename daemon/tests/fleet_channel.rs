@@ -36,8 +36,13 @@ struct Fleet {
 }
 
 impl Fleet {
-    /// `n` boards serving v1 (echo) of `f`, released and signed first.
+    /// `n` boards serving v1 (echo) of `f`, released and signed first, on the MQTT channel.
     fn start(n: usize, gate: &str) -> (Fleet, String) {
+        Fleet::start_on(n, gate, &format!("{{ mqtt = \"{DEPLOY}\" }}"))
+    }
+
+    /// The same with `channel` as `[fleet] channel`.
+    fn start_on(n: usize, gate: &str, channel: &str) -> (Fleet, String) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let registry = Registry::start(&dir.join("registry"));
@@ -51,13 +56,14 @@ impl Fleet {
         let none = fleet.dir.join("no-functions");
         std::fs::create_dir_all(&none).unwrap();
         for i in 0..n {
-            let board = Daemon::start_with_functions(&fleet.dir.join(format!("b{i}")), &none, &fleet.config(i, gate));
+            let config = fleet.config(i, gate, channel);
+            let board = Daemon::start_with_functions(&fleet.dir.join(format!("b{i}")), &none, &config);
             fleet.boards.push(board);
         }
         (fleet, v1)
     }
 
-    fn config(&self, i: usize, gate: &str) -> String {
+    fn config(&self, i: usize, gate: &str, channel: &str) -> String {
         format!(
             r#"[board]
 id = "b{i}"
@@ -72,7 +78,7 @@ keys = [{key:?}]
 
 [fleet]
 {gate}
-channel = {{ mqtt = "{DEPLOY}" }}
+channel = {channel}
 events = [{{ mqtt = {{ topic = "{EVENTS}" }} }}, {{ file = {{ path = {events:?} }} }}]
 
 [functions.f]
@@ -463,4 +469,67 @@ fn messages_signed_by_cosign_are_taken_and_replayed_expired_tampered_or_unsigned
     assert_eq!(f["digest"], digest(&v1), "{f}");
     assert!(f["rolled_back"].as_array().unwrap().iter().any(|d| d == digest(&v2)), "{f}");
     assert_eq!(board.post("/v1/functions/f", b"ping").body, b"ping", "v1 (echo) serves again");
+}
+
+#[test]
+fn a_deploy_message_through_daprd_reaches_a_board_subscribed_by_its_sidecar() {
+    let tmp = tempfile::tempdir().unwrap();
+    let redis = common::Redis::start(&tmp.path().join("redis"));
+    let channel = r#"{ dapr = { pubsub = "fleet", topic = "deploy" } }"#;
+    let (fleet, _v1) = Fleet::start_on(1, "gate_time = \"1s\"", channel);
+    let board = &fleet.boards[0];
+    let subscribed = board.get("/dapr/subscribe").json();
+    assert!(
+        subscribed.as_array().unwrap().iter().any(|s| s["route"] == "/v1/dapr/fleet" && s["topic"] == "deploy"),
+        "{subscribed}"
+    );
+    let port = common::free_port();
+    let sidecar = common::daprd::Daprd::start_on(
+        &tmp.path().join("daprd"),
+        port,
+        board.addr.port(),
+        &[("fleet.yaml", common::daprd::redis("fleet", redis.port))],
+        &[],
+    );
+    let v2 = fleet.release(&wasm("printenv"), "v2");
+    let out = fleet.edgefn(&["fleet", "message", "f", &v2, "--rollout", "through-dapr"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(fleet.dir.join("m.json"), &out.stdout).unwrap();
+    let dapr = format!("http://127.0.0.1:{port}");
+    let publish = |file: &str, key: &str| {
+        let key = fleet.dir.join(key);
+        fleet.edgefn(&[
+            "fleet",
+            "publish",
+            file,
+            "--key",
+            key.to_str().unwrap(),
+            "--dapr",
+            &dapr,
+            "--pubsub",
+            "fleet",
+            "--topic",
+            "deploy",
+        ])
+    };
+    let out = publish("m.json", "cosign.key");
+    assert!(out.status.success(), "publish through daprd: {}", String::from_utf8_lossy(&out.stderr));
+    let until = Instant::now() + Duration::from_secs(60);
+    while function(board)["digest"] != digest(&v2) || function(board)["state"] != "committed" {
+        assert!(
+            Instant::now() < until,
+            "v2 never served: {}\n{}\n{}",
+            function(board),
+            board.log(),
+            common::tail(&sidecar.log(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(board.log().contains("channel=\"dapr\"") || board.log().contains("channel=dapr"), "{}", board.log());
+    // The same message signed by a key the board does not trust: refused, through daprd too.
+    tool_ok("cosign", &fleet.dir, &["generate-key-pair", "--output-key-prefix", "other"], &NO_PASSWORD);
+    let out = fleet.edgefn(&["fleet", "message", "f", &v2, "--rollout", "through-dapr-2"]);
+    std::fs::write(fleet.dir.join("m2.json"), &out.stdout).unwrap();
+    assert!(publish("m2.json", "other.key").status.success());
+    wait_log(board, "deploy message refused: bad signature", 1);
 }

@@ -221,3 +221,29 @@ fn a_crash_on_trial_counts_against_the_version_and_a_refused_one_is_never_switch
     assert!(daemon.log().contains("stopped while this version was on trial"), "{}", daemon.log());
     daemon.stop();
 }
+
+#[test]
+fn a_polled_tag_that_moves_is_deployed_and_a_digest_rolled_back_is_not_tried_again() {
+    let board = Board::new();
+    board.release(&wasm("echo"), "v1");
+    let dir = board.dir.join("daemon");
+    let mut daemon = Daemon::start_in(&dir, &board.config("poll = \"1s\"\ngate_calls = 20\ngate_min_calls = 10"));
+    let load = Load::start(&daemon, 1);
+    // The tag moves to a good version: deployed on trial, then committed.
+    let v2 = board.release(&wasm("printenv"), "v1");
+    wait_for(&daemon, "the moved tag committed", 60, |f| f["state"] == "committed" && f["digest"] == v2.as_str());
+    // It moves again, to a version that traps: rolled back, and left alone at every poll since.
+    let v3 = board.release(&wasm("trap"), "v1");
+    wait_for(&daemon, "v3 rolled back", 60, |f| {
+        f["rolled_back"].as_array().is_some_and(|r| r.iter().any(|d| d == v3.as_str()))
+    });
+    let started = daemon.metric("edgefn_deployments_total{function=\"f\",outcome=\"started\"}");
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(daemon.metric("edgefn_deployments_total{function=\"f\",outcome=\"started\"}"), started);
+    assert_eq!(started, 2.0, "v2 and v3, once each");
+    let f = function(&daemon);
+    assert_eq!((f["digest"].as_str(), f["state"].as_str()), (Some(v2.as_str()), Some("committed")), "{f}");
+    assert!(load.stop().is_empty());
+    assert!(daemon.log().contains("tag poll: a new version"), "{}", daemon.log());
+    daemon.stop();
+}

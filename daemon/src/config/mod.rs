@@ -634,6 +634,28 @@ mod parse_tests {
         assert!(Config::parse(&pipeline("results/{camera}/{pipeline}")).is_ok());
     }
 
+    /// The fleet channel takes only signed messages, over something that exists.
+    #[test]
+    fn a_fleet_channel_needs_trust_keys_and_one_transport() {
+        let keys = "[trust]\nkeys = [\"/etc/edgefn/cosign.pub\"]\n";
+        let refused = [
+            (format!("[mqtt]\n[fleet]\nchannel = {{ mqtt = \"t\" }}\n"), "[trust] keys is empty"),
+            (format!("{keys}[fleet]\nchannel = {{ mqtt = \"t\" }}\n"), "needs an [mqtt] section"),
+            (format!("{keys}[mqtt]\n[fleet]\nchannel = {{}}\n"), "one of them"),
+            (format!("{keys}[fleet]\nevents = [{{ file = {{ path = \"/tmp/e\" }} }}]\n"), "at least one [[pipeline]]"),
+            ("[board]\nlabels = { \"a/b\" = \"x\" }\n".into(), "board.labels"),
+            ("[fleet]\npoll = \"10ms\"\n".into(), "fleet.poll"),
+        ];
+        for (text, why) in refused {
+            let err = Config::parse(&text).map(|_| ()).unwrap_err();
+            assert!(format!("{err:#}").contains(why), "{text:?}: {err:#}");
+        }
+        let ok = format!(
+            "{keys}[mqtt]\n[board]\nlabels = {{ site = \"depot-3\" }}\n[fleet]\nchannel = {{ mqtt = \"edgefn/fleet/deploy\" }}\n"
+        );
+        assert_eq!(Config::parse(&ok).unwrap().board.labels["site"], "depot-3");
+    }
+
     /// Every config `check-config` accepts builds its MQTT options without a panic (the config
     /// fuzz target runs this on every input it makes).
     #[test]

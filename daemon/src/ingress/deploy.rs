@@ -1,13 +1,41 @@
-//! `POST /v1/functions/{name}/deploy`: a new version of a function from a registry, what
-//! `edgefn deploy` sends. Answers once the version serves on trial (or why it never will);
-//! its gate goes on in the background ([`crate::fleet::rollout`]).
+//! The fleet's face in the API: `POST /v1/functions/{name}/deploy`, a new version of a
+//! function from a registry, what `edgefn deploy` sends (it answers once the version serves on
+//! trial, or why it never will; its gate goes on in the background, [`crate::fleet::rollout`]),
+//! and the version fields `/v1/functions` and the page show for a function from an image.
 
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 
 use super::http::{Api, Body, error, json_response, read_body};
+use crate::fleet::rollout::Records;
 use crate::fleet::{ImageRef, rollout};
+
+/// What serves for `name` and how it got there: image, digest, state (`trial` or
+/// `committed`), the version before a trial, the last rollout's outcome, and the digests
+/// rolled back here. None for a function from a file.
+pub(super) fn version(api: &Api, records: &Records, name: &str) -> Option<serde_json::Value> {
+    if !api.runtime.is_versioned(name) {
+        return None;
+    }
+    let r = records.get(name).cloned().unwrap_or_default();
+    let serving = r.trial.as_ref().or(r.committed.as_ref());
+    let configured = api.fleet.cfg.functions.get(name).and_then(|f| f.image.clone());
+    // Never deployed: the configured image, as it resolved at start.
+    let resolved = || {
+        let blobs = crate::fleet::blobs::Blobs::open(&api.fleet.cfg.runtime.state_dir);
+        configured.as_deref().and_then(|c| blobs.resolved(c)).map(|r| r.manifest)
+    };
+    Some(json!({
+        "image": serving.map(|v| v.image.clone()).or(configured.clone()),
+        "digest": serving.map(|v| v.digest.clone()).or_else(resolved),
+        "state": if r.trial.is_some() { "trial" } else { "committed" },
+        "previous": r.previous,
+        "last_rollout": r.last,
+        "rolled_back": r.rolled_back,
+        "rollout": r.rollout.map(|o| o.id),
+    }))
+}
 
 pub(super) async fn deploy(api: &Api, name: &str, req: Request<Incoming>) -> Response<Body> {
     let rt = &api.runtime;

@@ -440,15 +440,8 @@ fn list_functions(api: &Api) -> Response<Body> {
                 "errors": rt.error_count(&f.name),
                 "busy": f.busy(),
             });
-            if rt.is_versioned(&f.name) {
-                let r = rollouts.get(&f.name).cloned().unwrap_or_default();
-                let serving = r.trial.as_ref().or(r.committed.as_ref());
-                entry["image"] = json!(serving.map(|v| &v.image).or(api.fleet.cfg.functions[&f.name].image.as_ref()));
-                entry["digest"] = json!(serving.map(|v| &v.digest));
-                entry["state"] = json!(if r.trial.is_some() { "trial" } else { "committed" });
-                entry["previous"] = json!(r.previous);
-                entry["last_rollout"] = json!(r.last);
-                entry["rolled_back"] = json!(r.rolled_back);
+            if let Some(serde_json::Value::Object(v)) = super::deploy::version(api, &rollouts, &f.name) {
+                entry.as_object_mut().expect("an object").extend(v);
             }
             entry
         })

@@ -32,6 +32,7 @@ pub fn page() -> Response<Body> {
 pub fn status(api: &Api) -> Value {
     let rt = &api.runtime;
     let m = rt.metrics();
+    let records = crate::fleet::rollout::Board::open(&api.fleet.cfg.runtime.state_dir).read();
     let functions: Vec<Value> = rt
         .functions()
         .iter()
@@ -45,6 +46,7 @@ pub fn status(api: &Api) -> Value {
                 "errors": rt.error_count(&f.name),
                 "p50_ms": p50,
                 "p99_ms": p99,
+                "version": super::deploy::version(api, &records, &f.name),
             })
         })
         .collect();
