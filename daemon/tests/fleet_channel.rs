@@ -394,6 +394,11 @@ fn messages_signed_by_cosign_are_taken_and_replayed_expired_tampered_or_unsigned
         let _ = board.post("/v1/functions/f", b"ping");
     }
     let serving = function(board);
+    // The page reads the same version from /v1/status.
+    let status = board.get("/v1/status").json();
+    let shown = status["functions"].as_array().unwrap().iter().find(|f| f["name"] == "f").unwrap()["version"].clone();
+    assert_eq!((shown["digest"].as_str(), shown["state"].as_str()), (Some(digest(&v2)), Some("committed")), "{shown}");
+    assert_eq!(shown["rollout"], "r1");
     let deployments = |b: &Daemon| {
         String::from_utf8_lossy(&b.get("/metrics").body)
             .lines()
