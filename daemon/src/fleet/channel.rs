@@ -79,7 +79,7 @@ pub enum Refusal {
 
 impl Order {
     /// Why this message cannot be acted on by any board, if it cannot.
-    fn check(&self) -> Result<ImageRef, String> {
+    pub fn check(&self) -> Result<ImageRef, String> {
         if !crate::config::is_valid_name(&self.function) {
             return Err(format!("function {:?} is not a function name", self.function));
         }
