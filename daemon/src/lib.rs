@@ -18,8 +18,9 @@
 //!   simulator; and [`control`], subcommands that act on a running daemon.
 //!
 //! - [`fleet`]: function versions as signed OCI artifacts: pulled from any registry, checked
-//!   against cosign signatures, stored by digest for an offline start; `edgefn push`, `pull`
-//!   and `sign`.
+//!   against cosign signatures, stored by digest for an offline start, switched in on trial
+//!   and committed or rolled back by a gate; signed deploy messages from the fleet channel, in
+//!   waves; `deployment` events; `edgefn push`, `pull`, `sign`, `deploy` and `fleet`.
 //!
 //! Imports point one way: ingress → pipeline → runtime; pipeline → sinks; fleet → runtime.
 
