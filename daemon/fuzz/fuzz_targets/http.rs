@@ -44,9 +44,16 @@ fn world() -> &'static World {
         let pipelines = Pipelines::new(&cfg.pipelines, |_| unreachable!("no sinks"), runtime.clone(), outbox, metrics, Default::default(), "fuzz");
         // Closed from the start, so an event stream ends at once instead of holding the run.
         let (_tx, closing) = tokio::sync::watch::channel(true);
+        let fleet = edgefn::fleet::Context::new(
+            Arc::new(cfg.clone()),
+            runtime.clone(),
+            edgefn::fleet::events::nowhere(),
+            closing.clone(),
+        );
         let api = Arc::new(Api {
             runtime,
-            config: Arc::new(cfg.clone()),
+            fleet,
+            channel: None,
             pipelines: Some(pipelines),
             max_body: 1 << 20,
             bodies: edgefn::ingress::http::bodies_in_flight(1 << 20),

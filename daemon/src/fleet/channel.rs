@@ -141,9 +141,9 @@ impl Inbox {
         std::fs::read(&self.path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
     }
 
-    /// Checks a received envelope; the order is taken (its sequence recorded) only if it is
-    /// signed by a trusted key, intact, unexpired and new.
-    pub fn take(&self, envelope: &[u8]) -> Result<Order, Refusal> {
+    /// Checks a received envelope: signed by a trusted key, intact, unexpired, and newer than
+    /// the last message this board took. Nothing is recorded yet: see [`Inbox::record`].
+    pub fn judge(&self, envelope: &[u8]) -> Result<Judged, Refusal> {
         let refused = |why: String| Refusal::Refused(why);
         let signed: Signed = serde_json::from_slice(envelope)
             .map_err(|e| refused(format!("not a signed deploy message ({{\"message\", \"signature\"}}): {e}")))?;
@@ -159,25 +159,51 @@ impl Inbox {
             serde_json::from_slice(&message).map_err(|e| refused(format!("signed, but not a deploy message: {e}")))?;
         order.check().map_err(refused)?;
         let sha256 = super::artifact::hex(&Sha256::digest(&message));
-        let last = self.taken();
-        if order.seq <= last.seq {
-            if order.seq == last.seq && sha256 == last.sha256 {
-                return Err(Refusal::Again);
-            }
-            return Err(refused(format!(
-                "replayed: sequence {} is not above {}, the last this board took",
-                order.seq, last.seq
-            )));
-        }
+        self.fresh(order.seq, &sha256)?;
         if order.expiry().map_err(refused)? < std::time::SystemTime::now() {
             return Err(refused(format!("expired at {}", order.expires)));
         }
-        let taken = serde_json::to_vec(&Taken { seq: order.seq, sha256 }).expect("serialises");
-        super::blobs::write_durably(&self.path, &taken)
-            .map_err(|e| refused(format!("cannot record its sequence: {e:#}")))?;
-        tracing::debug!(rollout = %order.rollout, seq = order.seq, key, "deploy message taken");
-        Ok(order)
+        tracing::debug!(rollout = %order.rollout, seq = order.seq, key, "deploy message signed by a trusted key");
+        Ok(Judged { order, sha256 })
     }
+
+    /// Records a judged message's sequence durably, just before the board acts on it, so a
+    /// message judged but never acted on (the generation closed first) is taken again when
+    /// the broker sends it again. Refused if another message was recorded since.
+    pub fn record(&self, judged: &Judged) -> Result<(), Refusal> {
+        self.fresh(judged.order.seq, &judged.sha256)?;
+        let taken =
+            serde_json::to_vec(&Taken { seq: judged.order.seq, sha256: judged.sha256.clone() }).expect("serialises");
+        super::blobs::write_durably(&self.path, &taken)
+            .map_err(|e| Refusal::Refused(format!("cannot record its sequence: {e:#}")))
+    }
+
+    /// [`Inbox::judge`], then [`Inbox::record`].
+    pub fn take(&self, envelope: &[u8]) -> Result<Order, Refusal> {
+        let judged = self.judge(envelope)?;
+        self.record(&judged)?;
+        Ok(judged.order)
+    }
+
+    /// Whether `seq` is above the last sequence taken (the same message again is
+    /// [`Refusal::Again`]).
+    fn fresh(&self, seq: u64, sha256: &str) -> Result<(), Refusal> {
+        let last = self.taken();
+        if seq > last.seq {
+            return Ok(());
+        }
+        if seq == last.seq && sha256 == last.sha256 {
+            return Err(Refusal::Again);
+        }
+        Err(Refusal::Refused(format!("replayed: sequence {seq} is not above {}, the last this board took", last.seq)))
+    }
+}
+
+/// A message [`Inbox::judge`] found sound, not yet recorded.
+#[derive(Debug)]
+pub struct Judged {
+    pub order: Order,
+    sha256: String,
 }
 
 #[cfg(test)]

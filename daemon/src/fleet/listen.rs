@@ -2,9 +2,11 @@
 //! the `[mqtt]` broker) or from a Dapr subscription ([`crate::ingress::dapr`]), judged by the
 //! [`Inbox`] and acted on one at a time, in the order they came.
 //!
-//! A message is settled (acknowledged, or `SUCCESS`/`DROP` to the sidecar) once judged: its
-//! sequence is on disk by then, and what comes of it (a pull, a trial, a refusal) is reported
-//! as `deployment` events, not by redelivery.
+//! A message is settled (acknowledged, or `SUCCESS`/`DROP` to the sidecar) once judged; what
+//! comes of it (a pull, a trial, a refusal) is reported as `deployment` events, not by
+//! redelivery. Its sequence is recorded only when the board acts on it: one judged but not
+//! acted on before a reload is taken again from the retained copy the broker sends when the
+//! next generation subscribes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::Context;
-use super::channel::{Action, Inbox, Order, Refusal};
+use super::channel::{Action, Inbox, Judged, Refusal};
 use super::rollout::{self, Origin};
 use super::trust::Trust;
 
@@ -20,23 +22,23 @@ use super::trust::Trust;
 const BACKLOG: usize = 64;
 
 pub struct Listener {
-    inbox: Inbox,
-    orders: mpsc::Sender<Order>,
+    inbox: Arc<Inbox>,
+    orders: mpsc::Sender<Judged>,
 }
 
 impl Listener {
     /// The listener and its worker, which ends when the generation closes.
     pub fn start(ctx: Arc<Context>) -> anyhow::Result<Arc<Listener>> {
-        let inbox = Inbox::new(Trust::load(&ctx.cfg.trust)?, &ctx.cfg.runtime.state_dir);
+        let inbox = Arc::new(Inbox::new(Trust::load(&ctx.cfg.trust)?, &ctx.cfg.runtime.state_dir));
         let (orders, rx) = mpsc::channel(BACKLOG);
-        tokio::spawn(act(ctx, rx));
+        tokio::spawn(act(ctx, inbox.clone(), rx));
         Ok(Arc::new(Listener { inbox, orders }))
     }
 
     /// Judges one received envelope; true if it should be settled for good (always, but for
     /// a full backlog, which a redelivery can retry).
     pub fn receive(&self, envelope: &[u8], from: &str) -> bool {
-        match self.inbox.take(envelope) {
+        match self.inbox.judge(envelope) {
             Err(Refusal::Again) => {
                 tracing::debug!(channel = from, "deploy message already taken");
                 true
@@ -45,9 +47,10 @@ impl Listener {
                 tracing::warn!(channel = from, "deploy message refused: {why}");
                 true
             }
-            Ok(order) => {
+            Ok(judged) => {
+                let order = &judged.order;
                 tracing::info!(channel = from, rollout = %order.rollout, seq = order.seq, function = %order.function, action = ?order.action, "deploy message taken");
-                self.orders.try_send(order).map_or_else(
+                self.orders.try_send(judged).map_or_else(
                     |e| {
                         tracing::warn!(channel = from, "deploy message not acted on: {e}");
                         false
@@ -107,14 +110,23 @@ impl Listener {
     }
 }
 
-/// Acts on taken orders in turn.
-async fn act(ctx: Arc<Context>, mut orders: mpsc::Receiver<Order>) {
+/// Acts on taken orders in turn, recording each one's sequence first.
+async fn act(ctx: Arc<Context>, inbox: Arc<Inbox>, mut orders: mpsc::Receiver<Judged>) {
     let mut closing = ctx.closing.clone();
     loop {
-        let order = tokio::select! {
+        let judged = tokio::select! {
             o = orders.recv() => match o { Some(o) => o, None => return },
             _ = closing.wait_for(|c| *c) => return,
         };
+        match inbox.record(&judged) {
+            Ok(()) => {}
+            Err(Refusal::Again) => continue,
+            Err(Refusal::Refused(why)) => {
+                tracing::warn!("deploy message refused: {why}");
+                continue;
+            }
+        }
+        let order = judged.order;
         let (name, id) = (order.function.as_str(), order.rollout.as_str());
         if !order.selects(&ctx.board, &ctx.cfg.board.labels) {
             tracing::info!(function = %name, rollout = %id, percent = order.percent, "not in this wave of the rollout");
