@@ -205,22 +205,20 @@ impl Client {
 
     /// Hands a QoS 1 publish to the connection, which retransmits it until the broker acks.
     pub async fn publish(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
-        match &self.inner {
-            ClientInner::V4(c) => c.publish_bytes(topic, QoS::AtLeastOnce, false, payload).await?,
-            ClientInner::V5(c) => {
-                c.publish_bytes(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload).await?
-            }
-        }
-        Ok(())
+        self.send(topic, payload, false).await
     }
 
     /// A retained QoS 1 publish: the broker keeps the last one per topic for whoever
     /// subscribes later (a board that was offline when the fleet's operator sent it).
     pub async fn publish_retained(&self, topic: &str, payload: Bytes) -> anyhow::Result<()> {
+        self.send(topic, payload, true).await
+    }
+
+    async fn send(&self, topic: &str, payload: Bytes, retain: bool) -> anyhow::Result<()> {
         match &self.inner {
-            ClientInner::V4(c) => c.publish_bytes(topic, QoS::AtLeastOnce, true, payload).await?,
+            ClientInner::V4(c) => c.publish_bytes(topic, QoS::AtLeastOnce, retain, payload).await?,
             ClientInner::V5(c) => {
-                c.publish_bytes(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, true, payload).await?
+                c.publish_bytes(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, retain, payload).await?
             }
         }
         Ok(())
