@@ -34,7 +34,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 # ---- the tests only from here ----
 apt_install openssl chromium redis-server redis-tools python3-venv faketime prometheus \
-  debootstrap systemd-container lintian file docker-registry apache2-utils
+  debootstrap systemd-container lintian file docker-registry apache2-utils strace
 # The tests start their own redis-server and registry (and promtool needs no server).
 for unit in redis-server prometheus docker-registry; do
   if systemctl is-active --quiet "$unit" 2>/dev/null; then $SUDO systemctl disable --now "$unit" >/dev/null 2>&1 || true; fi

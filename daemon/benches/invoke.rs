@@ -60,6 +60,22 @@ fn main() {
     let p1_daemon = median(samples.clone());
     let p1_daemon_p99 = p99(samples);
 
+    // P1 with a frame's worth of bytes: what moving 41 KB in and out of a guest costs.
+    let frame = bytes::Bytes::from(common::camera_jpeg());
+    let mut moved = Vec::new();
+    tokio.block_on(async {
+        for i in 0..5_500 {
+            let t = Instant::now();
+            let out = rt.invoke("echo", frame.clone(), &[]).await.unwrap();
+            let dt = t.elapsed();
+            assert_eq!(out.stdout.len(), frame.len());
+            if i >= 500 {
+                moved.push(dt);
+            }
+        }
+    });
+    let p1_frame = median(moved);
+
     if std::env::var("EDGEFN_BENCH").as_deref() == Ok("p1-only") {
         println!("P1 no-op invocation, in-process : median {:.1} µs", p1_daemon.as_secs_f64() * 1e6);
         return;
@@ -108,6 +124,11 @@ fn main() {
 
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!("P1 no-op invocation, in-process : median {:8.1} µs  (p99 {:.1} µs)", us(p1_daemon), us(p1_daemon_p99));
+    println!(
+        "P1 41 KB echo, in-process       : median {:8.1} µs  ({:.1}× the no-op)",
+        us(p1_frame),
+        us(p1_frame) / us(p1_daemon)
+    );
     println!("P1 no-op invocation, spawn/req  : median {:8.1} µs", us(p1_spawn));
     println!(
         "P1 ratio spawn / in-process     : {:8.0}×   (goal ≥ 200×, in-process ≤ 20 µs)",

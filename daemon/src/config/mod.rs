@@ -165,11 +165,24 @@ pub struct Outbox {
     /// Results and dead letters older than this are evicted (and counted), in every sink.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// How long a result may wait for others to share its commit (one fsync): results from
+    /// every camera and for every sink that arrive within it are written together. Its cost is
+    /// that much more latency before a frame is acknowledged; 0 commits each at once.
+    #[serde(with = "humantime_serde")]
+    pub commit_window: Duration,
 }
+
+/// The longest `commit_window` accepted: past it, acknowledgements would wait on the timer
+/// longer than any camera's publish timeout allows for.
+pub const MAX_COMMIT_WINDOW: Duration = Duration::from_secs(1);
 
 impl Default for Outbox {
     fn default() -> Self {
-        Outbox { max_bytes: ByteSize::mib(512), max_age: Duration::from_secs(7 * 24 * 3600) }
+        Outbox {
+            max_bytes: ByteSize::mib(512),
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            commit_window: Duration::from_millis(5),
+        }
     }
 }
 
@@ -465,6 +478,11 @@ impl Config {
         }
         anyhow::ensure!(self.outbox.max_bytes.as_u64() >= MIN_OUTBOX_BYTES, "outbox.max_bytes must be at least 64 KiB");
         anyhow::ensure!(!self.outbox.max_age.is_zero(), "outbox.max_age must be positive");
+        anyhow::ensure!(
+            self.outbox.commit_window <= MAX_COMMIT_WINDOW,
+            "outbox.commit_window must be at most {}",
+            humantime::format_duration(MAX_COMMIT_WINDOW)
+        );
         anyhow::ensure!(self.dapr.max_request.as_u64() >= 1024, "dapr.max_request must be at least 1 KiB");
         anyhow::ensure!(!self.fleet.pull_timeout.is_zero(), "fleet.pull_timeout must be positive");
         anyhow::ensure!(!self.fleet.stall_timeout.is_zero(), "fleet.stall_timeout must be positive");
@@ -620,6 +638,7 @@ mod parse_tests {
             (mqtt(4, "max_frame = \"0 B\""), "mqtt.max_frame"),
             ("[outbox]\nmax_bytes = \"0 B\"\n".into(), "outbox.max_bytes"),
             ("[outbox]\nmax_age = \"0s\"\n".into(), "outbox.max_age"),
+            ("[outbox]\ncommit_window = \"2s\"\n".into(), "outbox.commit_window"),
             ("[dapr]\nmax_request = \"0 B\"\n".into(), "dapr.max_request"),
             (pipeline("results/+/{camera}"), "mqtt sink topic"),
             (pipeline("results/#"), "mqtt sink topic"),

@@ -226,6 +226,8 @@ impl Pipelines {
         topic: &str,
         payload: Bytes,
     ) -> Result<Made, PipelineError> {
+        // Told to the outbox, which holds a commit open for a frame still on its way.
+        let _coming = self.outbox.coming();
         let seq = self.outbox.next_seq(camera);
         let seq_text = seq.to_string();
         let env = [

@@ -169,7 +169,7 @@ impl Function {
         };
         let _ticking = ticker.enter();
 
-        let stdout = CappedPipe::strict(self.limits.max_output.as_u64() as usize);
+        let stdout = CappedPipe::strict(self.limits.max_output.as_u64() as usize).with_capacity(input.len());
         let stderr = CappedPipe::truncating(STDERR_CAP);
         let mut store = self.store(input, env, &stdout, &stderr)?;
 

@@ -26,8 +26,6 @@ struct Envelope<'a> {
     edgefnseq: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<Data<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data_base64: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -65,18 +63,27 @@ pub fn envelope(record: &Record, payload: &[u8]) -> String {
         datacontenttype: &record.content_type,
         edgefnseq: record.seq,
         data: None,
-        data_base64: None,
     };
     let json = (record.content_type == "application/json")
         .then(|| serde_json::from_slice::<&RawValue>(payload).ok())
         .flatten();
     let text = record.content_type.starts_with("text/").then(|| std::str::from_utf8(payload).ok()).flatten();
-    match (json, text) {
-        (Some(raw), _) => event.data = Some(Data::Json(raw)),
-        (None, Some(s)) => event.data = Some(Data::Text(s)),
-        (None, None) => event.data_base64 = Some(base64::engine::general_purpose::STANDARD.encode(payload)),
+    event.data = match (json, text) {
+        (Some(raw), _) => Some(Data::Json(raw)),
+        (None, Some(s)) => Some(Data::Text(s)),
+        (None, None) => None,
+    };
+    let mut out = serde_json::to_string(&event).expect("an envelope serialises");
+    if event.data.is_none() {
+        // Base64 never needs escaping: written straight in, not through serde's escaper, which
+        // was the costliest step of a 41 KB frame's envelope.
+        out.pop();
+        out.reserve(payload.len().div_ceil(3) * 4 + 18);
+        out.push_str(r#","data_base64":""#);
+        base64::engine::general_purpose::STANDARD.encode_string(payload, &mut out);
+        out.push_str(r#""}"#);
     }
-    serde_json::to_string(&event).expect("an envelope serialises")
+    out
 }
 
 #[cfg(test)]
@@ -108,6 +115,8 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&envelope(&record("application/json"), b"{broken")).unwrap();
         assert_eq!(v["data_base64"], "e2Jyb2tlbg==");
         assert!(v.get("data").is_none());
+        let v: serde_json::Value = serde_json::from_str(&envelope(&record("image/png"), &[0xff, 0, 1])).unwrap();
+        assert_eq!((v["data_base64"].as_str(), v["datacontenttype"].as_str()), (Some("/wAB"), Some("image/png")));
         let whole = r#"{"specversion":"1.0","type":"io.edgefn.deployment","id":"x"}"#;
         assert_eq!(envelope(&record(CLOUDEVENT), whole.as_bytes()), whole);
     }

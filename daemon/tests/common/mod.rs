@@ -216,7 +216,13 @@ impl Daemon {
         // systemd sets WATCHDOG_PID to the service's pid; `exec` keeps the shell's pid.
         // EDGEFN_TEST_NOFILE runs the daemon under that open-file limit, as systemd's default.
         let nofile = envs.iter().find(|(k, _)| *k == "EDGEFN_TEST_NOFILE").map(|(_, v)| v.clone());
-        let mut cmd = if envs.iter().any(|(k, _)| *k == "WATCHDOG_USEC") || nofile.is_some() {
+        // EDGEFN_TEST_STRACE=FILE runs the daemon under strace, logging its fsync-family calls.
+        let strace = envs.iter().find(|(k, _)| *k == "EDGEFN_TEST_STRACE").map(|(_, v)| v.clone());
+        let mut cmd = if let Some(log) = strace {
+            let mut c = Command::new("strace");
+            c.args(["-f", "-qq", "-e", "trace=fsync,fdatasync,sync_file_range,msync", "-o", &log, BIN]);
+            c
+        } else if envs.iter().any(|(k, _)| *k == "WATCHDOG_USEC") || nofile.is_some() {
             let mut c = Command::new("/bin/sh");
             let ulimit = nofile.map(|n| format!("ulimit -n {n} && ")).unwrap_or_default();
             c.args(["-c", &format!("{ulimit}WATCHDOG_PID=$$ exec \"$0\" \"$@\""), BIN]);
@@ -364,6 +370,18 @@ pub fn assert_gray(bytes: &[u8]) -> image::RgbImage {
 /// Resident memory of process `pid` in KiB (`VmRSS` in /proc).
 pub fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS")
+}
+
+/// Bytes process `pid` has caused to be written to storage (`write_bytes` in /proc/PID/io).
+pub fn write_bytes(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    io.lines().find_map(|l| l.strip_prefix("write_bytes: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// The one child of `pid` (the daemon under a wrapper such as strace).
+pub fn only_child(pid: u32) -> u32 {
+    let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    kids.split_whitespace().next().and_then(|k| k.parse().ok()).unwrap_or_else(|| panic!("{pid} has no child"))
 }
 
 /// One `kB` field of `/proc/<pid>/status` (`RssAnon`, `RssFile`, `Threads` is a count).

@@ -1,19 +1,33 @@
 //! The committer thread: everything waiting to be committed goes into one write transaction,
 //! one fsync (group commit), on a thread of its own so no async worker waits on the disk.
 //! The byte cap is kept in the same transaction (see [`super::eviction`]).
+//!
+//! While other frames are being made, a batch stays open for up to `commit_window` after its
+//! first result, so frames from other cameras share its fsync; with none coming, it closes at
+//! once. Settling delivered results is not
+//! durable by itself (see [`super::Outbox::settle`]): the next commit here makes it so, and
+//! when no commit comes, a [`CHECKPOINT`] does.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use redb::{Database, ReadableTable};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::db::Db;
-use tokio::sync::{mpsc, oneshot};
-
 use super::eviction::{self, Evicted};
 use super::record::{disk_cost, encode};
 use super::{DEAD, Item, META, Outbox, PENDING, SEQ, State};
 use crate::metrics::Metrics;
+
+/// How long settled results may stay settled only in memory when no commit comes: a crash
+/// within it delivers them again (the same ids), never loses one.
+pub const CHECKPOINT: Duration = Duration::from_secs(5);
+
+/// Frames committed in one transaction at most.
+const MAX_BATCH: usize = 256;
 
 pub struct Commit {
     pub items: Vec<Item>,
@@ -24,18 +38,60 @@ pub fn run(
     db: Arc<Db>,
     state: Arc<State>,
     metrics: Arc<Mutex<Arc<Metrics>>>,
+    rx: mpsc::Receiver<Commit>,
+    outbox: Weak<Outbox>,
+) {
+    // A runtime of its own for the window's timer; the disk work blocks only this thread.
+    let clock = tokio::runtime::Builder::new_current_thread().enable_time().build();
+    match clock {
+        Ok(clock) => clock.block_on(commit_loop(db, state, metrics, rx, outbox)),
+        Err(e) => tracing::error!("outbox committer cannot start its timer: {e}"),
+    }
+}
+
+async fn commit_loop(
+    db: Arc<Db>,
+    state: Arc<State>,
+    metrics: Arc<Mutex<Arc<Metrics>>>,
     mut rx: mpsc::Receiver<Commit>,
     outbox: Weak<Outbox>,
 ) {
-    while let Some(first) = rx.blocking_recv() {
+    let mut checkpoint_at: Option<Instant> = None;
+    loop {
+        let first = tokio::select! {
+            c = rx.recv() => match c {
+                Some(c) => c,
+                None => break,
+            },
+            _ = state.settled.notified(), if checkpoint_at.is_none() => {
+                checkpoint_at = Some(Instant::now() + CHECKPOINT);
+                continue;
+            }
+            _ = sleep_until(checkpoint_at), if checkpoint_at.is_some() => {
+                checkpoint_at = None;
+                checkpoint(&db, &state);
+                continue;
+            }
+        };
         let mut batch = vec![first];
-        while batch.len() < 256 {
-            match rx.try_recv() {
-                Ok(c) => batch.push(c),
-                Err(_) => break,
+        let window = Duration::from_nanos(state.commit_window_ns.load(Ordering::Relaxed));
+        let close = Instant::now() + window;
+        while batch.len() < MAX_BATCH {
+            let next = match rx.try_recv() {
+                Ok(c) => Some(c),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) if window.is_zero() => None,
+                // Nothing else is being made: waiting would only delay this frame.
+                Err(mpsc::error::TryRecvError::Empty) if state.coming.load(Ordering::Acquire) == 0 => None,
+                Err(mpsc::error::TryRecvError::Empty) => tokio::time::timeout_at(close, rx.recv()).await.ok().flatten(),
+            };
+            match next {
+                Some(c) => batch.push(c),
+                None => break,
             }
         }
         let current = metrics.lock().expect("metrics lock").clone();
+        let settled = state.settles.load(Ordering::Acquire);
         let result = db.with(|db| write_batch(db, &state, &current, &batch));
         let frames = batch.len();
         // Frames are acknowledged before delivery starts: an ack still in flight when the
@@ -45,6 +101,7 @@ pub fn run(
         }
         match &result {
             Ok(touched) => {
+                state.durable_settles.fetch_max(settled, Ordering::AcqRel);
                 *state.error.lock().expect("error lock") = None;
                 if let Some(outbox) = outbox.upgrade() {
                     for sink in touched {
@@ -57,6 +114,34 @@ pub fn run(
                 *state.error.lock().expect("error lock") = Some(format!("{e:#}"));
             }
         }
+    }
+    checkpoint(&db, &state);
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Makes every settle so far durable, unless a commit already has.
+pub(super) fn checkpoint(db: &Db, state: &State) {
+    let settled = state.settles.load(Ordering::Acquire);
+    if settled <= state.durable_settles.load(Ordering::Acquire) {
+        return;
+    }
+    let done = db.with(|db| {
+        let txn = db.begin_write()?;
+        txn.commit()?;
+        Ok(())
+    });
+    match done {
+        Ok(()) => {
+            state.durable_settles.fetch_max(settled, Ordering::AcqRel);
+        }
+        // Only the settles wait; the next commit or checkpoint tries again.
+        Err(e) => tracing::warn!("outbox checkpoint failed: {e:#}"),
     }
 }
 
