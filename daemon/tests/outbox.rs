@@ -34,7 +34,7 @@ fn open(dir: &std::path::Path, max_bytes: u64) -> Arc<Outbox> {
 
 /// Dead-letters every pending result of `sink`.
 fn bury(outbox: &Outbox, sink: &str) {
-    let pending = outbox.peek(sink, 0, 10_000, usize::MAX).unwrap();
+    let pending = outbox.peek(sink, 10_000, usize::MAX).unwrap();
     let dead: Vec<(u64, String)> = pending.iter().map(|p| (p.key, "refused".to_string())).collect();
     outbox.settle(sink, &[], &dead).unwrap();
 }
@@ -54,7 +54,7 @@ async fn a_result_over_the_cap_is_refused_not_evicted_by_its_own_commit() {
     let err = outbox.commit(vec![big]).await.expect_err("committed a result the cap evicts at once");
     assert!(format!("{err:#}").contains("do not fit outbox.max_bytes"), "{err:#}");
     // The older result made room where it could, and nothing committed is missing.
-    let left: Vec<u64> = outbox.peek("s", 0, 10, usize::MAX).unwrap().iter().map(|p| p.record.seq).collect();
+    let left: Vec<u64> = outbox.peek("s", 10, usize::MAX).unwrap().iter().map(|p| p.record.seq).collect();
     assert!(left.is_empty() || left == [1], "{left:?}");
 }
 
@@ -81,7 +81,7 @@ async fn a_replay_larger_than_one_transaction_moves_every_dead_letter() {
     bury(&outbox, "s");
     assert_eq!(outbox.dead_count(), 600);
     assert_eq!(outbox.replay_dead().unwrap(), 600);
-    assert_eq!((outbox.dead_count(), outbox.peek("s", 0, 1000, usize::MAX).unwrap().len()), (0, 600));
+    assert_eq!((outbox.dead_count(), outbox.peek("s", 1000, usize::MAX).unwrap().len()), (0, 600));
 }
 
 /// A delivery attempt took 64 results whatever their size: at 16 MiB each, a gigabyte.
@@ -90,10 +90,10 @@ async fn a_delivery_batch_is_capped_in_bytes_but_always_takes_one() {
     let tmp = tempfile::tempdir().unwrap();
     let outbox = open(tmp.path(), 1 << 30);
     outbox.commit((1..=8).map(|s| item("s", s, 3 << 20)).collect()).await.unwrap();
-    let batch = outbox.peek("s", 0, 64, edgefn::sinks::BATCH_BYTES).unwrap();
+    let batch = outbox.peek("s", 64, edgefn::sinks::BATCH_BYTES).unwrap();
     let bytes: usize = batch.iter().map(|p| p.payload.len()).sum();
     assert!(!batch.is_empty() && bytes <= edgefn::sinks::BATCH_BYTES, "{} results, {bytes} bytes", batch.len());
-    assert_eq!(outbox.peek("s", 0, 64, 1).unwrap().len(), 1, "a result larger than the cap must still go");
+    assert_eq!(outbox.peek("s", 64, 1).unwrap().len(), 1, "a result larger than the cap must still go");
 }
 
 /// Sequence state was kept for every camera ever seen, on disk and in memory. Forgotten

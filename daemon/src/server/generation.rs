@@ -334,8 +334,6 @@ impl Generation {
             tracing::error!("the HTTP task panicked");
         }
         if let Some(p) = &self.api.pipelines {
-            let outbox = p.outbox().clone();
-            let _ = tokio::task::spawn_blocking(move || outbox.checkpoint()).await;
             tracing::info!(undelivered = p.outbox().total(), "pipelines stopped");
         }
     }

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
-use tokio::time::Instant;
 
 use super::outbox::{Outbox, Pending};
 use super::{Outcome, Sink};
@@ -28,16 +27,15 @@ use crate::metrics::{Metrics, SinkLabel};
 /// What a worker needs of the outbox: its sink's queue. Blocking calls; the worker runs them
 /// on the blocking pool.
 pub trait Queue: Send + Sync + 'static {
-    /// The oldest results after key `after` (0: from the head).
-    fn peek(&self, sink: &str, after: u64, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>>;
+    fn peek(&self, sink: &str, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>>;
     fn settle(&self, sink: &str, delivered: &[u64], dead: &[(u64, String)]) -> anyhow::Result<()>;
     /// Notified when the sink's queue gains results.
     fn waker(&self, sink: &Arc<str>) -> Arc<Notify>;
 }
 
 impl Queue for Outbox {
-    fn peek(&self, sink: &str, after: u64, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>> {
-        Outbox::peek(self, sink, after, max, max_bytes)
+    fn peek(&self, sink: &str, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>> {
+        Outbox::peek(self, sink, max, max_bytes)
     }
     fn settle(&self, sink: &str, delivered: &[u64], dead: &[(u64, String)]) -> anyhow::Result<()> {
         Outbox::settle(self, sink, delivered, dead)
@@ -72,38 +70,6 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Failures of one result, while others were delivered, before it is dead-lettered.
 pub const MAX_ATTEMPTS: u32 = 10;
-/// How long a sink that needs syncing ([`Sink::needs_sync`]) may hold written results before
-/// it syncs them and they are settled, and how many at most.
-pub const SYNC_EVERY: Duration = Duration::from_secs(1);
-const SYNC_MAX: usize = 4096;
-
-/// Results written to a sink that needs syncing, not yet synced: they stay in the outbox (a
-/// crash writes them again), and the next read starts after them.
-#[derive(Default)]
-struct Unsynced {
-    keys: Vec<u64>,
-    since: Option<Instant>,
-    /// The last key handed to the sink; 0 reads from the head.
-    after: u64,
-}
-
-impl Unsynced {
-    fn add(&mut self, delivered: &[u64], last: u64) {
-        if !delivered.is_empty() && self.since.is_none() {
-            self.since = Some(Instant::now());
-        }
-        self.keys.extend_from_slice(delivered);
-        self.after = self.after.max(last);
-    }
-
-    fn due(&self) -> Option<Instant> {
-        self.since.map(|t| t + SYNC_EVERY)
-    }
-
-    fn is_due(&self) -> bool {
-        self.keys.len() >= SYNC_MAX || self.due().is_some_and(|t| Instant::now() >= t)
-    }
-}
 
 pub async fn run<Q: Queue>(
     sink: Arc<Sink>,
@@ -117,25 +83,18 @@ pub async fn run<Q: Queue>(
     let waker = outbox.waker(&key);
     let mut backoff = FIRST_BACKOFF;
     let mut attempts = Attempts::default();
-    let mut unsynced = Unsynced::default();
-    let mut stop_at: Option<Instant> = None;
+    let mut stop_at: Option<tokio::time::Instant> = None;
     loop {
         if stop_at.is_none() && *shutdown.borrow() {
-            stop_at = Some(Instant::now() + grace);
+            stop_at = Some(tokio::time::Instant::now() + grace);
         }
-        if stop_at.is_some_and(|t| Instant::now() >= t) {
+        if stop_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
             break;
-        }
-        if unsynced.is_due() && !flush(&sink, &outbox, &mut unsynced).await {
-            if stop_at.is_some() || !pause(&mut backoff, &mut shutdown).await {
-                break;
-            }
-            continue;
         }
         // redb reads and fsyncs on a blocking thread, never on an async worker.
         let peeked = {
-            let (outbox, key, n, after) = (outbox.clone(), key.clone(), sink.batch(), unsynced.after);
-            tokio::task::spawn_blocking(move || outbox.peek(&key, after, n, super::BATCH_BYTES))
+            let (outbox, key, n) = (outbox.clone(), key.clone(), sink.batch());
+            tokio::task::spawn_blocking(move || outbox.peek(&key, n, super::BATCH_BYTES))
                 .await
                 .map_err(anyhow::Error::from)
                 .and_then(|r| r)
@@ -158,7 +117,6 @@ pub async fn run<Q: Queue>(
             tokio::select! {
                 _ = waker.notified() => {}
                 _ = shutdown.changed() => {}
-                _ = sleep_until(unsynced.due()), if unsynced.due().is_some() => {}
             }
             continue;
         }
@@ -201,12 +159,14 @@ pub async fn run<Q: Queue>(
         for k in delivered.iter().chain(dead.iter().map(|(k, _)| k)) {
             attempts.forget(*k);
         }
-        if sink.needs_sync() {
-            let last = delivered.iter().chain(dead.iter().map(|(k, _)| k)).max().copied().unwrap_or(0);
-            unsynced.add(&delivered, last);
-            delivered.clear();
-        }
-        if let Err(e) = settle(&outbox, &key, delivered, dead).await {
+        let settled = {
+            let (outbox, key) = (outbox.clone(), key.clone());
+            tokio::task::spawn_blocking(move || outbox.settle(&key, &delivered, &dead))
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r)
+        };
+        if let Err(e) = settled {
             // Not settled means delivered again later: a duplicate with the same id, never a
             // loss. Back off as for a failed delivery, or each failed settle floods the
             // upstream with the whole batch again.
@@ -233,49 +193,7 @@ pub async fn run<Q: Queue>(
             }
         }
     }
-    flush(&sink, &outbox, &mut unsynced).await;
     tracing::debug!(sink = %key, "delivery worker stopped");
-}
-
-async fn settle<Q: Queue>(
-    outbox: &Arc<Q>,
-    key: &Arc<str>,
-    delivered: Vec<u64>,
-    dead: Vec<(u64, String)>,
-) -> anyhow::Result<()> {
-    if delivered.is_empty() && dead.is_empty() {
-        return Ok(());
-    }
-    let (outbox, key) = (outbox.clone(), key.clone());
-    tokio::task::spawn_blocking(move || outbox.settle(&key, &delivered, &dead)).await.map_err(anyhow::Error::from)?
-}
-
-/// Syncs the sink and settles what the sync made durable. False if that failed: then the
-/// next read starts from the head again, and those results are written again.
-async fn flush<Q: Queue>(sink: &Sink, outbox: &Arc<Q>, unsynced: &mut Unsynced) -> bool {
-    let keys = std::mem::take(unsynced).keys;
-    if keys.is_empty() {
-        return true;
-    }
-    let n = keys.len();
-    let done = match sink.sync().await {
-        Ok(()) => settle(outbox, &sink.key, keys, Vec::new()).await.map_err(|e| format!("settling: {e:#}")),
-        Err(e) => Err(e),
-    };
-    match done {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::error!(sink = %sink.key, "{e}: its last {n} results are written again");
-            false
-        }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Sleeps `backoff`, or less if shutdown begins, and doubles it; false if shutdown began.
@@ -327,11 +245,11 @@ mod tests {
     }
 
     impl Queue for Failing {
-        fn peek(&self, _: &str, after: u64, _: usize, _: usize) -> anyhow::Result<Vec<Pending>> {
+        fn peek(&self, _: &str, _: usize, _: usize) -> anyhow::Result<Vec<Pending>> {
             self.peeks.fetch_add(1, Ordering::Relaxed);
             anyhow::ensure!(!self.fail_peek.load(Ordering::Relaxed), "injected read error");
             let settled = self.settled.lock().unwrap();
-            Ok((1..=3).filter(|k| *k > after && !settled.contains(k)).map(pending).collect())
+            Ok((1..=3).filter(|k| !settled.contains(k)).map(pending).collect())
         }
         fn settle(&self, _: &str, delivered: &[u64], _: &[(u64, String)]) -> anyhow::Result<()> {
             anyhow::ensure!(!self.fail_settle.load(Ordering::Relaxed), "injected write error");

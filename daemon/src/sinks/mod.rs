@@ -86,20 +86,6 @@ impl Sink {
         }
     }
 
-    /// Whether a delivery is durable only after [`Sink::sync`] (a local file): until then
-    /// its results stay in the outbox.
-    pub fn needs_sync(&self) -> bool {
-        matches!(self.kind, Kind::File(_))
-    }
-
-    /// Makes the deliveries so far durable; on an error, they must be made again.
-    pub async fn sync(&self) -> Result<(), String> {
-        match &self.kind {
-            Kind::File(f) => f.sync().await,
-            Kind::Dapr(_) | Kind::Mqtt(_) => Ok(()),
-        }
-    }
-
     /// Delivers `batch`; one outcome per result, in order.
     pub async fn deliver(&self, batch: &[Pending]) -> Vec<Outcome> {
         match &self.kind {

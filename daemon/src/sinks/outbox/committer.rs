@@ -4,9 +4,7 @@
 //!
 //! While other frames are being made, a batch stays open for up to `commit_window` after its
 //! first result, so frames from other cameras share its fsync; with none coming, it closes at
-//! once. Settling delivered results is not
-//! durable by itself (see [`super::Outbox::settle`]): the next commit here makes it so, and
-//! when no commit comes, a [`CHECKPOINT`] does.
+//! once.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
@@ -21,10 +19,6 @@ use super::eviction::{self, Evicted};
 use super::record::{disk_cost, encode};
 use super::{DEAD, Item, META, Outbox, PENDING, SEQ, State};
 use crate::metrics::Metrics;
-
-/// How long settled results may stay settled only in memory when no commit comes: a crash
-/// within it delivers them again (the same ids), never loses one.
-pub const CHECKPOINT: Duration = Duration::from_secs(5);
 
 /// Frames committed in one transaction at most.
 const MAX_BATCH: usize = 256;
@@ -56,23 +50,7 @@ async fn commit_loop(
     mut rx: mpsc::Receiver<Commit>,
     outbox: Weak<Outbox>,
 ) {
-    let mut checkpoint_at: Option<Instant> = None;
-    loop {
-        let first = tokio::select! {
-            c = rx.recv() => match c {
-                Some(c) => c,
-                None => break,
-            },
-            _ = state.settled.notified(), if checkpoint_at.is_none() => {
-                checkpoint_at = Some(Instant::now() + CHECKPOINT);
-                continue;
-            }
-            _ = sleep_until(checkpoint_at), if checkpoint_at.is_some() => {
-                checkpoint_at = None;
-                checkpoint(&db, &state);
-                continue;
-            }
-        };
+    while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let window = Duration::from_nanos(state.commit_window_ns.load(Ordering::Relaxed));
         let close = Instant::now() + window;
@@ -91,7 +69,6 @@ async fn commit_loop(
             }
         }
         let current = metrics.lock().expect("metrics lock").clone();
-        let settled = state.settles.load(Ordering::Acquire);
         let result = db.with(|db| write_batch(db, &state, &current, &batch));
         let frames = batch.len();
         // Frames are acknowledged before delivery starts: an ack still in flight when the
@@ -101,7 +78,6 @@ async fn commit_loop(
         }
         match &result {
             Ok(touched) => {
-                state.durable_settles.fetch_max(settled, Ordering::AcqRel);
                 *state.error.lock().expect("error lock") = None;
                 if let Some(outbox) = outbox.upgrade() {
                     for sink in touched {
@@ -114,34 +90,6 @@ async fn commit_loop(
                 *state.error.lock().expect("error lock") = Some(format!("{e:#}"));
             }
         }
-    }
-    checkpoint(&db, &state);
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Makes every settle so far durable, unless a commit already has.
-pub(super) fn checkpoint(db: &Db, state: &State) {
-    let settled = state.settles.load(Ordering::Acquire);
-    if settled <= state.durable_settles.load(Ordering::Acquire) {
-        return;
-    }
-    let done = db.with(|db| {
-        let txn = db.begin_write()?;
-        txn.commit()?;
-        Ok(())
-    });
-    match done {
-        Ok(()) => {
-            state.durable_settles.fetch_max(settled, Ordering::AcqRel);
-        }
-        // Only the settles wait; the next commit or checkpoint tries again.
-        Err(e) => tracing::warn!("outbox checkpoint failed: {e:#}"),
     }
 }
 

@@ -86,11 +86,6 @@ struct State {
     error: Mutex<Option<String>>,
     view: View,
     commit_window_ns: AtomicU64,
-    /// Settle transactions so far, and how many of them a durable commit has covered.
-    settles: AtomicU64,
-    durable_settles: AtomicU64,
-    /// Told of each settle, so the committer can make it durable if no commit does.
-    settled: Notify,
     /// Frames being made now, whose results will be committed soon.
     coming: AtomicU64,
 }
@@ -148,9 +143,6 @@ impl Outbox {
             error: Mutex::new(None),
             view: View::default(),
             commit_window_ns: AtomicU64::new(cfg.commit_window.as_nanos() as u64),
-            settles: AtomicU64::new(0),
-            durable_settles: AtomicU64::new(0),
-            settled: Notify::new(),
             coming: AtomicU64::new(0),
         });
         state.view.set(per_sink, dead);
@@ -265,10 +257,9 @@ impl Outbox {
         self.wakers.lock().expect("waker lock").entry(sink.clone()).or_default().clone()
     }
 
-    /// Up to `max` of the oldest results for `sink` after key `after` (0: from the head), and
-    /// no more than `max_bytes` of payload unless one result alone is larger. Expired ones are
-    /// evicted on the way.
-    pub fn peek(&self, sink: &str, after: u64, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>> {
+    /// Up to `max` of the oldest results for `sink`, and no more than `max_bytes` of payload
+    /// unless one result alone is larger. Expired ones are evicted on the way.
+    pub fn peek(&self, sink: &str, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>> {
         let max_age_ms = self.state.max_age_ms.load(Ordering::Relaxed);
         let now = Boot::now();
         let (out, expired) = self.db.with(|db| {
@@ -277,7 +268,7 @@ impl Outbox {
             let mut out = Vec::new();
             let mut expired = Vec::new();
             let mut bytes = 0usize;
-            for row in table.range((sink, after.saturating_add(1))..=(sink, u64::MAX))? {
+            for row in table.range((sink, 0)..=(sink, u64::MAX))? {
                 let (k, v) = row?;
                 if !out.is_empty() && bytes + v.value().len() > max_bytes {
                     break;
@@ -303,18 +294,13 @@ impl Outbox {
     }
 
     /// Removes delivered results and moves dead ones (with their reason) to the dead letters.
-    ///
-    /// Not durable at once: an fsync per delivery would double a board's writes to its card
-    /// for nothing, since losing a settle only delivers its results again (the same ids). The
-    /// next commit makes it durable, or a checkpoint within [`committer::CHECKPOINT`].
     pub fn settle(&self, sink: &str, delivered: &[u64], dead: &[(u64, String)]) -> anyhow::Result<()> {
         self.remove(sink, delivered, dead, false)
     }
 
     fn remove(&self, sink: &str, gone: &[u64], dead: &[(u64, String)], evicted: bool) -> anyhow::Result<()> {
         let (freed, buried_bytes, removed, buried) = self.db.with(|db| {
-            let mut txn = db.begin_write()?;
-            txn.set_durability(redb::Durability::None)?;
+            let txn = db.begin_write()?;
             let (mut freed, mut buried_bytes, mut removed, mut buried) = (0u64, 0u64, 0u64, 0u64);
             let mut pending = txn.open_table(PENDING)?;
             let mut dead_table = txn.open_table(DEAD)?;
@@ -341,8 +327,6 @@ impl Outbox {
             txn.commit()?;
             Ok((freed, buried_bytes, removed, buried))
         })?;
-        self.state.settles.fetch_add(1, Ordering::AcqRel);
-        self.state.settled.notify_one();
         // Counted by what this transaction removed: an eviction may have taken some already.
         self.state.bytes.fetch_add(buried_bytes, Ordering::Relaxed);
         self.state.bytes.fetch_sub(freed.min(self.state.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
@@ -480,11 +464,6 @@ impl Outbox {
         self.state.error.lock().expect("error lock").clone()
     }
 
-    /// Makes every settle so far durable (at a stop, so a restart delivers nothing twice).
-    pub fn checkpoint(&self) {
-        committer::checkpoint(&self.db, &self.state);
-    }
-
     fn wake(&self, sink: &Arc<str>) {
         if let Some(n) = self.wakers.lock().expect("waker lock").get(sink) {
             n.notify_one();
@@ -522,7 +501,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(&tmp.path().join("o.redb"), &Default::default(), Arc::new(Metrics::new())).unwrap();
         outbox.commit((1..=3).map(item).collect()).await.unwrap();
-        let keys: Vec<u64> = outbox.peek("s", 0, 10, usize::MAX).unwrap().iter().map(|p| p.key).collect();
+        let keys: Vec<u64> = outbox.peek("s", 10, usize::MAX).unwrap().iter().map(|p| p.key).collect();
         let dead: Vec<(u64, String)> = keys.iter().map(|k| (*k, "refused".to_string())).collect();
         outbox.settle("s", &[], &dead).unwrap();
         // A torn row, as a bad sector or an older format would leave it.
@@ -536,7 +515,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(outbox.replay_dead().unwrap(), 2);
-        let back: Vec<u64> = outbox.peek("s", 0, 10, usize::MAX).unwrap().iter().map(|p| p.record.seq).collect();
+        let back: Vec<u64> = outbox.peek("s", 10, usize::MAX).unwrap().iter().map(|p| p.record.seq).collect();
         assert_eq!(back, [1, 3]);
         let left =
             outbox.db.with(|db| Ok(redb::ReadableTableMetadata::len(&db.begin_read()?.open_table(DEAD)?)?)).unwrap();
