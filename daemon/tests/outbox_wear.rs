@@ -100,9 +100,9 @@ fn a_serial_frame_costs_at_least_one_fsync_and_at_most_three_and_a_crash_loses_n
     // Goal (issue 20): 1.5 serial, once settles are batched.
     assert!(per_frame <= 3.1, "{per_frame:.2} fsyncs a frame");
     // The outbox and the file each hold the result (the file as base64 JSON, 1.37×), and
-    // redb's pages round the outbox's copy up: about 4.1. A regression that writes each
-    // result once more would cross this; the goal is 2.5.
-    assert!(per_byte <= 4.5, "{per_byte:.2} bytes written per result byte");
+    // redb's pages round the outbox's copy up: 4.1 to 4.5 here. A regression that writes
+    // each result once more would cross this; the goal is 2.5.
+    assert!(per_byte <= 5.0, "{per_byte:.2} bytes written per result byte");
 
     // Killed at once after the last answer: some results may not be delivered yet.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon as i32), nix::sys::signal::Signal::SIGKILL).unwrap();

@@ -165,9 +165,9 @@ pub struct Outbox {
     /// Results and dead letters older than this are evicted (and counted), in every sink.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
-    /// How long a result may wait for others to share its commit (one fsync): results from
-    /// every camera and for every sink that arrive within it are written together. Its cost is
-    /// that much more latency before a frame is acknowledged; 0 commits each at once.
+    /// How long a commit may wait, while other frames are being made, for them to share its
+    /// fsync. Its cost is up to that much more latency before a frame is acknowledged, and
+    /// larger transactions; 0 (the default) commits what is waiting at once.
     #[serde(with = "humantime_serde")]
     pub commit_window: Duration,
 }
@@ -181,7 +181,7 @@ impl Default for Outbox {
         Outbox {
             max_bytes: ByteSize::mib(512),
             max_age: Duration::from_secs(7 * 24 * 3600),
-            commit_window: Duration::from_millis(5),
+            commit_window: Duration::ZERO,
         }
     }
 }
