@@ -27,6 +27,29 @@ fn p99(mut v: Vec<Duration>) -> Duration {
     v[(v.len() * 99 / 100).min(v.len() - 1)]
 }
 
+/// `n` timed calls of `echo` on `input`, after `warm` untimed ones.
+fn echo_times(
+    tokio: &tokio::runtime::Runtime,
+    rt: &Runtime,
+    input: bytes::Bytes,
+    warm: usize,
+    n: usize,
+) -> Vec<Duration> {
+    tokio.block_on(async {
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..warm + n {
+            let t = Instant::now();
+            let out = rt.invoke("echo", input.clone(), &[]).await.unwrap();
+            let dt = t.elapsed();
+            assert_eq!(out.stdout.len(), input.len());
+            if i >= warm {
+                samples.push(dt);
+            }
+        }
+        samples
+    })
+}
+
 fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let config_path = tmp.path().join("edgefn.toml");
@@ -43,38 +66,13 @@ fn main() {
     let rt = Runtime::load(&cfg, Arc::new(Metrics::new()), None, &Default::default()).unwrap();
     let tokio = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 
-    // P1: in-process invocation.
+    // P1: in-process invocation, then with a frame's worth of bytes (what moving 41 KB in
+    // and out of a guest costs).
     let input = bytes::Bytes::from(vec![b'x'; 64]);
-    let mut samples = Vec::new();
-    tokio.block_on(async {
-        for i in 0..21_000 {
-            let t = Instant::now();
-            let out = rt.invoke("echo", input.clone(), &[]).await.unwrap();
-            let dt = t.elapsed();
-            assert_eq!(out.stdout.len(), 64);
-            if i >= 1000 {
-                samples.push(dt);
-            }
-        }
-    });
+    let samples = echo_times(&tokio, &rt, input.clone(), 1000, 20_000);
     let p1_daemon = median(samples.clone());
     let p1_daemon_p99 = p99(samples);
-
-    // P1 with a frame's worth of bytes: what moving 41 KB in and out of a guest costs.
-    let frame = bytes::Bytes::from(common::camera_jpeg());
-    let mut moved = Vec::new();
-    tokio.block_on(async {
-        for i in 0..5_500 {
-            let t = Instant::now();
-            let out = rt.invoke("echo", frame.clone(), &[]).await.unwrap();
-            let dt = t.elapsed();
-            assert_eq!(out.stdout.len(), frame.len());
-            if i >= 500 {
-                moved.push(dt);
-            }
-        }
-    });
-    let p1_frame = median(moved);
+    let p1_frame = median(echo_times(&tokio, &rt, bytes::Bytes::from(common::camera_jpeg()), 500, 5_000));
 
     if std::env::var("EDGEFN_BENCH").as_deref() == Ok("p1-only") {
         println!("P1 no-op invocation, in-process : median {:.1} µs", p1_daemon.as_secs_f64() * 1e6);
