@@ -4,6 +4,9 @@
 //!   teardown) in the daemon, against the seed's design of one process per request
 //!   (`edgefn invoke echo`, warm AOT cache, so the process only maps native code).
 //! - P2: grayscale of a 640×480 JPEG as AOT-compiled wasm, against the same Rust code native.
+//!   Then what the deadline costs: the same module straight on wasmtime with its epoch checks
+//!   compiled in (a deadline that never comes, so no yields) and compiled out, against the
+//!   daemon's call, which also yields to the executor every tick.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -48,6 +51,51 @@ fn echo_times(
         }
         samples
     })
+}
+
+/// Grayscale straight on wasmtime, synchronously: `epoch` compiles the daemon's deadline
+/// checks in, with a deadline that never comes.
+struct Bare {
+    engine: wasmtime::Engine,
+    pre: wasmtime::InstancePre<wasmtime_wasi::p1::WasiP1Ctx>,
+}
+
+impl Bare {
+    fn new(epoch: bool, wasm: &[u8]) -> Bare {
+        let mut config = edgefn::runtime::compilation_config(None).unwrap();
+        config.epoch_interruption(epoch);
+        let engine = wasmtime::Engine::new(&config).unwrap();
+        let module = wasmtime::Module::new(&engine, wasm).unwrap();
+        let mut linker = wasmtime::Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |c| c).unwrap();
+        let pre = linker.instantiate_pre(&module).unwrap();
+        Bare { engine, pre }
+    }
+
+    /// `n` timed calls on `jpeg`.
+    fn times(&self, jpeg: &[u8], n: usize) -> Vec<Duration> {
+        use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+        let mut samples = Vec::with_capacity(n);
+        for _ in 0..n {
+            let stdout = MemoryOutputPipe::new(16 << 20);
+            let wasi = wasmtime_wasi::WasiCtxBuilder::new()
+                .stdin(MemoryInputPipe::new(jpeg.to_vec()))
+                .stdout(stdout.clone())
+                .build_p1();
+            let mut store = wasmtime::Store::new(&self.engine, wasi);
+            store.set_epoch_deadline(u64::MAX / 2);
+            let t = Instant::now();
+            let instance = self.pre.instantiate(&mut store).unwrap();
+            let run = instance.get_typed_func::<(), ()>(&mut store, "_start").unwrap().call(&mut store, ());
+            samples.push(t.elapsed());
+            if let Err(e) = run {
+                let code = e.downcast_ref::<wasmtime_wasi::I32Exit>().map(|x| x.0);
+                assert_eq!(code, Some(0), "grayscale failed: {e:#}");
+            }
+            assert!(!stdout.contents().is_empty());
+        }
+        samples
+    }
 }
 
 fn main() {
@@ -120,6 +168,17 @@ fn main() {
     });
     let (p2_wasm, p2_native) = (median(wasm), median(native));
 
+    let module = std::fs::read(common::functions_dir().join("grayscale.wasm")).unwrap();
+    let (with, without) = (Bare::new(true, &module), Bare::new(false, &module));
+    let (mut checked, mut unchecked) = (Vec::new(), Vec::new());
+    with.times(&jpeg, 5);
+    without.times(&jpeg, 5);
+    for _ in 0..6 {
+        checked.extend(with.times(&jpeg, 10));
+        unchecked.extend(without.times(&jpeg, 10));
+    }
+    let (checked, unchecked) = (median(checked), median(unchecked));
+
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!("P1 no-op invocation, in-process : median {:8.1} µs  (p99 {:.1} µs)", us(p1_daemon), us(p1_daemon_p99));
     println!(
@@ -135,4 +194,11 @@ fn main() {
     println!("P2 grayscale 640×480 JPEG, wasm : median {:8.2} ms", us(p2_wasm) / 1e3);
     println!("P2 grayscale 640×480 JPEG, native: median {:7.2} ms", us(p2_native) / 1e3);
     println!("P2 ratio wasm / native          : {:8.2}×   (goal ≤ 1.25×)", us(p2_wasm) / us(p2_native));
+    println!(
+        "P2 bare wasmtime, epoch checks in: median {:6.2} ms, out: {:.2} ms ({:.3}×); the daemon's call: {:.3}× of checks out",
+        us(checked) / 1e3,
+        us(unchecked) / 1e3,
+        us(checked) / us(unchecked),
+        us(p2_wasm) / us(unchecked)
+    );
 }

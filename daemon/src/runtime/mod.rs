@@ -22,6 +22,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 
+pub use self::engine::compilation_config;
 use self::engine::{EpochTicker, PoolSize};
 pub use self::error::{InvokeError, panic_text};
 pub use self::function::{Function, Grants, Output};

@@ -1,9 +1,14 @@
 //! Delivery workers: one per sink, draining its outbox queue in order.
 //!
-//! A worker takes the oldest results, hands them to the sink, and settles each outcome in one
-//! transaction: delivered ones leave the outbox, dead ones move to the dead letters, and on any
-//! retry the worker backs off exponentially (0.2 s doubling to 30 s) before trying again, so a
-//! downed sidecar is polled gently and never skipped past.
+//! A worker takes the oldest results, hands them to the sink, and goes on with the next ones
+//! at once; their outcomes are settled in one transaction at most every [`SETTLE_EVERY`]
+//! (sooner on a retry, a shutdown, or [`MAX_UNSETTLED`] waiting): delivered ones leave the
+//! outbox, dead ones move to the dead letters. Before a settle the sink makes its deliveries
+//! durable (the file sink's one fsync for all of them), so a result leaves the outbox only
+//! once its delivery would survive a power cut, and a crash in between means a duplicate
+//! with the same id, never a loss. On any retry the worker backs off exponentially (0.2 s
+//! doubling to 30 s) before trying again, so a downed sidecar is polled gently and never
+//! skipped past.
 //!
 //! A result that keeps failing while the results around it are delivered is poison (a
 //! message the upstream broker will never take): after [`MAX_ATTEMPTS`] such failures it moves
@@ -12,7 +17,8 @@
 //! empty the outbox into the dead letters.
 //!
 //! On shutdown a worker keeps delivering until its queue is empty, a retry is needed, or the
-//! grace period ends; whatever is left stays on disk for the next start.
+//! grace period ends, and settles what it delivered; whatever is left stays on disk for the
+//! next start.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,21 +33,29 @@ use crate::metrics::{Metrics, SinkLabel};
 /// What a worker needs of the outbox: its sink's queue. Blocking calls; the worker runs them
 /// on the blocking pool.
 pub trait Queue: Send + Sync + 'static {
-    fn peek(&self, sink: &str, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>>;
+    /// The oldest results from key `from` on.
+    fn peek(&self, sink: &str, from: u64, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>>;
     fn settle(&self, sink: &str, delivered: &[u64], dead: &[(u64, String)]) -> anyhow::Result<()>;
     /// Notified when the sink's queue gains results.
     fn waker(&self, sink: &Arc<str>) -> Arc<Notify>;
+    /// Whether deliveries are to be settled one by one, to free room as soon as possible.
+    fn short_of_disk(&self) -> bool {
+        false
+    }
 }
 
 impl Queue for Outbox {
-    fn peek(&self, sink: &str, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>> {
-        Outbox::peek(self, sink, max, max_bytes)
+    fn peek(&self, sink: &str, from: u64, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>> {
+        Outbox::peek_from(self, sink, from, max, max_bytes)
     }
     fn settle(&self, sink: &str, delivered: &[u64], dead: &[(u64, String)]) -> anyhow::Result<()> {
         Outbox::settle(self, sink, delivered, dead)
     }
     fn waker(&self, sink: &Arc<str>) -> Arc<Notify> {
         Outbox::waker(self, sink)
+    }
+    fn short_of_disk(&self) -> bool {
+        Outbox::short_of_disk(self)
     }
 }
 
@@ -66,6 +80,46 @@ impl Attempts {
     }
 }
 
+/// Settles (an fsync each, and the file sink's own) happen at most this often per sink while
+/// results keep coming; an idle worker settles this long after its last delivery.
+pub const SETTLE_EVERY: Duration = Duration::from_millis(100);
+/// Delivered results a worker holds unsettled at most.
+const MAX_UNSETTLED: usize = 1024;
+
+/// Outcomes delivered but not yet settled, oldest first.
+#[derive(Default)]
+struct Unsettled {
+    delivered: Vec<u64>,
+    dead: Vec<(u64, String)>,
+    /// When the oldest of them was delivered.
+    since: Option<tokio::time::Instant>,
+    /// To be settled at once (the outbox is short of disk).
+    hurry: bool,
+}
+
+impl Unsettled {
+    fn is_empty(&self) -> bool {
+        self.delivered.is_empty() && self.dead.is_empty()
+    }
+    fn add(&mut self, delivered: Vec<u64>, dead: Vec<(u64, String)>) {
+        if self.is_empty() && !(delivered.is_empty() && dead.is_empty()) {
+            self.since = Some(tokio::time::Instant::now());
+        }
+        self.delivered.extend(delivered);
+        self.dead.extend(dead);
+    }
+    /// When they are to be settled, if there are any.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        if !self.is_empty() && (self.hurry || self.delivered.len() + self.dead.len() >= MAX_UNSETTLED) {
+            return Some(tokio::time::Instant::now());
+        }
+        self.since.filter(|_| !self.is_empty()).map(|t| t + SETTLE_EVERY)
+    }
+    fn clear(&mut self) {
+        *self = Unsettled::default();
+    }
+}
+
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Failures of one result, while others were delivered, before it is dead-lettered.
@@ -84,6 +138,10 @@ pub async fn run<Q: Queue>(
     let mut backoff = FIRST_BACKOFF;
     let mut attempts = Attempts::default();
     let mut stop_at: Option<tokio::time::Instant> = None;
+    let mut unsettled = Unsettled::default();
+    // The first key not yet handed to the sink: what was delivered and waits for its settle
+    // is not peeked again.
+    let mut cursor = 0u64;
     loop {
         if stop_at.is_none() && *shutdown.borrow() {
             stop_at = Some(tokio::time::Instant::now() + grace);
@@ -91,10 +149,18 @@ pub async fn run<Q: Queue>(
         if stop_at.is_some_and(|t| tokio::time::Instant::now() >= t) {
             break;
         }
+        if unsettled.due().is_some_and(|t| t <= tokio::time::Instant::now())
+            && !settle(&sink, &outbox, &mut unsettled, &mut cursor).await
+        {
+            if stop_at.is_some() || !pause(&mut backoff, &mut shutdown).await {
+                break;
+            }
+            continue;
+        }
         // redb reads and fsyncs on a blocking thread, never on an async worker.
         let peeked = {
             let (outbox, key, n) = (outbox.clone(), key.clone(), sink.batch());
-            tokio::task::spawn_blocking(move || outbox.peek(&key, n, super::BATCH_BYTES))
+            tokio::task::spawn_blocking(move || outbox.peek(&key, cursor, n, super::BATCH_BYTES))
                 .await
                 .map_err(anyhow::Error::from)
                 .and_then(|r| r)
@@ -114,9 +180,11 @@ pub async fn run<Q: Queue>(
             if stop_at.is_some() {
                 break;
             }
+            let due = unsettled.due();
             tokio::select! {
                 _ = waker.notified() => {}
                 _ = shutdown.changed() => {}
+                _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {}
             }
             continue;
         }
@@ -126,6 +194,7 @@ pub async fn run<Q: Queue>(
         let mut delivered = Vec::new();
         let mut dead = Vec::new();
         let mut retry: Option<String> = None;
+        let mut first_retried: Option<u64> = None;
         let mut busy = false;
         for (p, outcome) in batch.iter().zip(outcomes) {
             match outcome {
@@ -142,16 +211,19 @@ pub async fn run<Q: Queue>(
                         tracing::error!(sink = %key, id = %p.record.id, "dead letter: {why}");
                         dead.push((p.key, why));
                     } else {
+                        first_retried.get_or_insert(p.key);
                         retry.get_or_insert(why);
                     }
                 }
                 Outcome::Retry(why) => {
                     metrics.outbox_retried.get_or_create(&label).inc();
+                    first_retried.get_or_insert(p.key);
                     retry.get_or_insert(why);
                 }
                 Outcome::Busy(why) => {
                     metrics.outbox_retried.get_or_create(&label).inc();
                     busy = true;
+                    first_retried.get_or_insert(p.key);
                     retry.get_or_insert(why);
                 }
             }
@@ -159,41 +231,72 @@ pub async fn run<Q: Queue>(
         for k in delivered.iter().chain(dead.iter().map(|(k, _)| k)) {
             attempts.forget(*k);
         }
-        let settled = {
-            let (outbox, key) = (outbox.clone(), key.clone());
-            tokio::task::spawn_blocking(move || outbox.settle(&key, &delivered, &dead))
-                .await
-                .map_err(anyhow::Error::from)
-                .and_then(|r| r)
+        unsettled.add(delivered, dead);
+        unsettled.hurry = outbox.short_of_disk();
+        let (Some(why), Some(from)) = (retry, first_retried) else {
+            cursor = batch.last().map_or(cursor, |p| p.key + 1);
+            backoff = FIRST_BACKOFF;
+            continue;
         };
-        if let Err(e) = settled {
-            // Not settled means delivered again later: a duplicate with the same id, never a
-            // loss. Back off as for a failed delivery, or each failed settle floods the
-            // upstream with the whole batch again.
-            tracing::error!(sink = %key, retry_in = ?backoff, "settling deliveries: {e:#}");
+        // The next attempt starts at what failed; what was delivered is settled first, so it
+        // is not delivered again.
+        cursor = from;
+        if !settle(&sink, &outbox, &mut unsettled, &mut cursor).await {
             if stop_at.is_some() || !pause(&mut backoff, &mut shutdown).await {
                 break;
             }
             continue;
         }
-        match retry {
-            None => backoff = FIRST_BACKOFF,
-            Some(why) => {
-                if stop_at.is_some() {
-                    break;
-                }
-                // The sink took part of the batch: it works, and what failed is the results'
-                // own problem. Retry soon, so a poison result meets its attempt cap quickly;
-                // unless the upstream said it is busy, which is what backoff is for.
-                if some_delivered && !busy {
-                    backoff = FIRST_BACKOFF;
-                }
-                tracing::warn!(sink = %key, retry_in = ?backoff, "delivery failed: {why}");
-                pause(&mut backoff, &mut shutdown).await;
-            }
+        if stop_at.is_some() {
+            break;
         }
+        // The sink took part of the batch: it works, and what failed is the results' own
+        // problem. Retry soon, so a poison result meets its attempt cap quickly; unless the
+        // upstream said it is busy, which is what backoff is for.
+        if some_delivered && !busy {
+            backoff = FIRST_BACKOFF;
+        }
+        tracing::warn!(sink = %key, retry_in = ?backoff, "delivery failed: {why}");
+        pause(&mut backoff, &mut shutdown).await;
+    }
+    if !settle(&sink, &outbox, &mut unsettled, &mut cursor).await {
+        tracing::warn!(sink = %key, "stopped with deliveries unsettled: they will be delivered again at the next start");
     }
     tracing::debug!(sink = %key, "delivery worker stopped");
+}
+
+/// Makes the sink's deliveries durable, then settles them in one transaction; false if either
+/// failed. Deliveries the sink could not make durable are forgotten and the cursor goes back
+/// to the head, so they are delivered again; a failed settle keeps them, to settle later.
+async fn settle<Q: Queue>(sink: &Arc<Sink>, outbox: &Arc<Q>, unsettled: &mut Unsettled, cursor: &mut u64) -> bool {
+    if unsettled.is_empty() {
+        return true;
+    }
+    if let Err(why) = sink.sync().await {
+        tracing::error!(sink = %sink.key, "deliveries not durable, delivering them again: {why}");
+        unsettled.clear();
+        *cursor = 0;
+        return false;
+    }
+    let settled = {
+        let (outbox, key) = (outbox.clone(), sink.key.clone());
+        let (delivered, dead) = (unsettled.delivered.clone(), unsettled.dead.clone());
+        tokio::task::spawn_blocking(move || outbox.settle(&key, &delivered, &dead))
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r)
+    };
+    match settled {
+        Ok(()) => {
+            unsettled.clear();
+            true
+        }
+        Err(e) => {
+            // Not settled: settled again after a backoff, or delivered again after a restart.
+            tracing::error!(sink = %sink.key, "settling deliveries: {e:#}");
+            false
+        }
+    }
 }
 
 /// Sleeps `backoff`, or less if shutdown begins, and doubles it; false if shutdown began.
@@ -245,11 +348,11 @@ mod tests {
     }
 
     impl Queue for Failing {
-        fn peek(&self, _: &str, _: usize, _: usize) -> anyhow::Result<Vec<Pending>> {
+        fn peek(&self, _: &str, from: u64, _: usize, _: usize) -> anyhow::Result<Vec<Pending>> {
             self.peeks.fetch_add(1, Ordering::Relaxed);
             anyhow::ensure!(!self.fail_peek.load(Ordering::Relaxed), "injected read error");
             let settled = self.settled.lock().unwrap();
-            Ok((1..=3).filter(|k| !settled.contains(k)).map(pending).collect())
+            Ok((from.max(1)..=3).filter(|k| !settled.contains(k)).map(pending).collect())
         }
         fn settle(&self, _: &str, delivered: &[u64], _: &[(u64, String)]) -> anyhow::Result<()> {
             anyhow::ensure!(!self.fail_settle.load(Ordering::Relaxed), "injected write error");

@@ -86,6 +86,15 @@ impl Sink {
         }
     }
 
+    /// Makes what was delivered since the last call durable (the file sink's fsync; the
+    /// others' upstream acknowledged each delivery already).
+    pub async fn sync(&self) -> Result<(), String> {
+        match &self.kind {
+            Kind::File(f) => f.sync().await,
+            Kind::Dapr(_) | Kind::Mqtt(_) => Ok(()),
+        }
+    }
+
     /// Delivers `batch`; one outcome per result, in order.
     pub async fn deliver(&self, batch: &[Pending]) -> Vec<Outcome> {
         match &self.kind {

@@ -218,7 +218,13 @@ impl Daemon {
         let nofile = envs.iter().find(|(k, _)| *k == "EDGEFN_TEST_NOFILE").map(|(_, v)| v.clone());
         // EDGEFN_TEST_STRACE=FILE runs the daemon under strace, logging its fsync-family calls.
         let strace = envs.iter().find(|(k, _)| *k == "EDGEFN_TEST_STRACE").map(|(_, v)| v.clone());
-        let mut cmd = if let Some(log) = strace {
+        // EDGEFN_TEST_TASKSET=CPUS pins the daemon to those cores (tokio sizes its workers from that).
+        let taskset = envs.iter().find(|(k, _)| *k == "EDGEFN_TEST_TASKSET").map(|(_, v)| v.clone());
+        let mut cmd = if let Some(cpus) = taskset {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpus, BIN]);
+            c
+        } else if let Some(log) = strace {
             let mut c = Command::new("strace");
             c.args(["-f", "-qq", "-e", "trace=fsync,fdatasync,sync_file_range,msync", "-o", &log, BIN]);
             c

@@ -88,6 +88,7 @@ async fn commit_loop(
             Err(e) => {
                 tracing::error!("outbox commit failed ({frames} frames not acknowledged): {e:#}");
                 *state.error.lock().expect("error lock") = Some(format!("{e:#}"));
+                state.failed_now();
             }
         }
     }

@@ -84,10 +84,21 @@ struct State {
     max_age_ms: AtomicU64,
     /// The last commit error, shown in health until a commit succeeds.
     error: Mutex<Option<String>>,
+    /// When a write last failed (a full disk, most likely): see [`Outbox::short_of_disk`].
+    failed_at: Mutex<Option<std::time::Instant>>,
     view: View,
     commit_window_ns: AtomicU64,
     /// Frames being made now, whose results will be committed soon.
     coming: AtomicU64,
+}
+
+/// How long after a failed write the outbox counts as short of disk.
+const SHORT_OF_DISK_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl State {
+    fn failed_now(&self) {
+        *self.failed_at.lock().expect("failed_at lock") = Some(std::time::Instant::now());
+    }
 }
 
 /// A frame on its way to a commit, counted while it lives (see [`Outbox::coming`]).
@@ -141,6 +152,7 @@ impl Outbox {
             max_bytes: AtomicU64::new(cfg.max_bytes.as_u64()),
             max_age_ms: AtomicU64::new(cfg.max_age.as_millis() as u64),
             error: Mutex::new(None),
+            failed_at: Mutex::new(None),
             view: View::default(),
             commit_window_ns: AtomicU64::new(cfg.commit_window.as_nanos() as u64),
             coming: AtomicU64::new(0),
@@ -260,6 +272,11 @@ impl Outbox {
     /// Up to `max` of the oldest results for `sink`, and no more than `max_bytes` of payload
     /// unless one result alone is larger. Expired ones are evicted on the way.
     pub fn peek(&self, sink: &str, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>> {
+        self.peek_from(sink, 0, max, max_bytes)
+    }
+
+    /// [`Outbox::peek`] from key `from` on: past what a worker delivered and has yet to settle.
+    pub fn peek_from(&self, sink: &str, from: u64, max: usize, max_bytes: usize) -> anyhow::Result<Vec<Pending>> {
         let max_age_ms = self.state.max_age_ms.load(Ordering::Relaxed);
         let now = Boot::now();
         let (out, expired) = self.db.with(|db| {
@@ -268,7 +285,7 @@ impl Outbox {
             let mut out = Vec::new();
             let mut expired = Vec::new();
             let mut bytes = 0usize;
-            for row in table.range((sink, 0)..=(sink, u64::MAX))? {
+            for row in table.range((sink, from)..=(sink, u64::MAX))? {
                 let (k, v) = row?;
                 if !out.is_empty() && bytes + v.value().len() > max_bytes {
                     break;
@@ -298,35 +315,46 @@ impl Outbox {
         self.remove(sink, delivered, dead, false)
     }
 
+    /// Whether a write failed in the last minute. Delivery workers then settle each delivery
+    /// at once instead of in batches: results held for a shared settle take room in the file,
+    /// and a full disk lets redb neither take another result nor free a page, so what can be
+    /// freed is freed as soon as it can be.
+    pub fn short_of_disk(&self) -> bool {
+        self.state.failed_at.lock().expect("failed_at lock").is_some_and(|t| t.elapsed() < SHORT_OF_DISK_FOR)
+    }
+
     fn remove(&self, sink: &str, gone: &[u64], dead: &[(u64, String)], evicted: bool) -> anyhow::Result<()> {
-        let (freed, buried_bytes, removed, buried) = self.db.with(|db| {
-            let txn = db.begin_write()?;
-            let (mut freed, mut buried_bytes, mut removed, mut buried) = (0u64, 0u64, 0u64, 0u64);
-            let mut pending = txn.open_table(PENDING)?;
-            let mut dead_table = txn.open_table(DEAD)?;
-            for key in gone {
-                if let Some(v) = pending.remove((sink, *key))? {
-                    freed += disk_cost(v.value().len());
-                    removed += 1;
+        let (freed, buried_bytes, removed, buried) = self
+            .db
+            .with(|db| {
+                let txn = db.begin_write()?;
+                let (mut freed, mut buried_bytes, mut removed, mut buried) = (0u64, 0u64, 0u64, 0u64);
+                let mut pending = txn.open_table(PENDING)?;
+                let mut dead_table = txn.open_table(DEAD)?;
+                for key in gone {
+                    if let Some(v) = pending.remove((sink, *key))? {
+                        freed += disk_cost(v.value().len());
+                        removed += 1;
+                    }
                 }
-            }
-            for (key, why) in dead {
-                if let Some(v) = pending.remove((sink, *key))? {
-                    let bytes = v.value().to_vec();
-                    drop(v);
-                    freed += disk_cost(bytes.len());
-                    let (mut record, payload) = decode(&bytes)?;
-                    record.error = Some(why.clone());
-                    let value = encode(&record, &payload);
-                    buried_bytes += disk_cost(value.len());
-                    dead_table.insert((sink, *key), value.as_slice())?;
-                    buried += 1;
+                for (key, why) in dead {
+                    if let Some(v) = pending.remove((sink, *key))? {
+                        let bytes = v.value().to_vec();
+                        drop(v);
+                        freed += disk_cost(bytes.len());
+                        let (mut record, payload) = decode(&bytes)?;
+                        record.error = Some(why.clone());
+                        let value = encode(&record, &payload);
+                        buried_bytes += disk_cost(value.len());
+                        dead_table.insert((sink, *key), value.as_slice())?;
+                        buried += 1;
+                    }
                 }
-            }
-            drop((pending, dead_table));
-            txn.commit()?;
-            Ok((freed, buried_bytes, removed, buried))
-        })?;
+                drop((pending, dead_table));
+                txn.commit()?;
+                Ok((freed, buried_bytes, removed, buried))
+            })
+            .inspect_err(|_| self.state.failed_now())?;
         // Counted by what this transaction removed: an eviction may have taken some already.
         self.state.bytes.fetch_add(buried_bytes, Ordering::Relaxed);
         self.state.bytes.fetch_sub(freed.min(self.state.bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
