@@ -20,6 +20,8 @@ export EDGEFN_FUZZ_MODEL="${EDGEFN_ASSETS:-/var/cache/edgefn/assets}/efficientne
 cd daemon/fuzz
 echo "fuzz: building the targets (instrumented; cached in $CARGO_TARGET_DIR)"
 cargo fuzz build --sanitizer none --codegen-units 16
+# `scripts/fuzz.sh build` only builds: tests/run.sh starts it beside the daemon tests.
+[ "${1:-}" = build ] && exit 0
 # One target per core at once: libFuzzer runs one process per target, so two cores fuzz two
 # targets for the same time each in half the wall time.
 fuzz_one() { # target: fuzzes it, and prints one line (or the failure's log)

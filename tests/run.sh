@@ -24,6 +24,17 @@ stage() {
   timings+=("$(printf '%5d s  %s' $((SECONDS - t0)) "$name")")
 }
 
+# Two builds start beside the stages that leave the cores idle part of the time, so a cold run
+# is not all compiling in a row: the daemon's tests beside the set-up (apt and Go downloads;
+# the build needs only rustup's toolchain and the machine's gcc), the instrumented fuzz
+# targets beside the daemon tests (niced: the tests' daemons go first). A build that fails
+# here is built again, and fails loudly, in its own stage.
+early="$(mktemp -d)"
+waited() { # PID LOG: waits for an early build; if it failed, shows why and goes on
+  wait "$1" || { echo "early build failed (its stage builds again):"; tail -20 "$2"; }
+}
+cargo test --release --workspace --no-run >"$early/tests.log" 2>&1 &
+tests_built=$!
 stage "set-up (apt, assets, daprd)" scripts/setup.sh
 stage "wasm functions" functions/build.sh
 # The real daprd that the Dapr tests run against (built by setup.sh, cached outside the clone).
@@ -36,7 +47,11 @@ unit_tests() {
   (cd functions/classify && cargo test --release --quiet --lib --target "$host")
 }
 stage "grayscale and classify, native unit tests" unit_tests
+stage "daemon test build (begun beside the set-up)" waited "$tests_built" "$early/tests.log"
+nice -n 19 scripts/fuzz.sh build >"$early/fuzz.log" 2>&1 &
+fuzz_built=$!
 stage "daemon tests" cargo test --release --workspace
+stage "fuzz build (begun beside the daemon tests)" waited "$fuzz_built" "$early/fuzz.log"
 stage "fuzzing: every parser that takes outside bytes, a minute each (cargo-fuzz)" scripts/fuzz.sh
 stage "soak: 3 minutes of MQTT load with the sidecar, the broker and the config failing under it" \
   env EDGEFN_SOAK_SECS=180 cargo bench --bench soak

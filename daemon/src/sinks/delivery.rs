@@ -110,7 +110,10 @@ impl Unsettled {
     }
     /// When they are to be settled, if there are any.
     fn due(&self) -> Option<tokio::time::Instant> {
-        if !self.is_empty() && (self.hurry || self.delivered.len() + self.dead.len() >= MAX_UNSETTLED) {
+        // A dead letter is settled at once: its settle copies the whole result into the dead
+        // letters, and a tenth of a second of refusals at full rate was megabytes in one
+        // transaction, which redb's copy on write doubled the file for.
+        if !self.dead.is_empty() || (!self.is_empty() && (self.hurry || self.delivered.len() >= MAX_UNSETTLED)) {
             return Some(tokio::time::Instant::now());
         }
         self.since.filter(|_| !self.is_empty()).map(|t| t + SETTLE_EVERY)
@@ -156,6 +159,11 @@ pub async fn run<Q: Queue>(
                 break;
             }
             continue;
+        }
+        // The cursor only skips what waits for its settle: with nothing waiting, it starts at
+        // the head again, where a replay puts dead letters back under their old keys.
+        if unsettled.is_empty() {
+            cursor = 0;
         }
         // redb reads and fsyncs on a blocking thread, never on an async worker.
         let peeked = {
