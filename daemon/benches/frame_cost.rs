@@ -19,21 +19,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Daemon;
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the parenthesised name: utime and stime are the 12th and 13th.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    ticks as f64 / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as f64
-}
-
-fn write_bytes(pid: u32) -> u64 {
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
-    io.lines().find_map(|l| l.strip_prefix("write_bytes: ")).unwrap().trim().parse().unwrap()
-}
+use common::{Daemon, cpu_seconds, percentile, write_bytes};
 
 /// `perf stat` counting the daemon's fsync-family calls until [`Syncs::stop`].
 struct Syncs(Child);
@@ -83,11 +69,6 @@ fn serial(d: &Daemon, path: &str, body: &[u8], n: usize) -> Round {
         resp.body_mut().read_to_vec().unwrap();
     }
     Round { cpu: cpu_seconds(pid) - cpu0, written: write_bytes(pid) - w0 }
-}
-
-fn percentile(v: &mut [Duration], p: usize) -> Duration {
-    v.sort();
-    v[(v.len() * p / 100).min(v.len() - 1)]
 }
 
 struct Rate {

@@ -14,19 +14,11 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::Daemon;
 use common::broker::Broker;
+use common::{Daemon, cpu_seconds, percentile};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 
 const CAMERAS: usize = 4;
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    ticks as f64 / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as f64
-}
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
@@ -91,11 +83,6 @@ fn wait_for(path: &std::path::Path, keys: &[(String, u64)], secs: u64) -> HashMa
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn percentile(v: &mut [u64], p: usize) -> u64 {
-    v.sort();
-    v[(v.len() * p / 100).min(v.len() - 1)]
 }
 
 struct Measured {

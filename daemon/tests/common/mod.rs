@@ -379,6 +379,22 @@ pub fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Bytes process `pid` has caused to be written to storage (`write_bytes` in /proc/PID/io).
+/// The CPU time `pid` has used, user and system, in seconds (`/proc/PID/stat`).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised name: utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as f64
+}
+
+/// The `p`th percentile of `v` (sorted in place).
+pub fn percentile<T: Ord + Copy>(v: &mut [T], p: usize) -> T {
+    v.sort();
+    v[(v.len() * p / 100).min(v.len() - 1)]
+}
+
 pub fn write_bytes(pid: u32) -> u64 {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
     io.lines().find_map(|l| l.strip_prefix("write_bytes: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
