@@ -2,7 +2,8 @@
 //!
 //! A worker takes the oldest results, hands them to the sink, and goes on with the next ones
 //! at once; their outcomes are settled in one transaction at most every [`SETTLE_EVERY`]
-//! (sooner on a retry, a shutdown, or [`MAX_UNSETTLED`] waiting): delivered ones leave the
+//! (at once for a dead letter, or while the outbox is short of disk; sooner on a retry, a
+//! shutdown, or [`MAX_UNSETTLED`] waiting): delivered ones leave the
 //! outbox, dead ones move to the dead letters. Before a settle the sink makes its deliveries
 //! durable (the file sink's one fsync for all of them), so a result leaves the outbox only
 //! once its delivery would survive a power cut, and a crash in between means a duplicate
