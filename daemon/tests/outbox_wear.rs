@@ -124,3 +124,37 @@ fn a_serial_frame_costs_at_least_one_fsync_and_at_most_one_and_a_half_and_a_cras
     }
     drop(d);
 }
+
+/// Settles commit without an fsync: losing one in a crash repeats deliveries, never loses
+/// a result. They must still reach the disk soon, by the next frame's commit or, on an idle
+/// board, by the outbox's own within a second; and a clean stop leaves none behind. Without
+/// that, a board that drained a backlog and then lost power would deliver it all again.
+#[test]
+fn delivered_results_are_not_delivered_again_after_an_idle_crash_or_a_clean_stop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let results = dir.join("results.jsonl");
+    let frame = common::camera_jpeg();
+    // A restarted daemon delivers what its outbox holds at once: a second is plenty for it.
+    let lines_after_restart = |d: &Daemon| {
+        assert_eq!(d.get("/healthz").status, 200);
+        std::thread::sleep(Duration::from_secs(1));
+        ids(&results).1
+    };
+
+    let mut d = Daemon::start_with_functions(dir, &common::functions_dir(), &config(&results));
+    post_frames(&d, &frame, 20);
+    wait_for_ids(&results, 20);
+    // The last settle (a tenth of a second after the last delivery) and the idle persist
+    // after it (a second).
+    std::thread::sleep(Duration::from_millis(2500));
+    d.kill();
+    let mut d = Daemon::start_with_functions(dir, &common::functions_dir(), &config(&results));
+    assert_eq!(lines_after_restart(&d), 20, "after an idle crash, a result was delivered again");
+
+    post_frames(&d, &frame, 10);
+    wait_for_ids(&results, 30);
+    assert!(d.stop().success());
+    let d = Daemon::start_with_functions(dir, &common::functions_dir(), &config(&results));
+    assert_eq!(lines_after_restart(&d), 30, "after a clean stop, a result was delivered again");
+}

@@ -323,6 +323,16 @@ impl Generation {
             );
             self.deliveries.shutdown().await;
         }
+        // The workers' last settles were committed without an fsync: a clean stop must not
+        // leave them to be delivered again.
+        if let Some(p) = &self.api.pipelines {
+            let outbox = p.outbox().clone();
+            match tokio::task::spawn_blocking(move || outbox.persist()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("persisting the last settles: {e:#}"),
+                Err(e) => tracing::warn!("persisting the last settles: {e}"),
+            }
+        }
         let _ = self.stop_connection.send(true);
         if let Some(t) = self.ingress.take() {
             let abort = t.abort_handle();

@@ -7,7 +7,9 @@
 //! outbox, dead ones move to the dead letters. Before a settle the sink makes its deliveries
 //! durable (the file sink's one fsync for all of them), so a result leaves the outbox only
 //! once its delivery would survive a power cut, and a crash in between means a duplicate
-//! with the same id, never a loss. On any retry the worker backs off exponentially (0.2 s
+//! with the same id, never a loss. The settle itself takes no fsync of its own: the next
+//! frame's commit persists it, or the outbox does within a second (a crash before that, too,
+//! only delivers again). On any retry the worker backs off exponentially (0.2 s
 //! doubling to 30 s) before trying again, so a downed sidecar is polled gently and never
 //! skipped past.
 //!
@@ -81,7 +83,7 @@ impl Attempts {
     }
 }
 
-/// Settles (an fsync each, and the file sink's own) happen at most this often per sink while
+/// Settles (a transaction each, and the file sink's fsync) happen at most this often per sink while
 /// results keep coming; an idle worker settles this long after its last delivery.
 pub const SETTLE_EVERY: Duration = Duration::from_millis(100);
 /// Delivered results a worker holds unsettled at most.

@@ -4,7 +4,8 @@
 //!
 //! While other frames are being made, a batch stays open for up to `commit_window` after its
 //! first result, so frames from other cameras share its fsync; with none coming, it closes at
-//! once.
+//! once. Each such commit also persists the settles made without an fsync before it; on an
+//! idle board the committer persists them itself, [`super::PERSIST_AFTER`] later.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
@@ -50,7 +51,21 @@ async fn commit_loop(
     mut rx: mpsc::Receiver<Commit>,
     outbox: Weak<Outbox>,
 ) {
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = tokio::select! {
+            c = rx.recv() => c,
+            // A settle waits to be persisted: the next frame's commit does it, if one comes soon.
+            _ = state.persist_soon.notified() => match tokio::time::timeout(super::PERSIST_AFTER, rx.recv()).await {
+                Ok(c) => c,
+                Err(_) => {
+                    if let Err(e) = db.with(|db| persist(db, &state)) {
+                        tracing::warn!("outbox: persisting settles: {e:#}");
+                    }
+                    continue;
+                }
+            },
+        };
+        let Some(first) = first else { break };
         let mut batch = vec![first];
         let window = Duration::from_nanos(state.commit_window_ns.load(Ordering::Relaxed));
         let close = Instant::now() + window;
@@ -94,6 +109,16 @@ async fn commit_loop(
     }
 }
 
+/// One durable commit of nothing, if a settle waits to be persisted.
+pub fn persist(db: &Database, state: &State) -> anyhow::Result<()> {
+    let txn = db.begin_write()?;
+    if !state.persisting() {
+        return Ok(());
+    }
+    txn.commit().inspect_err(|_| state.unpersisted.store(true, Ordering::Release))?;
+    Ok(())
+}
+
 fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]) -> anyhow::Result<Vec<Arc<str>>> {
     let txn = db.begin_write()?;
     let mut touched: Vec<Arc<str>> = Vec::new();
@@ -123,7 +148,12 @@ fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]
         let excess = (state.bytes.load(Ordering::Relaxed) + added).saturating_sub(eviction::budget(state));
         evicted = eviction::over_cap(&mut pending, &mut dead, excess, first_id)?;
     }
-    txn.commit()?;
+    let persisting = state.persisting();
+    txn.commit().inspect_err(|_| {
+        if persisting {
+            state.unpersisted.store(true, Ordering::Release);
+        }
+    })?;
     // Only now, with the transaction durable, do the in-memory figures move, and by deltas:
     // a delivery worker settling at the same time moves them too.
     state.bytes.fetch_add(added, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 //!
 //! One redb file under the state dir. Pending results are keyed `(sink, id)`, so each sink
 //! drains its own queue in id order. Commits go through the [`committer`] thread, one fsync
-//! for whatever is waiting. Delivery workers read and settle their queue here, on blocking
+//! for whatever is waiting; settles take none of their own (see [`State::unpersisted`]). Delivery workers read and settle their queue here, on blocking
 //! threads (their callers use `spawn_blocking`). The status routes read the in-memory
 //! [`view`], never the tables.
 //!
@@ -18,7 +18,7 @@ mod view;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
@@ -90,14 +90,39 @@ struct State {
     commit_window_ns: AtomicU64,
     /// Frames being made now, whose results will be committed soon.
     coming: AtomicU64,
+    /// A settle was committed without an fsync since the last commit that had one.
+    unpersisted: AtomicBool,
+    /// Wakes an idle committer to persist such a settle.
+    persist_soon: Notify,
 }
 
 /// How long after a failed write the outbox counts as short of disk.
 const SHORT_OF_DISK_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long a settle may stay off the disk on an idle board before the committer persists it.
+const PERSIST_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl State {
     fn failed_now(&self) {
         *self.failed_at.lock().expect("failed_at lock") = Some(std::time::Instant::now());
+    }
+
+    /// Makes `txn`, a settle, commit without an fsync. Losing it in a crash delivers its
+    /// results again, with their ids, and loses none; the next frame's commit persists it
+    /// with its own fsync, or [`PERSIST_AFTER`] the committer does. Marked while `txn` holds
+    /// redb's one write lock, so a durable commit that clears the mark cannot miss it.
+    fn unpersisted(&self, txn: &mut redb::WriteTransaction) -> anyhow::Result<()> {
+        txn.set_durability(redb::Durability::None)?;
+        if !self.unpersisted.swap(true, Ordering::AcqRel) {
+            self.persist_soon.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Called by a durable transaction holding the write lock: its commit persists every
+    /// settle before it. True if there was one; restored if that commit fails.
+    fn persisting(&self) -> bool {
+        self.unpersisted.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -156,6 +181,8 @@ impl Outbox {
             view: View::default(),
             commit_window_ns: AtomicU64::new(cfg.commit_window.as_nanos() as u64),
             coming: AtomicU64::new(0),
+            unpersisted: AtomicBool::new(false),
+            persist_soon: Notify::new(),
         });
         state.view.set(per_sink, dead);
         // A full queue makes committers wait (async) for the disk, never blocks a worker thread.
@@ -264,6 +291,12 @@ impl Outbox {
         }
     }
 
+    /// Persists the settles committed without an fsync (one fsync, none if there are none):
+    /// at a stop, so a clean restart delivers nothing twice. Blocking.
+    pub fn persist(&self) -> anyhow::Result<()> {
+        self.db.with(|db| committer::persist(db, &self.state))
+    }
+
     /// Woken whenever `sink` gets new results.
     pub fn waker(&self, sink: &Arc<str>) -> Arc<Notify> {
         self.wakers.lock().expect("waker lock").entry(sink.clone()).or_default().clone()
@@ -324,10 +357,15 @@ impl Outbox {
     }
 
     fn remove(&self, sink: &str, gone: &[u64], dead: &[(u64, String)], evicted: bool) -> anyhow::Result<()> {
+        // Short of disk, pages must be freed now, and redb frees them only in durable commits.
+        let lazy = !self.short_of_disk();
         let (freed, buried_bytes, removed, buried) = self
             .db
             .with(|db| {
-                let txn = db.begin_write()?;
+                let mut txn = db.begin_write()?;
+                if lazy {
+                    self.state.unpersisted(&mut txn)?;
+                }
                 let (mut freed, mut buried_bytes, mut removed, mut buried) = (0u64, 0u64, 0u64, 0u64);
                 let mut pending = txn.open_table(PENDING)?;
                 let mut dead_table = txn.open_table(DEAD)?;
