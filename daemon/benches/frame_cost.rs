@@ -186,7 +186,7 @@ fn main() {
     println!("  window  pipeline  frames/s cams  fsyncs/s  fsyncs/frame  written/result  p50 ms  p99 ms");
     drop(d);
     // EDGEFN_BENCH_WINDOWS=0ms,20ms runs only those.
-    let windows = std::env::var("EDGEFN_BENCH_WINDOWS").unwrap_or_else(|_| "0ms,5ms,20ms".into());
+    let windows = std::env::var("EDGEFN_BENCH_WINDOWS").unwrap_or_else(|_| "0ms,5ms,20ms,50ms".into());
     for window in windows.split(',') {
         let dir = tmp.path().join(format!("w{window}"));
         let sink = format!("sinks = [{{ file = {{ path = {:?} }} }}]\n", dir.join("r.jsonl"));

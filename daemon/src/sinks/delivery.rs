@@ -8,7 +8,7 @@
 //! durable (the file sink's one fsync for all of them), so a result leaves the outbox only
 //! once its delivery would survive a power cut, and a crash in between means a duplicate
 //! with the same id, never a loss. The settle itself takes no fsync of its own: the next
-//! frame's commit persists it, or the outbox does within a second (a crash before that, too,
+//! frame's commit persists it, or the outbox does within two seconds (a crash before that, too,
 //! only delivers again). On any retry the worker backs off exponentially (0.2 s
 //! doubling to 30 s) before trying again, so a downed sidecar is polled gently and never
 //! skipped past.

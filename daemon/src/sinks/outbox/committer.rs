@@ -2,11 +2,12 @@
 //! one fsync (group commit), on a thread of its own so no async worker waits on the disk.
 //! The byte cap is kept in the same transaction (see [`super::eviction`]).
 //!
-//! While other frames are being made, a batch stays open for up to `commit_window` after its
-//! first result, so frames from other cameras share its fsync; with none coming, it closes at
-//! once. Each such commit also persists the settles made without an fsync before it; on an
+//! A batch stays open for up to `commit_window` after its first result while other cameras'
+//! frames may still join it ([`super::window`]), so they share its fsync; with none on its
+//! way, it closes at once. Each such commit also persists the settles made without an fsync before it; on an
 //! idle board the committer persists them itself, [`super::PERSIST_AFTER`] later.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -18,6 +19,7 @@ use tokio::time::Instant;
 use super::db::Db;
 use super::eviction::{self, Evicted};
 use super::record::{disk_cost, encode};
+use super::window::Cameras;
 use super::{DEAD, Item, META, Outbox, PENDING, SEQ, State};
 use crate::metrics::Metrics;
 
@@ -27,6 +29,12 @@ const MAX_BATCH: usize = 256;
 pub struct Commit {
     pub items: Vec<Item>,
     pub done: oneshot::Sender<Result<(), String>>,
+}
+
+impl Commit {
+    fn bytes(&self) -> u64 {
+        self.items.iter().map(|i| i.payload.len() as u64).sum()
+    }
 }
 
 pub fn run(
@@ -51,6 +59,7 @@ async fn commit_loop(
     mut rx: mpsc::Receiver<Commit>,
     outbox: Weak<Outbox>,
 ) {
+    let mut cameras = Cameras::default();
     loop {
         let first = tokio::select! {
             c = rx.recv() => c,
@@ -66,20 +75,31 @@ async fn commit_loop(
             },
         };
         let Some(first) = first else { break };
-        let mut batch = vec![first];
         let window = Duration::from_nanos(state.commit_window_ns.load(Ordering::Relaxed));
-        let close = Instant::now() + window;
-        while batch.len() < MAX_BATCH {
+        let opened = Instant::now();
+        let close = opened + window;
+        let mut awaited = if window.is_zero() { HashSet::new() } else { cameras.due_by(opened, close) };
+        cameras.joined(&first.items, opened, &mut awaited);
+        // A batch is one transaction, and redb holds its pages twice until it commits: kept
+        // well inside the byte budget, a long window cannot push the file past max_bytes.
+        let max_bytes = eviction::budget(&state) / 4;
+        let mut bytes = first.bytes();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < max_bytes {
+            let more_coming = state.coming.load(Ordering::Acquire) > 0 || !awaited.is_empty();
             let next = match rx.try_recv() {
                 Ok(c) => Some(c),
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
-                Err(mpsc::error::TryRecvError::Empty) if window.is_zero() => None,
-                // Nothing else is being made: waiting would only delay this frame.
-                Err(mpsc::error::TryRecvError::Empty) if state.coming.load(Ordering::Acquire) == 0 => None,
+                // Nothing else is on its way: waiting would only delay this frame.
+                Err(mpsc::error::TryRecvError::Empty) if window.is_zero() || !more_coming => None,
                 Err(mpsc::error::TryRecvError::Empty) => tokio::time::timeout_at(close, rx.recv()).await.ok().flatten(),
             };
             match next {
-                Some(c) => batch.push(c),
+                Some(c) => {
+                    cameras.joined(&c.items, Instant::now(), &mut awaited);
+                    bytes += c.bytes();
+                    batch.push(c);
+                }
                 None => break,
             }
         }

@@ -15,6 +15,7 @@ mod db;
 mod eviction;
 mod record;
 mod view;
+mod window;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -100,7 +101,8 @@ struct State {
 const SHORT_OF_DISK_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How long a settle may stay off the disk on an idle board before the committer persists it.
-const PERSIST_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+/// Past a second, so a camera sending one frame a second persists them with its commits.
+const PERSIST_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl State {
     fn failed_now(&self) {
@@ -357,8 +359,11 @@ impl Outbox {
     }
 
     fn remove(&self, sink: &str, gone: &[u64], dead: &[(u64, String)], evicted: bool) -> anyhow::Result<()> {
-        // Short of disk, pages must be freed now, and redb frees them only in durable commits.
-        let lazy = !self.short_of_disk();
+        // redb frees the pages a transaction replaces only in a durable commit. A dead letter
+        // copies its whole result, and with those moves lazy, a sink refusing everything at
+        // full rate took the file past max_bytes (faults.rs::a_misnamed_pubsub_*); short of
+        // disk, every page must be freed now.
+        let lazy = dead.is_empty() && !self.short_of_disk();
         let (freed, buried_bytes, removed, buried) = self
             .db
             .with(|db| {

@@ -1,0 +1,120 @@
+//! The commit window: which frames an open batch waits for, and for how long at most.
+//!
+//! Each camera's worker waits for its own frame's commit before it takes the next, so a batch
+//! can gain at most one frame per camera. It waits, up to `commit_window` after its first
+//! frame, only while it can still gain one: while frames are being made
+//! ([`super::Outbox::coming`]), or while a camera with no frame in it yet is due to commit
+//! again before the window closes (its last commit plus the gap before it, and not a gap
+//! overdue already). That is what lets
+//! independent cameras, out of phase, share an fsync, and spares a frame the wait when none
+//! can join: a lone camera, a serial client, cameras slower than the window.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::Item;
+
+/// A camera silent for this long is not waited for, whatever its last gap.
+const SILENT: Duration = Duration::from_secs(1);
+
+/// A camera in a pipeline: the unit whose frames come one commit at a time.
+type Stream = (String, String);
+
+/// Each camera's last commit, and the gap before it.
+#[derive(Default)]
+pub struct Cameras {
+    last: HashMap<Stream, (Instant, Option<Duration>)>,
+}
+
+impl Cameras {
+    /// The cameras due to commit again by `close`, for a batch opened `now`.
+    pub fn due_by(&mut self, now: Instant, close: Instant) -> HashSet<Stream> {
+        self.last.retain(|_, (t, _)| now.duration_since(*t) < SILENT);
+        // More than a gap overdue, a camera has likely stopped: not worth the wait.
+        let due = |(t, gap): &(Instant, Option<Duration>)| gap.is_some_and(|g| *t + g <= close && *t + g * 2 >= now);
+        self.last.iter().filter(|(_, v)| due(v)).map(|(c, _)| c.clone()).collect()
+    }
+
+    /// Notes the cameras of `items` (one frame's results, one per sink), joining a batch at
+    /// `now`, and waits for them no more.
+    pub fn joined(&mut self, items: &[Item], now: Instant, awaited: &mut HashSet<Stream>) {
+        let mut seen: Vec<(&str, &str)> = Vec::with_capacity(1);
+        for item in items {
+            let key = (item.record.pipeline.as_str(), item.record.camera.as_str());
+            if seen.contains(&key) {
+                continue;
+            }
+            seen.push(key);
+            let stream = (key.0.to_string(), key.1.to_string());
+            awaited.remove(&stream);
+            match self.last.get_mut(&stream) {
+                Some((t, gap)) => {
+                    *gap = Some(now.duration_since(*t));
+                    *t = now;
+                }
+                None => {
+                    self.last.insert(stream, (now, None));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::sinks::outbox::{Boot, Record};
+
+    fn frame(camera: &str, sinks: usize) -> Vec<Item> {
+        let record = Record {
+            id: format!("b/p/{camera}/1"),
+            board: "b".into(),
+            pipeline: "p".into(),
+            camera: camera.into(),
+            seq: 1,
+            topic: "t".into(),
+            content_type: "text/plain".into(),
+            created_ms: 0,
+            boot: Boot::now(),
+            error: None,
+        };
+        (0..sinks)
+            .map(|s| Item { sink: format!("s{s}").into(), record: record.clone(), payload: Bytes::new() })
+            .collect()
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A 25 frames/s camera is waited for by a 50 ms window and not by a 5 ms one; a camera
+    /// every 400 ms, one heard from once, and one that stopped are never waited for; nor is one
+    /// once it is in the batch.
+    #[test]
+    fn a_batch_waits_only_for_cameras_due_before_it_closes() {
+        let t0 = Instant::now();
+        let mut cams = Cameras::default();
+        let mut none = HashSet::new();
+        let frames =
+            [("fast", 360), ("fast", 400), ("slow", 0), ("slow", 400), ("once", 400), ("gone", 0), ("gone", 10)];
+        for (camera, at) in frames {
+            // Two sinks: one frame, so one gap, not a gap of zero between its two results.
+            cams.joined(&frame(camera, 2), t0 + ms(at), &mut none);
+        }
+        let now = t0 + ms(410);
+        let due = |cams: &mut Cameras, window: u64| {
+            let mut v: Vec<String> = cams.due_by(now, now + ms(window)).into_iter().map(|(_, c)| c).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(due(&mut cams, 50), ["fast"]);
+        assert!(due(&mut cams, 5).is_empty());
+        let mut awaited = cams.due_by(now, now + ms(50));
+        cams.joined(&frame("fast", 1), now, &mut awaited);
+        assert!(awaited.is_empty(), "{awaited:?}");
+    }
+}
