@@ -7,7 +7,6 @@
 //! way, it closes at once. Each such commit also persists the settles made without an fsync before it; on an
 //! idle board the committer persists them itself, [`super::PERSIST_AFTER`] later.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -78,7 +77,8 @@ async fn commit_loop(
         let window = Duration::from_nanos(state.commit_window_ns.load(Ordering::Relaxed));
         let opened = Instant::now();
         let close = opened + window;
-        let mut awaited = if window.is_zero() { HashSet::new() } else { cameras.due_by(opened, close) };
+        // Always asked, with no window too: it forgets silent cameras, whose ids are outside input.
+        let mut awaited = cameras.due_by(opened, close);
         cameras.joined(&first.items, opened, &mut awaited);
         // A batch is one transaction, and redb holds its pages twice until it commits: kept
         // well inside the byte budget, a long window cannot push the file past max_bytes.

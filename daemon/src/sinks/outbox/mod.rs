@@ -3,9 +3,9 @@
 //!
 //! One redb file under the state dir. Pending results are keyed `(sink, id)`, so each sink
 //! drains its own queue in id order. Commits go through the [`committer`] thread, one fsync
-//! for whatever is waiting; settles take none of their own (see [`State::unpersisted`]). Delivery workers read and settle their queue here, on blocking
-//! threads (their callers use `spawn_blocking`). The status routes read the in-memory
-//! [`view`], never the tables.
+//! for whatever is waiting; settles take none of their own (see [`State::commit_lazily`]).
+//! Delivery workers read and settle their queue here, on blocking threads (their callers use
+//! `spawn_blocking`). The status routes read the in-memory [`view`], never the tables.
 //!
 //! Caps keep the disk safe ([`eviction`]): `max_bytes` bounds pending results and dead letters
 //! together, and whatever is older than `max_age` is evicted, in every sink, configured or not.
@@ -113,7 +113,7 @@ impl State {
     /// results again, with their ids, and loses none; the next frame's commit persists it
     /// with its own fsync, or [`PERSIST_AFTER`] the committer does. Marked while `txn` holds
     /// redb's one write lock, so a durable commit that clears the mark cannot miss it.
-    fn unpersisted(&self, txn: &mut redb::WriteTransaction) -> anyhow::Result<()> {
+    fn commit_lazily(&self, txn: &mut redb::WriteTransaction) -> anyhow::Result<()> {
         txn.set_durability(redb::Durability::None)?;
         if !self.unpersisted.swap(true, Ordering::AcqRel) {
             self.persist_soon.notify_one();
@@ -369,7 +369,7 @@ impl Outbox {
             .with(|db| {
                 let mut txn = db.begin_write()?;
                 if lazy {
-                    self.state.unpersisted(&mut txn)?;
+                    self.state.commit_lazily(&mut txn)?;
                 }
                 let (mut freed, mut buried_bytes, mut removed, mut buried) = (0u64, 0u64, 0u64, 0u64);
                 let mut pending = txn.open_table(PENDING)?;

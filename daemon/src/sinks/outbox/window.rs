@@ -93,7 +93,7 @@ mod tests {
 
     /// A 25 frames/s camera is waited for by a 50 ms window and not by a 5 ms one; a camera
     /// every 400 ms, one heard from once, and one that stopped are never waited for; nor is one
-    /// once it is in the batch.
+    /// once it is in the batch; and a second of silence forgets them all.
     #[test]
     fn a_batch_waits_only_for_cameras_due_before_it_closes() {
         let t0 = Instant::now();
@@ -116,5 +116,9 @@ mod tests {
         let mut awaited = cams.due_by(now, now + ms(50));
         cams.joined(&frame("fast", 1), now, &mut awaited);
         assert!(awaited.is_empty(), "{awaited:?}");
+        // Camera ids are outside input: a silent one is forgotten, not kept for ever.
+        let later = now + SILENT;
+        assert!(cams.due_by(later, later).is_empty());
+        assert!(cams.last.is_empty(), "{} cameras still tracked", cams.last.len());
     }
 }
