@@ -4,8 +4,9 @@
 //!
 //! A batch stays open for up to `commit_window` after its first result while other cameras'
 //! frames may still join it ([`super::window`]), so they share its fsync; with none on its
-//! way, it closes at once. Each such commit also persists the settles made without an fsync before it; on an
-//! idle board the committer persists them itself, [`super::PERSIST_AFTER`] later.
+//! way, it closes at once. Each commit also persists the settles made without an fsync
+//! before it; on an idle board the committer persists them itself, [`super::PERSIST_AFTER`]
+//! later.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};

@@ -5,9 +5,9 @@
 //! frame, only while it can still gain one: while frames are being made
 //! ([`super::Outbox::coming`]), or while a camera with no frame in it yet is due to commit
 //! again before the window closes (its last commit plus the gap before it, and not a gap
-//! overdue already). That is what lets
-//! independent cameras, out of phase, share an fsync, and spares a frame the wait when none
-//! can join: a lone camera, a serial client, cameras slower than the window.
+//! overdue already). That is what lets independent cameras, out of phase, share an fsync,
+//! and spares a frame the wait when none can join: a lone camera, a serial client, cameras
+//! slower than the window.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -49,15 +49,10 @@ impl Cameras {
             seen.push(key);
             let stream = (key.0.to_string(), key.1.to_string());
             awaited.remove(&stream);
-            match self.last.get_mut(&stream) {
-                Some((t, gap)) => {
-                    *gap = Some(now.duration_since(*t));
-                    *t = now;
-                }
-                None => {
-                    self.last.insert(stream, (now, None));
-                }
-            }
+            self.last
+                .entry(stream)
+                .and_modify(|(t, gap)| (*t, *gap) = (now, Some(now.duration_since(*t))))
+                .or_insert((now, None));
         }
     }
 }
