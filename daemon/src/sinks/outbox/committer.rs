@@ -32,8 +32,9 @@ pub struct Commit {
 }
 
 impl Commit {
-    fn bytes(&self) -> u64 {
-        self.items.iter().map(|i| i.payload.len() as u64).sum()
+    /// What its results will take on disk, near enough (the header is left out).
+    fn cost(&self) -> u64 {
+        self.items.iter().map(|i| disk_cost(i.payload.len())).sum()
     }
 }
 
@@ -60,33 +61,30 @@ async fn commit_loop(
     outbox: Weak<Outbox>,
 ) {
     let mut cameras = Cameras::default();
+    // A commit that arrived too large for the batch before it opens the next one.
+    let mut held: Option<Commit> = None;
     loop {
-        let first = tokio::select! {
-            c = rx.recv() => c,
-            // A settle waits to be persisted: the next frame's commit does it, if one comes soon.
-            _ = state.persist_soon.notified() => match tokio::time::timeout(super::PERSIST_AFTER, rx.recv()).await {
-                Ok(c) => c,
-                Err(_) => {
-                    if let Err(e) = db.with(|db| persist(db, &state)) {
-                        tracing::warn!("outbox: persisting settles: {e:#}");
-                    }
-                    continue;
-                }
+        let first = match held.take() {
+            Some(c) => c,
+            None => match next_commit(&db, &state, &mut rx).await {
+                Some(c) => c,
+                None => break,
             },
         };
-        let Some(first) = first else { break };
         let window = Duration::from_nanos(state.commit_window_ns.load(Ordering::Relaxed));
         let opened = Instant::now();
         let close = opened + window;
         // Always asked, with no window too: it forgets silent cameras, whose ids are outside input.
         let mut awaited = cameras.due_by(opened, close);
         cameras.joined(&first.items, opened, &mut awaited);
-        // A batch is one transaction, and redb holds its pages twice until it commits: kept
-        // well inside the byte budget, a long window cannot push the file past max_bytes.
-        let max_bytes = eviction::budget(&state) / 4;
-        let mut bytes = first.bytes();
+        // A batch is one transaction, and redb holds its pages twice until it commits (and
+        // those it frees, until the next): kept well inside the byte budget, a long window
+        // cannot push the file past max_bytes. Batches of two 256 KiB frames under a 4 MiB cap
+        // took the file to 4.7 MiB (faults.rs::a_misnamed_pubsub_*); one at a time, 2.1 MiB.
+        let max_cost = eviction::budget(&state) / 4;
+        let mut cost = first.cost();
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH && bytes < max_bytes {
+        while batch.len() < MAX_BATCH && cost < max_cost {
             let more_coming = state.coming.load(Ordering::Acquire) > 0 || !awaited.is_empty();
             let next = match rx.try_recv() {
                 Ok(c) => Some(c),
@@ -96,9 +94,13 @@ async fn commit_loop(
                 Err(mpsc::error::TryRecvError::Empty) => tokio::time::timeout_at(close, rx.recv()).await.ok().flatten(),
             };
             match next {
+                Some(c) if cost + c.cost() > max_cost => {
+                    held = Some(c);
+                    break;
+                }
                 Some(c) => {
                     cameras.joined(&c.items, Instant::now(), &mut awaited);
-                    bytes += c.bytes();
+                    cost += c.cost();
                     batch.push(c);
                 }
                 None => break,
@@ -126,6 +128,24 @@ async fn commit_loop(
                 *state.error.lock().expect("error lock") = Some(format!("{e:#}"));
                 state.failed_now();
             }
+        }
+    }
+}
+
+/// The commit that opens the next batch. While none comes, a settle made without an fsync
+/// is persisted [`super::PERSIST_AFTER`] after it, unless a frame's commit does it first.
+async fn next_commit(db: &Db, state: &State, rx: &mut mpsc::Receiver<Commit>) -> Option<Commit> {
+    loop {
+        tokio::select! {
+            c = rx.recv() => return c,
+            _ = state.persist_soon.notified() => match tokio::time::timeout(super::PERSIST_AFTER, rx.recv()).await {
+                Ok(c) => return c,
+                Err(_) => {
+                    if let Err(e) = db.with(|db| persist(db, state)) {
+                        tracing::warn!("outbox: persisting settles: {e:#}");
+                    }
+                }
+            },
         }
     }
 }
