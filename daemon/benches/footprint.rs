@@ -4,7 +4,8 @@
 //!
 //! - start to healthy: edgefn until `/healthz` answers (functions and the model loaded, warm
 //!   AOT cache), daprd until `/v1.0/healthz/outbound` answers (components up);
-//! - idle RSS 5 s after that.
+//! - idle RSS 5 s after that; edgefn's split into anonymous and file-backed (code, libraries
+//!   and the model file, pages the kernel can drop and read again).
 //!
 //! Each is started 5 times, alternately; medians are printed with their ratio.
 
@@ -54,12 +55,16 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames/gray" }} }}]
     drop(Daemon::start_env(&edgefn_dir, &cfg, &envs));
 
     let (mut e_start, mut e_rss, mut d_start, mut d_rss) = (vec![], vec![], vec![], vec![]);
+    let (mut e_anon, mut e_model) = (vec![], vec![]);
     for i in 0..RUNS {
         let t = Instant::now();
         let d = Daemon::start_env(&edgefn_dir, &cfg, &envs);
         e_start.push(t.elapsed().as_secs_f64() * 1000.0);
         std::thread::sleep(Duration::from_secs(5));
-        e_rss.push(common::rss_kib(d.child.id()) as f64 / 1024.0);
+        let pid = d.child.id();
+        e_rss.push(common::rss_kib(pid) as f64 / 1024.0);
+        e_anon.push(common::anon_kib(pid) as f64 / 1024.0);
+        e_model.push(common::mapped_kib(pid, "efficientnet_lite0.tflite").1 as f64 / 1024.0);
         drop(d);
 
         let dir = tmp.path().join(format!("daprd-{i}"));
@@ -78,4 +83,9 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames/gray" }} }}]
     println!("footprint, medians of {RUNS} alternate starts (daprd {})", daprd::bin().display());
     println!("  start to healthy: edgefn {es:.0} ms, daprd {ds:.0} ms  (daprd / edgefn = {:.2})", ds / es);
     println!("  idle RSS:         edgefn {er:.1} MiB, daprd {dr:.1} MiB  (daprd / edgefn = {:.2})", dr / er);
+    let (anon, model) = (median(e_anon), median(e_model));
+    println!(
+        "  edgefn's RSS:     {anon:.1} MiB anonymous, {:.1} MiB file-backed ({model:.1} MiB of it the model file)",
+        er - anon
+    );
 }

@@ -15,3 +15,14 @@ pub fn init() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
     }
 }
+
+/// Hands the heap's free pages back to the kernel. Compiling a function (a cold AOT cache,
+/// a deploy) frees tens of MB that glibc keeps in its arenas for good: a daemon that compiled
+/// its functions at start sat at 27.7 MB anonymous RSS idle, against 2.1 MB from the cache.
+pub fn trim() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory; any thread may call it at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

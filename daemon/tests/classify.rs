@@ -111,6 +111,26 @@ fn the_model_loads_once_and_contexts_stay_pooled() {
     assert_eq!(models[0]["idle"], 2, "every context went back to the pool: {models}");
 }
 
+/// XNNPACK packs the weights into buffers of its own, so the model file's pages need not stay
+/// resident beside them: not after the start, nor after inferences.
+#[test]
+fn the_model_file_is_not_kept_resident_beside_its_packed_weights() {
+    let d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(1), common::litert_lib());
+    let pid = d.child.id();
+    let file_kib = std::fs::metadata(model_file()).unwrap().len() / 1024;
+    let (size, rss) = common::mapped_kib(pid, "efficientnet_lite0.tflite");
+    // Were it read into the heap instead, there would be nothing here to measure.
+    assert!(size >= file_kib, "the model file is not mapped ({size} KiB of {file_kib})");
+    assert!(rss <= size / 20, "{rss} of the model file's {size} KiB resident after the start");
+    for _ in 0..3 {
+        let r = d.post("/v1/functions/classify", &common::asset("chelsea.png"));
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert_eq!(r.json()["label"], "Egyptian cat");
+    }
+    let (_, rss) = common::mapped_kib(pid, "efficientnet_lite0.tflite");
+    assert!(rss <= size / 20, "{rss} of the model file's {size} KiB resident after 3 inferences");
+}
+
 #[test]
 fn a_reload_loads_the_model_again_and_classify_keeps_working() {
     let mut d = start(&tempfile::tempdir().unwrap().keep(), &models_toml(1), common::litert_lib());

@@ -78,16 +78,27 @@ pub fn load(engine: &Engine, path: &Path, cache_dir: &Path) -> anyhow::Result<Lo
         }
     }
 
-    let native = engine.precompile_module(&bytes).map_err(|e| anyhow::anyhow!("compiling {}: {e}", path.display()))?;
-    if let Some(cached) = &cached
-        && let Err(e) = store(cached, &native)
-    {
-        // A read-only or full cache costs a compile at the next start, nothing more.
-        tracing::warn!(path = %cached.display(), "cannot write AOT cache: {e:#}");
+    let native = compile(&bytes).with_context(|| format!("compiling {}", path.display()))?;
+    let stored = cached.filter(|cached| match store(cached, &native) {
+        Ok(()) => true,
+        Err(e) => {
+            // A read-only or full cache costs a compile at the next start, nothing more.
+            tracing::warn!(path = %cached.display(), "cannot write AOT cache: {e:#}");
+            false
+        }
+    });
+    // From the cache file, the code is mapped from the page cache, as after a warm start,
+    // rather than copied into the heap for the daemon's life.
+    let module = match &stored {
+        // SAFETY: the file was written a moment ago from `native`, in a directory only this
+        // daemon can write; wasmtime still checks its header.
+        Some(cached) => unsafe { Module::deserialize_file(engine, cached) },
+        // SAFETY: `native` was produced by an engine with this one's settings a moment ago.
+        None => unsafe { Module::deserialize(engine, &native) },
     }
-    // SAFETY: `native` was produced by this engine a moment ago.
-    let module = unsafe { Module::deserialize(engine, &native) }
-        .map_err(|e| anyhow::anyhow!("loading compiled {}: {e}", path.display()))?;
+    .map_err(|e| anyhow::anyhow!("loading compiled {}: {e}", path.display()))?;
+    drop(native);
+    crate::memory::trim();
     Ok(LoadedModule { module, sha256, origin: Origin::Compiled })
 }
 
@@ -168,6 +179,14 @@ pub fn precompile(input: &Path, output: &Path, target: Option<&str>) -> anyhow::
         .map_err(|e| anyhow::anyhow!("engine for {}: {e}", target.unwrap_or("host")))?;
     let native = engine.precompile_module(&bytes).map_err(|e| anyhow::anyhow!("compiling {}: {e}", input.display()))?;
     store(output, &native)
+}
+
+/// Compiles `bytes` for this host in an engine of its own, dropped after: Cranelift keeps its
+/// compilation contexts (MBs each, one per thread that compiled) for as long as the engine
+/// lives, and the daemon's engine lives as long as the daemon.
+fn compile(bytes: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let compiler = Engine::new(&compilation_config(None)?).map_err(|e| anyhow::anyhow!("engine: {e}"))?;
+    compiler.precompile_module(bytes).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 fn cache_path(engine: &Engine, cache_dir: &Path, sha256: &str) -> PathBuf {

@@ -378,6 +378,30 @@ pub fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS")
 }
 
+/// Its anonymous part (`RssAnon`): the heap, stacks, copies; what the kernel cannot drop.
+pub fn anon_kib(pid: u32) -> u64 {
+    status_kib(pid, "RssAnon")
+}
+
+/// Over the mappings of process `pid` whose path ends with `file`: their size and what of
+/// them is resident, in KiB (`/proc/PID/smaps`).
+pub fn mapped_kib(pid: u32, file: &str) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let (mut size, mut rss, mut ours) = (0, 0, false);
+    for line in smaps.lines() {
+        let field =
+            |name: &str| line.strip_prefix(name).and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok());
+        if line.split_whitespace().next().is_some_and(|range| range.contains('-') && !range.ends_with(':')) {
+            ours = line.ends_with(file);
+        } else if let Some(kib) = field("Size:").filter(|_| ours) {
+            size += kib;
+        } else if let Some(kib) = field("Rss:").filter(|_| ours) {
+            rss += kib;
+        }
+    }
+    (size, rss)
+}
+
 /// Bytes process `pid` has caused to be written to storage (`write_bytes` in /proc/PID/io).
 /// The CPU time `pid` has used, user and system, in seconds (`/proc/PID/stat`).
 pub fn cpu_seconds(pid: u32) -> f64 {

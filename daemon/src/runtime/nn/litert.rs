@@ -2,8 +2,10 @@
 //!
 //! The library is opened with `libloading`, so the daemon builds and runs without it; only
 //! models need it. Signatures follow the 2.3 headers (`litert/c/*.h`). 2.3 differs from the
-//! 2.1.4 headers vendored by `litert-sys` in one way that matters: `LiteRtCreateModelFromFile`
-//! takes the environment first. The old signature links fine and fails with "file I/O error".
+//! 2.1.4 headers vendored by `litert-sys` in one way that matters: the model constructors take
+//! the environment first. The old signatures link fine and fail at the first call. A model is
+//! made from a buffer, our own mapping of its file (LiteRT reads it in place, no copy), so
+//! that its pages can be handed back once compiled (see [`super::mapped`]).
 //!
 //! LiteRT prints INFO lines on stderr and exports no logger API, so calls that log (opening,
 //! compiling, tearing down) run under [`quietly`], which routes those lines into tracing.
@@ -16,6 +18,8 @@ use std::ffi::{CString, c_char, c_int, c_void};
 use std::path::Path;
 use std::ptr;
 use std::sync::Arc;
+
+use super::mapped::Mapped;
 
 type Status = c_int;
 type Handle = *mut c_void;
@@ -55,7 +59,7 @@ const _: () = assert!(size_of::<Layout>() == 68 && size_of::<RankedTensorType>()
 struct Api {
     create_environment: unsafe extern "C" fn(c_int, *const c_void, *mut Handle) -> Status,
     destroy_environment: unsafe extern "C" fn(Handle),
-    create_model_from_file: unsafe extern "C" fn(Handle, *const c_char, *mut Handle) -> Status,
+    create_model_from_buffer: unsafe extern "C" fn(Handle, *const c_void, usize, *mut Handle) -> Status,
     destroy_model: unsafe extern "C" fn(Handle),
     get_model_signature: unsafe extern "C" fn(Handle, usize, *mut Handle) -> Status,
     get_num_signature_inputs: unsafe extern "C" fn(Handle, *mut usize) -> Status,
@@ -146,7 +150,7 @@ impl Library {
         let api = Api {
             create_environment: sym!("LiteRtCreateEnvironment"),
             destroy_environment: sym!("LiteRtDestroyEnvironment"),
-            create_model_from_file: sym!("LiteRtCreateModelFromFile"),
+            create_model_from_buffer: sym!("LiteRtCreateModelFromBuffer"),
             destroy_model: sym!("LiteRtDestroyModel"),
             get_model_signature: sym!("LiteRtGetModelSignature"),
             get_num_signature_inputs: sym!("LiteRtGetNumSignatureInputs"),
@@ -209,6 +213,8 @@ pub struct Model {
     pub outputs: Vec<TensorType>,
     raw_inputs: Vec<RankedTensorType>,
     raw_outputs: Vec<RankedTensorType>,
+    /// The flatbuffer the handle reads; dropped after it (fields drop in order).
+    file: Mapped,
 }
 
 // SAFETY: a LiteRtModel is immutable after loading; compiled models only read it.
@@ -218,12 +224,12 @@ unsafe impl Sync for Model {}
 impl Model {
     pub fn load(lib: &Arc<Library>, path: &Path) -> Result<Arc<Model>, Error> {
         let api = &lib.api;
-        let cpath = CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(|_| Error::Unsupported(format!("{}: path contains NUL", path.display())))?;
+        let file = Mapped::open(path).map_err(|e| Error::Unsupported(format!("{}: {e}", path.display())))?;
         let mut handle = ptr::null_mut();
-        // SAFETY: the 2.3 prototype (environment first); `handle` is an out-pointer.
-        check("LiteRtCreateModelFromFile", unsafe {
-            (api.create_model_from_file)(lib.env, cpath.as_ptr(), &mut handle)
+        // SAFETY: the buffer is the mapping `file`, which the model keeps until after
+        // `destroy_model`; `handle` is an out-pointer.
+        check("LiteRtCreateModelFromBuffer", unsafe {
+            (api.create_model_from_buffer)(lib.env, file.as_ptr(), file.len(), &mut handle)
         })?;
         let mut model = Model {
             lib: lib.clone(),
@@ -232,6 +238,7 @@ impl Model {
             outputs: vec![],
             raw_inputs: vec![],
             raw_outputs: vec![],
+            file,
         };
         let mut signature = ptr::null_mut();
         // SAFETY: the model handle is valid; the signature lives as long as the model.
@@ -300,6 +307,11 @@ impl Model {
             }
             Ok(ctx)
         }
+    }
+
+    /// Hands back the flatbuffer's pages once every context is compiled (see [`Mapped`]).
+    pub fn release_file_pages(&self) {
+        self.file.release();
     }
 
     fn buffer(&self, t: &RankedTensorType) -> Result<Handle, Error> {

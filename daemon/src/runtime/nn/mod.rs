@@ -8,6 +8,7 @@
 
 mod backend;
 pub mod litert;
+mod mapped;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -103,6 +104,8 @@ impl Model {
         metrics.model_loads.get_or_create(&label).inc();
         let timing = metrics.inference.get_or_create(&label).clone();
         let pool = ContextPool::new(name, &model, mc.threads, mc.contexts, timing)?;
+        // XNNPACK has its own packed copy of the weights now.
+        model.release_file_pages();
         metrics.model_contexts.get_or_create(&label).set(pool.size() as i64);
         tracing::info!(
             model = %name, path = %mc.path.display(), threads = mc.threads, contexts = mc.contexts,
