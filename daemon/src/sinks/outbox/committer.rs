@@ -156,7 +156,7 @@ pub fn persist(db: &Database, state: &State) -> anyhow::Result<()> {
     if !state.persisting() {
         return Ok(());
     }
-    txn.commit().inspect_err(|_| state.unpersisted.store(true, Ordering::Release))?;
+    state.commit_durably(txn, true)?;
     Ok(())
 }
 
@@ -190,11 +190,7 @@ fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]
         evicted = eviction::over_cap(&mut pending, &mut dead, excess, first_id)?;
     }
     let persisting = state.persisting();
-    txn.commit().inspect_err(|_| {
-        if persisting {
-            state.unpersisted.store(true, Ordering::Release);
-        }
-    })?;
+    state.commit_durably(txn, persisting)?;
     // Only now, with the transaction durable, do the in-memory figures move, and by deltas:
     // a delivery worker settling at the same time moves them too.
     state.bytes.fetch_add(added, Ordering::Relaxed);

@@ -126,6 +126,16 @@ impl State {
     fn persisting(&self) -> bool {
         self.unpersisted.swap(false, Ordering::AcqRel)
     }
+
+    /// Commits `txn`, a durable transaction that took [`State::persisting`]'s answer. If the
+    /// commit fails, the settles it would have persisted are still waiting: the mark returns.
+    fn commit_durably(&self, txn: redb::WriteTransaction, persisting: bool) -> Result<(), redb::CommitError> {
+        txn.commit().inspect_err(|_| {
+            if persisting {
+                self.unpersisted.store(true, Ordering::Release);
+            }
+        })
+    }
 }
 
 /// A frame on its way to a commit, counted while it lives (see [`Outbox::coming`]).
