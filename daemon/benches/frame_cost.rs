@@ -11,14 +11,17 @@
 //! from `/proc/<pid>/io`; fsyncs are counted by perf's syscall tracepoints. Then the same
 //! pipeline at 1, 10 and 100 frames/s over 1 and 4 cameras (open loop, one client per camera):
 //! fsyncs per second and per frame, bytes written per result byte, and the latency of a call
-//! (the price of any commit window).
+//! (the price of any commit window); and four MQTT cameras at 100 frames/s in all, whose
+//! workers make a frame while the one before it commits (latency: published → in the file).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::broker::{Broker, now_ms, publish_frames};
 use common::{Daemon, cpu_seconds, percentile, write_bytes};
 
 /// `perf stat` counting the daemon's fsync-family calls until [`Syncs::stop`].
@@ -133,6 +136,78 @@ fn at_rate(d: &Daemon, pipeline: &str, frame: &[u8], fps: f64, cameras: usize, s
     }
 }
 
+/// When each result first shows in the file at `path`, by (camera, seq), in wall-clock ms:
+/// polled every millisecond until `stop` is set.
+fn arrivals(path: &std::path::Path, stop: &std::sync::atomic::AtomicBool) -> HashMap<(String, u64), u64> {
+    let mut seen = HashMap::new();
+    let mut offset = 0usize;
+    let mut partial = String::new();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let bytes = std::fs::read(path).unwrap_or_default();
+        if bytes.len() > offset {
+            let now = now_ms();
+            partial.push_str(&String::from_utf8_lossy(&bytes[offset..]));
+            offset = bytes.len();
+            while let Some(end) = partial.find('\n') {
+                let line: String = partial.drain(..=end).collect();
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    let key =
+                        (v["subject"].as_str().unwrap_or_default().to_string(), v["edgefnseq"].as_u64().unwrap_or(0));
+                    seen.entry(key).or_insert(now);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    seen
+}
+
+/// Four cameras publishing over MQTT at `fps` in all for `secs`: their workers make the next
+/// frame while one commits. Latency runs from the publish to the result in the file sink.
+fn mqtt_at_rate(d: &Daemon, broker: &Broker, results: &std::path::Path, frame: &[u8], fps: f64, secs: f64) -> Rate {
+    let pid = d.child.id();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let syncs = Syncs::start(pid);
+    let w0 = write_bytes(pid);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let start = Instant::now();
+    let per_camera = (fps * secs / 4.0).round() as usize;
+    let (sent, seen) = std::thread::scope(|s| {
+        let watcher = s.spawn(|| arrivals(results, &stop));
+        let prefix = format!("rate{}", start.elapsed().as_nanos() % 100_000);
+        let sent =
+            rt.block_on(publish_frames(broker.port, 4, &prefix, frame, per_camera, Duration::from_secs_f64(1.0 / fps)));
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until
+            && std::fs::read_to_string(results).unwrap_or_default().lines().filter(|l| l.contains(&prefix)).count()
+                < sent.len()
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (sent, watcher.join().unwrap())
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let written = write_bytes(pid) - w0;
+    let syncs = syncs.stop();
+    let mut latencies: Vec<Duration> = sent
+        .iter()
+        .map(|(k, t)| {
+            Duration::from_millis(seen.get(k).unwrap_or_else(|| panic!("no result for {k:?}")).saturating_sub(*t))
+        })
+        .collect();
+    let frames = latencies.len();
+    Rate {
+        frames,
+        secs,
+        syncs,
+        written,
+        result_bytes: frames * frame.len(),
+        p50: percentile(&mut latencies, 50),
+        p99: percentile(&mut latencies, 99),
+    }
+}
+
 fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let results = tmp.path().join("results.jsonl");
@@ -185,19 +260,26 @@ fn main() {
     println!("at a rate (open loop, one client per camera), by outbox.commit_window:");
     println!("  window  pipeline  frames/s cams  fsyncs/s  fsyncs/frame  written/result  p50 ms  p99 ms");
     drop(d);
+    let broker = Broker::start(&tmp.path().join("broker"));
     // EDGEFN_BENCH_WINDOWS=0ms,20ms runs only those.
     let windows = std::env::var("EDGEFN_BENCH_WINDOWS").unwrap_or_else(|_| "0ms,5ms,20ms,50ms".into());
     for window in windows.split(',') {
         let dir = tmp.path().join(format!("w{window}"));
         let sink = format!("sinks = [{{ file = {{ path = {:?} }} }}]\n", dir.join("r.jsonl"));
+        let mqtt_results = dir.join("mqtt.jsonl");
         let d = Daemon::start_env(
             &dir,
             &format!(
-                "[[pipeline]]\nname = \"echo\"\nfunctions = [\"echo\"]\n{sink}\n\
-                 [[pipeline]]\nname = \"gray\"\nfunctions = [\"grayscale\"]\n{sink}"
+                "[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-frame-cost\"\nmax_frame = \"1 MiB\"\n\n\
+                 [[pipeline]]\nname = \"echo\"\nfunctions = [\"echo\"]\n{sink}\n\
+                 [[pipeline]]\nname = \"gray\"\nfunctions = [\"grayscale\"]\n{sink}\n\
+                 [[pipeline]]\nname = \"mqtt\"\nsource.mqtt = \"cameras/+/frames\"\nfunctions = [\"echo\"]\n\
+                 sinks = [{{ file = {{ path = {mqtt_results:?} }} }}]\n",
+                broker.url()
             ),
             &[("EDGEFN__OUTBOX__COMMIT_WINDOW", window.to_string())],
         );
+        d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
         serial(&d, "/v1/pipelines/echo", &frame, 100);
         serial(&d, "/v1/pipelines/gray", &frame, 20);
         let rounds = [
@@ -219,5 +301,16 @@ fn main() {
                 r.p99.as_secs_f64() * 1e3,
             );
         }
+        let r = mqtt_at_rate(&d, &broker, &mqtt_results, &frame, 100.0, 6.0);
+        println!(
+            "  {window:>6}  echo mqtt  {:7.0} {:4}  {:8.1}  {:12.2}  {:14.2}  {:6.2}  {:6.2}   (published → in the file)",
+            r.frames as f64 / r.secs,
+            4,
+            r.syncs as f64 / r.secs,
+            r.syncs as f64 / r.frames as f64,
+            r.written as f64 / r.result_bytes as f64,
+            r.p50.as_secs_f64() * 1e3,
+            r.p99.as_secs_f64() * 1e3,
+        );
     }
 }

@@ -12,17 +12,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use common::broker::Broker;
+use common::broker::{Broker, now_ms, publish_frames};
 use common::{Daemon, cpu_seconds, percentile};
-use rumqttc::{AsyncClient, MqttOptions, QoS};
 
 const CAMERAS: usize = 4;
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
 
 /// Every result in the file: (camera, seq) → when it was made (ms since the epoch).
 fn results(path: &std::path::Path) -> HashMap<(String, u64), u64> {
@@ -35,37 +30,6 @@ fn results(path: &std::path::Path) -> HashMap<(String, u64), u64> {
             ((v["subject"].as_str().unwrap().to_string(), v["edgefnseq"].as_u64().unwrap()), made)
         })
         .collect()
-}
-
-/// Publishes `per_camera` frames on each of the cameras `prefix0..`, `gap` apart over all of
-/// them (zero: all at once); when each was published, by (camera, seq).
-async fn publish(
-    port: u16,
-    prefix: &str,
-    frame: &[u8],
-    per_camera: usize,
-    gap: Duration,
-) -> HashMap<(String, u64), u64> {
-    let mut opts = MqttOptions::new(format!("scaling-{prefix}-{port}"), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut events) = AsyncClient::new(opts, 1024);
-    let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });
-    let start = tokio::time::Instant::now();
-    let mut sent = HashMap::new();
-    for i in 0..per_camera * CAMERAS {
-        if !gap.is_zero() {
-            tokio::time::sleep_until(start + gap * i as u32).await;
-        }
-        let camera = format!("{prefix}{}", i % CAMERAS);
-        client.publish(format!("cameras/{camera}/frames"), QoS::AtLeastOnce, false, frame.to_vec()).await.unwrap();
-        // The daemon numbers each camera's frames from 1, in the order they arrive.
-        sent.insert((camera, (i / CAMERAS) as u64 + 1), now_ms());
-    }
-    // Let the last ones reach the broker before the client goes.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    poller.abort();
-    sent
 }
 
 fn wait_for(path: &std::path::Path, keys: &[(String, u64)], secs: u64) -> HashMap<(String, u64), u64> {
@@ -115,11 +79,11 @@ fn measure(
     d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
     let pid = d.child.id();
 
-    let warm = rt.block_on(publish(broker.port, "warm", frame, 10, Duration::ZERO));
+    let warm = rt.block_on(publish_frames(broker.port, CAMERAS, "warm", frame, 10, Duration::ZERO));
     wait_for(&file, &warm.keys().cloned().collect::<Vec<_>>(), 60);
 
     let cpu0 = cpu_seconds(pid);
-    let sent = rt.block_on(publish(broker.port, "sat", frame, 100, Duration::ZERO));
+    let sent = rt.block_on(publish_frames(broker.port, CAMERAS, "sat", frame, 100, Duration::ZERO));
     let keys: Vec<_> = sent.keys().cloned().collect();
     let got = wait_for(&file, &keys, 120);
     let cpu = cpu_seconds(pid) - cpu0;
@@ -131,7 +95,14 @@ fn measure(
 
     let rate = 0.7 * fps;
     let per_camera = (rate * 10.0 / CAMERAS as f64).round() as usize;
-    let sent = rt.block_on(publish(broker.port, "load", frame, per_camera, Duration::from_secs_f64(1.0 / rate)));
+    let sent = rt.block_on(publish_frames(
+        broker.port,
+        CAMERAS,
+        "load",
+        frame,
+        per_camera,
+        Duration::from_secs_f64(1.0 / rate),
+    ));
     let keys: Vec<_> = sent.keys().cloned().collect();
     let got = wait_for(&file, &keys, 120);
     let mut latency: Vec<u64> = keys.iter().map(|k| got[k].saturating_sub(sent[k])).collect();

@@ -30,7 +30,7 @@ use crate::content_type;
 use crate::metrics::{CameraLabel, Metrics, PipelineError as ErrorLabel};
 use crate::runtime::{InvokeError, Runtime};
 use crate::sinks::Sink;
-use crate::sinks::outbox::{Boot, Item, Outbox, Record, now_ms};
+use crate::sinks::outbox::{Behind, Boot, Committing, Item, Outbox, Record, now_ms};
 
 /// The failures a pipeline counts beside its functions' own kinds.
 const OUTBOX_REFUSED: &str = "outbox";
@@ -214,11 +214,16 @@ impl Pipelines {
         topic: &str,
         payload: Bytes,
     ) -> Result<Processed, PipelineError> {
+        let coming = self.outbox.coming();
         let made = self.make(p, camera, topic, payload).await?;
-        self.store(p, made).await
+        let mut commit = self.submit_commit(p, &made, Behind::Answer).await?;
+        drop(coming);
+        self.stored(p, made, commit.durable().await)
     }
 
     /// Runs `payload` through `p`'s functions: the result and its outbox items, not yet stored.
+    /// Callers hold [`Outbox::coming`] until its commit is submitted: the outbox holds a commit
+    /// open for a frame still on its way.
     pub(super) async fn make(
         &self,
         p: &Pipeline,
@@ -226,8 +231,6 @@ impl Pipelines {
         topic: &str,
         payload: Bytes,
     ) -> Result<Made, PipelineError> {
-        // Told to the outbox, which holds a commit open for a frame still on its way.
-        let _coming = self.outbox.coming();
         let seq = self.outbox.next_seq(camera);
         let seq_text = seq.to_string();
         let env = [
@@ -282,16 +285,35 @@ impl Pipelines {
 
     /// Commits a made result for every sink; only then does it count and show on the board.
     pub(super) async fn store(&self, p: &Pipeline, made: Made) -> Result<Processed, PipelineError> {
+        let mut commit = self.submit_commit(p, &made, Behind::Answer).await?;
+        self.stored(p, made, commit.durable().await)
+    }
+
+    /// Queues a made result's commit without waiting for it: refused if it could never fit.
+    pub(super) async fn submit_commit(
+        &self,
+        p: &Pipeline,
+        made: &Made,
+        behind: Behind,
+    ) -> Result<Committing, PipelineError> {
         if let Some(cap) = made.items.iter().find_map(|i| self.outbox.too_large(i)) {
             self.count_error(p, RESULT_TOO_LARGE);
             return Err(PipelineError::TooLarge(cap));
         }
-        if !made.items.is_empty() {
-            if let Err(e) = self.outbox.commit(made.items).await {
-                self.count_error(p, OUTBOX_REFUSED);
-                self.board.store_failed(&p.name);
-                return Err(PipelineError::Outbox(format!("{e:#}")));
-            }
+        Ok(self.outbox.submit(made.items.clone(), behind).await)
+    }
+
+    /// Counts a commit's outcome, and shows a durable result on the board.
+    pub(super) fn stored(
+        &self,
+        p: &Pipeline,
+        made: Made,
+        durable: anyhow::Result<()>,
+    ) -> Result<Processed, PipelineError> {
+        if let Err(e) = durable {
+            self.count_error(p, OUTBOX_REFUSED);
+            self.board.store_failed(&p.name);
+            return Err(PipelineError::Outbox(format!("{e:#}")));
         }
         let r = made.processed;
         let label = CameraLabel { pipeline: p.name.clone(), camera: made.camera.clone() };

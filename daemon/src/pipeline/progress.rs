@@ -58,6 +58,15 @@ impl Progress {
         worker.attempt = Some((Instant::now(), limit));
     }
 
+    /// The worker settled its oldest frame and has more under way: the clock starts again for
+    /// the next, whose commit was submitted while the one before it committed.
+    pub fn next(&self, pipeline: &str, camera: &str, limit: Duration) {
+        if let Some(worker) = self.workers().get_mut(&(pipeline.to_string(), camera.to_string())) {
+            worker.attempt = Some((Instant::now(), limit));
+            worker.retrying = None;
+        }
+    }
+
     /// The attempt ended in a failure that passes; the worker will try again.
     pub fn retrying(&self, pipeline: &str, camera: &str, cause: String) {
         if let Some(worker) = self.workers().get_mut(&(pipeline.to_string(), camera.to_string())) {

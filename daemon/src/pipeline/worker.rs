@@ -2,13 +2,15 @@
 //! that takes its frames in order and retries the failures that pass, until each frame is
 //! settled (its result stored, or its failure final) and only then acknowledged.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::cameras::MAX_CAMERAS;
 use super::frame::Frame;
 use super::queue::{CameraQueue, Pushed};
-use super::{Pipeline, PipelineError, Pipelines, Processed, TOO_MANY_CAMERAS};
+use super::{Made, Pipeline, PipelineError, Pipelines, Processed, TOO_MANY_CAMERAS};
 use crate::metrics::CameraLabel;
+use crate::sinks::outbox::{Behind, Committing};
 
 impl Pipelines {
     /// Lets a frame from `camera` into `p`, every ingress alike: false when the pipeline
@@ -90,57 +92,124 @@ impl Pipelines {
         }
     }
 
+    /// Takes the camera's frames in order. While one frame's commit waits for its fsync, the
+    /// next is made and submitted: the committer stores them in submission order, and a
+    /// commit window can then gather several frames of one camera, not just one per camera.
+    /// Frames are acknowledged in that same order, as MQTT has PUBACKs go.
     pub(super) async fn camera_worker(self: Arc<Self>, p: Arc<Pipeline>, camera: String, queue: Arc<CameraQueue>) {
-        while let Some(frame) = queue.pop().await {
-            let outcome = self.run_until_settled(&p, &camera, &frame, &queue).await;
-            self.progress.settled(&p.name, &camera);
-            match outcome {
-                Ok(_) => {
-                    if let Some(ack) = frame.ack {
-                        ack.done();
-                    }
+        let mut flight: VecDeque<InFlight> = VecDeque::with_capacity(IN_FLIGHT);
+        loop {
+            let room = flight.len() < IN_FLIGHT;
+            let next = match flight.front_mut() {
+                Some(front) if room => tokio::select! {
+                    biased;
+                    outcome = front.outcome(&self, &p) => Err(outcome),
+                    frame = queue.pop() => Ok(frame),
+                },
+                Some(front) => Err(front.outcome(&self, &p).await),
+                None => Ok(queue.pop().await),
+            };
+            match next {
+                Err(outcome) => {
+                    let front = flight.pop_front().expect("the front settled");
+                    self.settle(&p, &camera, front, outcome, &queue).await;
+                    self.progress_after_settle(&p, &camera, &flight);
                 }
-                Err(e) if e.is_final() => {
-                    tracing::warn!(pipeline = %p.name, camera = %camera, topic = %frame.topic, "frame failed: {e}");
-                    // Retrying the same bytes gives the same failure: settle the frame.
-                    if let Some(ack) = frame.ack {
-                        ack.done();
-                    }
+                Ok(Some(frame)) => {
+                    let stage = self.make_and_submit(&p, &camera, &frame, &queue).await;
+                    flight.push_back(InFlight { frame, stage });
                 }
-                Err(e) => {
-                    tracing::warn!(pipeline = %p.name, camera = %camera, topic = %frame.topic,
-                        "frame not acknowledged, the broker will redeliver it: {e}");
+                // Closed and empty: what was submitted still settles (and is acknowledged).
+                Ok(None) => break,
+            }
+        }
+        while let Some(mut front) = flight.pop_front() {
+            let outcome = front.outcome(&self, &p).await;
+            self.settle(&p, &camera, front, outcome, &queue).await;
+        }
+        self.progress.settled(&p.name, &camera);
+    }
+
+    /// The watchdog's clock follows the oldest frame not yet settled.
+    fn progress_after_settle(&self, p: &Pipeline, camera: &str, flight: &VecDeque<InFlight>) {
+        if flight.is_empty() {
+            self.progress.settled(&p.name, camera);
+        } else {
+            self.progress.next(&p.name, camera, p.wedge_limit);
+        }
+    }
+
+    /// Makes a frame's result, trying again while the failure passes, and submits its commit.
+    async fn make_and_submit(&self, p: &Pipeline, camera: &str, frame: &Frame, queue: &CameraQueue) -> Stage {
+        let _coming = self.outbox.coming();
+        let made = self.retrying(p, camera, frame, queue, || self.make(p, camera, &frame.topic, frame.payload.clone()));
+        let made = match made.await {
+            Ok(m) => m,
+            Err(e) => return Stage::Done(Err(e)),
+        };
+        match self.submit_commit(p, &made, Behind::NextFrame).await {
+            Ok(commit) => Stage::Committing(made, commit),
+            Err(e) => Stage::Done(Err(e)),
+        }
+    }
+
+    /// Ends a frame: a commit that failed is tried again (the frames behind it wait, so acks
+    /// stay in order), then the frame is acknowledged, or left for the broker to redeliver.
+    async fn settle(
+        &self,
+        p: &Pipeline,
+        camera: &str,
+        front: InFlight,
+        outcome: Result<Processed, PipelineError>,
+        queue: &CameraQueue,
+    ) {
+        let InFlight { frame, stage } = front;
+        let outcome = match (outcome, stage) {
+            (Err(PipelineError::Outbox(_)), Stage::Committing(made, _)) if !queue.is_closed() => {
+                self.retrying(p, camera, &frame, queue, || self.store(p, made.clone())).await
+            }
+            (outcome, _) => outcome,
+        };
+        match outcome {
+            Ok(_) => {
+                if let Some(ack) = frame.ack {
+                    ack.done();
                 }
+            }
+            Err(e) if e.is_final() => {
+                tracing::warn!(pipeline = %p.name, camera, topic = %frame.topic, "frame failed: {e}");
+                // Retrying the same bytes gives the same failure: settle the frame.
+                if let Some(ack) = frame.ack {
+                    ack.done();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(pipeline = %p.name, camera, topic = %frame.topic,
+                    "frame not acknowledged, the broker will redeliver it: {e}");
             }
         }
     }
 
-    /// Runs a camera frame and stores its result, trying again while the failure is one that
-    /// passes: a full disk, no free instance, a model not loaded. Giving up would withhold the
-    /// frame's ack, and past the broker's in-flight window (mosquitto: 20) the broker sends
-    /// nothing more; settling it would lose it. Only a closing queue (shutdown, reload) ends
-    /// the wait, leaving the frame for the broker to redeliver.
-    async fn run_until_settled(
+    /// Runs `attempt` until it succeeds or fails in a way that does not pass: a full disk, no
+    /// free instance, a model not loaded all pass. Giving up would withhold the frame's ack,
+    /// and past the broker's in-flight window (mosquitto: 20) the broker sends nothing more;
+    /// settling it would lose it. Only a closing queue (shutdown, reload) ends the wait,
+    /// leaving the frame for the broker to redeliver.
+    async fn retrying<T, F>(
         &self,
         p: &Pipeline,
         camera: &str,
         frame: &Frame,
         queue: &CameraQueue,
-    ) -> Result<Processed, PipelineError> {
-        let mut wait = std::time::Duration::from_millis(250);
-        let mut made = None;
+        mut attempt: impl FnMut() -> F,
+    ) -> Result<T, PipelineError>
+    where
+        F: std::future::Future<Output = Result<T, PipelineError>>,
+    {
+        let mut wait = FIRST_RETRY;
         loop {
             self.progress.attempt(&p.name, camera, p.wedge_limit);
-            let outcome = match made.take() {
-                Some(m) => self.store(p, m).await,
-                None => match self.make(p, camera, &frame.topic, frame.payload.clone()).await {
-                    Ok(m) => {
-                        made = Some(m.clone());
-                        self.store(p, m).await.inspect(|_| made = None)
-                    }
-                    Err(e) => Err(e),
-                },
-            };
+            let outcome = attempt().await;
             let passes = match &outcome {
                 Err(PipelineError::Outbox(_)) => true,
                 Err(PipelineError::Function(e)) => e.passes(),
@@ -158,6 +227,39 @@ impl Pipelines {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
             wait = (wait * 2).min(std::time::Duration::from_secs(2));
+        }
+    }
+}
+
+/// Frames of one camera made and not yet settled, at most. Four cover a camera publishing at
+/// a few times the fsync rate; each holds a frame and its result in memory.
+const IN_FLIGHT: usize = 4;
+
+/// The first wait before a passing failure is tried again; it doubles up to two seconds.
+const FIRST_RETRY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// A frame between its queue and its ack.
+struct InFlight {
+    frame: Frame,
+    stage: Stage,
+}
+
+enum Stage {
+    /// Made, its commit submitted.
+    Committing(Made, Committing),
+    /// Settled without a commit (it failed); acknowledged in its turn.
+    Done(Result<Processed, PipelineError>),
+}
+
+impl InFlight {
+    /// The frame's outcome once its commit is durable or failed. Cancel-safe.
+    async fn outcome(&mut self, pipelines: &Pipelines, p: &Pipeline) -> Result<Processed, PipelineError> {
+        match &mut self.stage {
+            Stage::Committing(made, commit) => {
+                let durable = commit.durable().await;
+                pipelines.stored(p, made.clone(), durable)
+            }
+            Stage::Done(outcome) => std::mem::replace(outcome, Err(PipelineError::Closed)),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! client certificate and a password required.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -275,4 +276,44 @@ impl Drop for Subscriber {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Wall-clock milliseconds, as results carry them.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Publishes `per_camera` frames (QoS 1) on each of `cameras` cameras `prefix0..`, `gap` apart over all of
+/// them (zero: all at once); when each was published, by (camera, seq).
+pub async fn publish_frames(
+    port: u16,
+    cameras: usize,
+    prefix: &str,
+    frame: &[u8],
+    per_camera: usize,
+    gap: Duration,
+) -> HashMap<(String, u64), u64> {
+    let mut opts = rumqttc::MqttOptions::new(format!("camera-{prefix}-{port}"), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 1024);
+    let poller = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let start = tokio::time::Instant::now();
+    let mut sent = HashMap::new();
+    for i in 0..per_camera * cameras {
+        if !gap.is_zero() {
+            tokio::time::sleep_until(start + gap * i as u32).await;
+        }
+        let camera = format!("{prefix}{}", i % cameras);
+        client
+            .publish(format!("cameras/{camera}/frames"), rumqttc::QoS::AtLeastOnce, false, frame.to_vec())
+            .await
+            .unwrap();
+        // The daemon numbers each camera's frames from 1, in the order they arrive.
+        sent.insert((camera, (i / cameras) as u64 + 1), now_ms());
+    }
+    // Let the last ones reach the broker before the client goes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    poller.abort();
+    sent
 }

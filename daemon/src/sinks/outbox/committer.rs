@@ -20,7 +20,7 @@ use super::db::Db;
 use super::eviction::{self, Evicted};
 use super::record::{disk_cost, encode};
 use super::window::Cameras;
-use super::{DEAD, Item, META, Outbox, PENDING, SEQ, State};
+use super::{Behind, DEAD, Item, META, Outbox, PENDING, SEQ, State};
 use crate::metrics::Metrics;
 
 /// Frames committed in one transaction at most.
@@ -29,6 +29,7 @@ const MAX_BATCH: usize = 256;
 pub struct Commit {
     pub items: Vec<Item>,
     pub done: oneshot::Sender<Result<(), String>>,
+    pub behind: Behind,
 }
 
 impl Commit {
@@ -76,7 +77,7 @@ async fn commit_loop(
         let close = opened + window;
         // Always asked, with no window too: it forgets silent cameras, whose ids are outside input.
         let mut awaited = cameras.due_by(opened, close);
-        cameras.joined(&first.items, opened, &mut awaited);
+        cameras.joined(&first, opened, close, &mut awaited);
         // A batch is one transaction, and redb holds its pages twice until it commits (and
         // those it frees, until the next): kept well inside the byte budget, a long window
         // cannot push the file past max_bytes. Batches of two 256 KiB frames under a 4 MiB cap
@@ -99,7 +100,7 @@ async fn commit_loop(
                     break;
                 }
                 Some(c) => {
-                    cameras.joined(&c.items, Instant::now(), &mut awaited);
+                    cameras.joined(&c, Instant::now(), close, &mut awaited);
                     cost += c.cost();
                     batch.push(c);
                 }

@@ -138,6 +138,30 @@ impl State {
     }
 }
 
+/// What the camera behind a commit does while it waits: tells a commit window whether the
+/// camera's next frame can still join it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behind {
+    /// An HTTP client or an event: nothing more comes from it until this commit answers.
+    Answer,
+    /// A camera worker, which makes and submits its next frame meanwhile.
+    NextFrame,
+}
+
+/// A submitted commit ([`Outbox::submit`]), until its results are durable or it failed.
+pub struct Committing(oneshot::Receiver<Result<(), String>>);
+
+impl Committing {
+    /// Waits until the results are on disk. Cancel-safe; call until it returns, not after.
+    pub async fn durable(&mut self) -> anyhow::Result<()> {
+        match (&mut self.0).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::anyhow!("outbox commit failed: {e}")),
+            Err(_) => Err(anyhow::anyhow!("outbox closed")),
+        }
+    }
+}
+
 /// A frame on its way to a commit, counted while it lives (see [`Outbox::coming`]).
 pub struct Coming(Arc<State>);
 
@@ -294,13 +318,22 @@ impl Outbox {
 
     /// Commits `items` durably; returns once they are on disk.
     pub async fn commit(&self, items: Vec<Item>) -> anyhow::Result<()> {
+        self.submit(items, Behind::Answer).await.durable().await
+    }
+
+    /// Queues `items` for the committer and returns at once. Commits are made in the order
+    /// they were submitted, so a camera that submits its next frame before this one is durable
+    /// has them stored in order, and they may share an fsync.
+    pub async fn submit(&self, items: Vec<Item>, behind: Behind) -> Committing {
         let (done, wait) = oneshot::channel();
-        self.commits.send(Commit { items, done }).await.map_err(|_| anyhow::anyhow!("outbox closed"))?;
-        match wait.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::anyhow!("outbox commit failed: {e}")),
-            Err(_) => Err(anyhow::anyhow!("outbox closed")),
+        if items.is_empty() {
+            // A pipeline without sinks: nothing to make durable, and no fsync for it.
+            let _ = done.send(Ok(()));
+            return Committing(wait);
         }
+        // A closed committer drops the sender with the commit: the wait then says so.
+        let _ = self.commits.send(Commit { items, done, behind }).await;
+        Committing(wait)
     }
 
     /// Persists the settles committed without an fsync (one fsync, none if there are none):
