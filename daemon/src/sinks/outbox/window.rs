@@ -128,7 +128,7 @@ mod tests {
         cams.joined(&frame("fast", 1, Behind::NextFrame), now + ms(45), close, &mut awaited);
         assert!(awaited.is_empty(), "due after the close, and still waited for: {awaited:?}");
         // Camera ids are outside input: a silent one is forgotten, not kept for ever.
-        let later = now + SILENT;
+        let later = now + ms(45) + SILENT;
         assert!(cams.due_by(later, later).is_empty());
         assert!(cams.last.is_empty(), "{} cameras still tracked", cams.last.len());
     }
