@@ -291,3 +291,23 @@ fn mqtt_cameras_share_an_fsync_with_their_own_next_frames() {
     assert!(per_frame >= 0.05, "{per_frame:.3} fsyncs a frame: is strace tracing the daemon?");
     assert!(per_frame < 0.25, "{per_frame:.3} fsyncs a frame: a commit held no more than one frame per camera");
 }
+
+/// A commit waits in its window for frames still being made, and the frame it already has is
+/// not one of them. Counted until after its commit was queued, a lone serial client's frame
+/// could hold its commit open for the whole window (a race with the committer): at 100
+/// frames/s and a 60 ms window, 80 a second got through. Under a 1 s window, any frame held
+/// takes this past 0.9 s; 60 echo frames take under a tenth of that.
+#[test]
+fn a_lone_serial_client_is_not_held_for_the_commit_window() {
+    let tmp = tempfile::tempdir().unwrap();
+    let results = tmp.path().join("results.jsonl");
+    let cfg = format!("[outbox]\ncommit_window = \"1s\"\n\n{}", config(&results));
+    let d = Daemon::start_with_functions(tmp.path(), &common::functions_dir(), &cfg);
+    let frame = common::camera_jpeg();
+    post_frames(&d, &frame, 2);
+    let start = Instant::now();
+    post_frames(&d, &frame, 60);
+    let took = start.elapsed();
+    eprintln!("60 serial frames in {took:?}");
+    assert!(took < Duration::from_millis(900), "60 serial frames took {took:?} under a 1 s commit_window");
+}

@@ -30,7 +30,7 @@ use crate::content_type;
 use crate::metrics::{CameraLabel, Metrics, PipelineError as ErrorLabel};
 use crate::runtime::{InvokeError, Runtime};
 use crate::sinks::Sink;
-use crate::sinks::outbox::{Behind, Boot, Committing, Item, Outbox, Record, now_ms};
+use crate::sinks::outbox::{Behind, Boot, Coming, Committing, Item, Outbox, Record, now_ms};
 
 /// The failures a pipeline counts beside its functions' own kinds.
 const OUTBOX_REFUSED: &str = "outbox";
@@ -216,14 +216,13 @@ impl Pipelines {
     ) -> Result<Processed, PipelineError> {
         let coming = self.outbox.coming();
         let made = self.make(p, camera, topic, payload).await?;
-        let mut commit = self.submit_commit(p, &made, Behind::Answer).await?;
-        drop(coming);
+        let mut commit = self.submit_commit(p, &made, Behind::Answer, coming).await?;
         self.stored(p, made, commit.durable().await)
     }
 
     /// Runs `payload` through `p`'s functions: the result and its outbox items, not yet stored.
-    /// Callers hold [`Outbox::coming`] until its commit is submitted: the outbox holds a commit
-    /// open for a frame still on its way.
+    /// Callers take [`Outbox::coming`] first and hand it to the commit: the outbox holds a
+    /// commit open for a frame still on its way.
     pub(super) async fn make(
         &self,
         p: &Pipeline,
@@ -285,7 +284,7 @@ impl Pipelines {
 
     /// Commits a made result for every sink; only then does it count and show on the board.
     pub(super) async fn store(&self, p: &Pipeline, made: Made) -> Result<Processed, PipelineError> {
-        let mut commit = self.submit_commit(p, &made, Behind::Answer).await?;
+        let mut commit = self.submit_commit(p, &made, Behind::Answer, self.outbox.coming()).await?;
         self.stored(p, made, commit.durable().await)
     }
 
@@ -295,12 +294,13 @@ impl Pipelines {
         p: &Pipeline,
         made: &Made,
         behind: Behind,
+        coming: Coming,
     ) -> Result<Committing, PipelineError> {
         if let Some(cap) = made.items.iter().find_map(|i| self.outbox.too_large(i)) {
             self.count_error(p, RESULT_TOO_LARGE);
             return Err(PipelineError::TooLarge(cap));
         }
-        Ok(self.outbox.submit(made.items.clone(), behind).await)
+        Ok(self.outbox.submit(made.items.clone(), behind, coming).await)
     }
 
     /// Counts a commit's outcome, and shows a durable result on the board.

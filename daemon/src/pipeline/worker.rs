@@ -141,13 +141,13 @@ impl Pipelines {
 
     /// Makes a frame's result, trying again while the failure passes, and submits its commit.
     async fn make_and_submit(&self, p: &Pipeline, camera: &str, frame: &Frame, queue: &CameraQueue) -> Stage {
-        let _coming = self.outbox.coming();
+        let coming = self.outbox.coming();
         let made = self.retrying(p, camera, frame, queue, || self.make(p, camera, &frame.topic, frame.payload.clone()));
         let made = match made.await {
             Ok(m) => m,
             Err(e) => return Stage::Done(Err(e)),
         };
-        match self.submit_commit(p, &made, Behind::NextFrame).await {
+        match self.submit_commit(p, &made, Behind::NextFrame, coming).await {
             Ok(commit) => Stage::Committing(made, commit),
             Err(e) => Stage::Done(Err(e)),
         }

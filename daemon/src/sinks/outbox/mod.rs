@@ -318,13 +318,15 @@ impl Outbox {
 
     /// Commits `items` durably; returns once they are on disk.
     pub async fn commit(&self, items: Vec<Item>) -> anyhow::Result<()> {
-        self.submit(items, Behind::Answer).await.durable().await
+        self.submit(items, Behind::Answer, self.coming()).await.durable().await
     }
 
     /// Queues `items` for the committer and returns at once. Commits are made in the order
     /// they were submitted, so a camera that submits its next frame before this one is durable
-    /// has them stored in order, and they may share an fsync.
-    pub async fn submit(&self, items: Vec<Item>, behind: Behind) -> Committing {
+    /// has them stored in order, and they may share an fsync. `coming` counted the frame while
+    /// it was made; the committer lets it go once the commit is in its batch, so the batch
+    /// does not wait for the frame it already has.
+    pub async fn submit(&self, items: Vec<Item>, behind: Behind, coming: Coming) -> Committing {
         let (done, wait) = oneshot::channel();
         if items.is_empty() {
             // A pipeline without sinks: nothing to make durable, and no fsync for it.
@@ -332,7 +334,7 @@ impl Outbox {
             return Committing(wait);
         }
         // A closed committer drops the sender with the commit: the wait then says so.
-        let _ = self.commits.send(Commit { items, done, behind }).await;
+        let _ = self.commits.send(Commit { items, done, behind, coming: Some(coming) }).await;
         Committing(wait)
     }
 

@@ -87,7 +87,7 @@ mod tests {
         let items = (0..sinks)
             .map(|s| Item { sink: format!("s{s}").into(), record: record.clone(), payload: Bytes::new() })
             .collect();
-        Commit { items, done: tokio::sync::oneshot::channel().0, behind }
+        Commit { items, done: tokio::sync::oneshot::channel().0, behind, coming: None }
     }
 
     fn ms(n: u64) -> Duration {
