@@ -44,6 +44,7 @@ fn fill(state: &std::path::Path) {
                             error: None,
                         },
                         payload: payload.clone(),
+                        file: None,
                     }
                 })
                 .collect();

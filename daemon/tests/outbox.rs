@@ -24,6 +24,7 @@ fn item(sink: &str, seq: u64, payload: usize) -> Item {
             error: None,
         },
         payload: Bytes::from(vec![1u8; payload]),
+        file: None,
     }
 }
 

@@ -261,9 +261,8 @@ impl Pipelines {
         let items: Vec<Item> = p
             .sinks
             .iter()
-            .map(|s| Item {
-                sink: s.key.clone(),
-                record: Record {
+            .map(|s| {
+                let record = Record {
                     id: id.clone(),
                     board: self.board_id.to_string(),
                     pipeline: p.name.clone(),
@@ -274,8 +273,8 @@ impl Pipelines {
                     created_ms,
                     boot: boot.clone(),
                     error: None,
-                },
-                payload: data.clone(),
+                };
+                s.item(record, data.clone())
             })
             .collect();
         let processed = Processed { id, seq, output: data, content_type };

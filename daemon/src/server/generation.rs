@@ -41,7 +41,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::Pipelines;
 use crate::runtime::Runtime;
 use crate::sinks::dapr::DaprClient;
-use crate::sinks::outbox::{Item, Outbox, Record};
+use crate::sinks::outbox::{Outbox, Record};
 use crate::sinks::{Kind, Sink, delivery};
 
 /// How long the broker connection gets to close once nothing else runs.
@@ -369,9 +369,8 @@ fn events_to_outbox(sinks: Vec<Arc<Sink>>, outbox: Arc<Outbox>) -> Reporter {
             let (created_ms, boot) = (crate::sinks::outbox::now_ms(), crate::sinks::outbox::Boot::now());
             let items = sinks
                 .iter()
-                .map(|s| Item {
-                    sink: s.key.clone(),
-                    record: Record {
+                .map(|s| {
+                    let record = Record {
                         id: id.clone(),
                         board: d.board.clone(),
                         pipeline: "fleet".into(),
@@ -382,8 +381,8 @@ fn events_to_outbox(sinks: Vec<Arc<Sink>>, outbox: Arc<Outbox>) -> Reporter {
                         created_ms,
                         boot: boot.clone(),
                         error: None,
-                    },
-                    payload: payload.clone(),
+                    };
+                    s.item(record, payload.clone())
                 })
                 .collect();
             if let Err(e) = outbox.commit(items).await {

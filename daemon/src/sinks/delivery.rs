@@ -383,7 +383,7 @@ mod tests {
         let cfg = SinkConfig::File { path: path.clone() };
         let sink = Sink {
             key: crate::sinks::key(&cfg),
-            kind: crate::sinks::Kind::File(crate::sinks::file::FileSink::new(path.clone())),
+            kind: crate::sinks::Kind::File(Arc::new(crate::sinks::file::FileSink::new(path.clone()))),
         };
         (Arc::new(sink), path)
     }

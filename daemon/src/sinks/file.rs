@@ -4,6 +4,11 @@
 //! fails partway is cut off again, and so is everything after the last sync when a sync fails,
 //! so the file holds whole lines only and those results are delivered again.
 //! Handy for demos and for boards that ship logs rather than events.
+//!
+//! While no result waits for it in the outbox, the outbox's committer writes results here
+//! itself ([`FileSink::write_durably`]), so a result reaches the card once, not twice. The
+//! two writers never overlap: the committer only writes while the delivery worker has
+//! nothing of this sink's, delivered or not, left to settle.
 
 use std::fs::File;
 use std::io::Write;
@@ -56,6 +61,14 @@ impl FileSink {
             Err(e) => Outcome::Retry(format!("file sink task: {e}")),
         };
         vec![outcome; batch.len()]
+    }
+
+    /// Appends `lines` and makes them durable, on the calling thread (the outbox's committer,
+    /// which writes a caught-up file's results within their commit).
+    pub fn write_durably(&self, lines: &str) -> std::io::Result<()> {
+        let mut state = self.state.lock().expect("file sink lock");
+        append(&self.path, &mut state, lines)?;
+        sync(&mut state)
     }
 
     /// Makes every line written since the last call durable.

@@ -1,5 +1,7 @@
 //! Sinks: where results go upstream. Results reach a sink only through the durable
-//! [`outbox`]; a [`delivery`] worker per sink drains it in order.
+//! [`outbox`]; a [`delivery`] worker per sink drains it in order. A file sink that is caught
+//! up is the exception: its file is durable storage already, so the outbox writes its results
+//! there within their commit instead of keeping a second copy ([`outbox`], `direct`).
 //!
 //! A sink answers each result with an [`Outcome`]: delivered, retry later, busy (the upstream
 //! sheds load), or dead (a permanent refusal that no retry can fix, kept in the dead letters).
@@ -13,7 +15,9 @@ pub mod outbox;
 
 use std::sync::Arc;
 
-use self::outbox::Pending;
+use bytes::Bytes;
+
+use self::outbox::{Item, Pending, Record};
 use crate::config::SinkConfig;
 
 /// The payload bytes one delivery attempt holds at most: 64 results of the default 16 MiB
@@ -35,7 +39,8 @@ pub enum Outcome {
 pub enum Kind {
     Dapr(dapr::DaprSink),
     Mqtt(mqtt::MqttSink),
-    File(file::FileSink),
+    /// Shared with the outbox, which writes a caught-up file's results within their commit.
+    File(Arc<file::FileSink>),
 }
 
 /// A configured sink: its outbox key and its transport.
@@ -62,9 +67,18 @@ impl Sink {
                 let client = mqtt.ok_or_else(|| anyhow::anyhow!("an mqtt sink needs an [mqtt] section"))?;
                 Kind::Mqtt(mqtt::MqttSink::new(client.clone(), topic))
             }
-            SinkConfig::File { path } => Kind::File(file::FileSink::new(path.clone())),
+            SinkConfig::File { path } => Kind::File(Arc::new(file::FileSink::new(path.clone()))),
         };
         Ok(Sink { key: key(cfg), kind })
+    }
+
+    /// `record`'s result as this sink's outbox item.
+    pub fn item(&self, record: Record, payload: Bytes) -> Item {
+        let file = match &self.kind {
+            Kind::File(f) => Some(f.clone()),
+            Kind::Dapr(_) | Kind::Mqtt(_) => None,
+        };
+        Item { sink: self.key.clone(), record, payload, file }
     }
 
     /// Where a result of `pipeline` from `camera` goes (recorded with it in the outbox).

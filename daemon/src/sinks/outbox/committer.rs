@@ -1,6 +1,8 @@
 //! The committer thread: everything waiting to be committed goes into one write transaction,
 //! one fsync (group commit), on a thread of its own so no async worker waits on the disk.
-//! The byte cap is kept in the same transaction (see [`super::eviction`]).
+//! The byte cap is kept in the same transaction (see [`super::eviction`]). A caught-up file
+//! sink's results go to its file instead, fsynced in place of the transaction
+//! ([`super::direct`]).
 //!
 //! A batch stays open for up to `commit_window` after its first result while other cameras'
 //! frames may still join it ([`super::window`]), so they share its fsync; with none on its
@@ -8,6 +10,7 @@
 //! before it; on an idle board the committer persists them itself, [`super::PERSIST_AFTER`]
 //! later.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -20,7 +23,7 @@ use super::db::Db;
 use super::eviction::{self, Evicted};
 use super::record::{disk_cost, encode};
 use super::window::Cameras;
-use super::{Behind, DEAD, Item, META, Outbox, PENDING, SEQ, State};
+use super::{Behind, DEAD, Item, META, Outbox, PENDING, SEQ, State, direct};
 use crate::metrics::Metrics;
 
 /// Frames committed in one transaction at most.
@@ -119,7 +122,7 @@ async fn commit_loop(
             }
         }
         let current = metrics.lock().expect("metrics lock").clone();
-        let result = db.with(|db| write_batch(db, &state, &current, &batch));
+        let result = write_batch(&db, &state, &current, &batch);
         let frames = batch.len();
         // Frames are acknowledged before delivery starts: an ack still in flight when the
         // result is already upstream is what makes a broker restart redeliver a frame.
@@ -172,7 +175,37 @@ pub fn persist(db: &Database, state: &State) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]) -> anyhow::Result<Vec<Arc<str>>> {
+fn write_batch(db: &Db, state: &State, metrics: &Metrics, batch: &[Commit]) -> anyhow::Result<Vec<Arc<str>>> {
+    let chosen = direct::caught_up(batch, &state.view);
+    let reserve = direct::reservations(batch, &chosen, &state.reserved.lock().expect("reserved lock"));
+    let mut touched = Vec::new();
+    if !reserve.is_empty() {
+        touched = db.with(|db| store(db, state, metrics, &[], &reserve))?;
+        let mut reserved = state.reserved.lock().expect("reserved lock");
+        for (camera, mark) in reserve {
+            reserved.insert(camera.to_string(), mark);
+        }
+    }
+    let written = direct::write(batch, &chosen, metrics);
+    let stored: Vec<&Item> =
+        batch.iter().flat_map(|c| &c.items).zip(&written).filter(|(_, w)| !**w).map(|(i, _)| i).collect();
+    // Written to files alone, a batch needs no transaction, unless settles wait to be
+    // persisted: under a steady load the idle persist never comes.
+    if !stored.is_empty() || state.unpersisted.load(Ordering::Acquire) {
+        touched.extend(db.with(|db| store(db, state, metrics, &stored, &HashMap::new()))?);
+    }
+    Ok(touched)
+}
+
+/// One durable transaction: `stored` into the pending queues, the sequence reservations, and
+/// the byte cap.
+fn store(
+    db: &Database,
+    state: &State,
+    metrics: &Metrics,
+    stored: &[&Item],
+    reserve: &HashMap<&str, u64>,
+) -> anyhow::Result<Vec<Arc<str>>> {
     let txn = db.begin_write()?;
     let mut touched: Vec<Arc<str>> = Vec::new();
     let mut added = 0u64;
@@ -184,18 +217,25 @@ fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]
         let mut dead = txn.open_table(DEAD)?;
         let mut seq = txn.open_table(SEQ)?;
         let mut meta = txn.open_table(META)?;
-        for item in batch.iter().flat_map(|c| &c.items) {
+        let mut raise = |camera: &str, to: u64| -> anyhow::Result<()> {
+            let last = seq.get(camera)?.map_or(0, |v| v.value());
+            if to > last {
+                seq.insert(camera, to)?;
+            }
+            Ok(())
+        };
+        for item in stored {
             let value = encode(&item.record, &item.payload);
             added += disk_cost(value.len());
             pending.insert((&*item.sink, next_id), value.as_slice())?;
             next_id += 1;
-            let last = seq.get(item.record.camera.as_str())?.map_or(0, |v| v.value());
-            if item.record.seq > last {
-                seq.insert(item.record.camera.as_str(), item.record.seq)?;
-            }
+            raise(&item.record.camera, item.record.seq)?;
             if !touched.contains(&item.sink) {
                 touched.push(item.sink.clone());
             }
+        }
+        for (camera, mark) in reserve {
+            raise(camera, *mark)?;
         }
         meta.insert("next_id", next_id)?;
         let excess = (state.bytes.load(Ordering::Relaxed) + added).saturating_sub(eviction::budget(state));
@@ -207,7 +247,7 @@ fn write_batch(db: &Database, state: &State, metrics: &Metrics, batch: &[Commit]
     // a delivery worker settling at the same time moves them too.
     state.bytes.fetch_add(added, Ordering::Relaxed);
     state.next_id.store(next_id, Ordering::Relaxed);
-    for item in batch.iter().flat_map(|c| &c.items) {
+    for item in stored {
         state.view.add(&item.sink, 1);
     }
     evicted.apply(state, metrics);

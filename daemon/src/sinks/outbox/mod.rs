@@ -12,6 +12,7 @@
 
 mod committer;
 mod db;
+mod direct;
 mod eviction;
 mod record;
 mod view;
@@ -36,6 +37,7 @@ const REPLAY_BATCH: usize = 256;
 pub use self::record::{Boot, Record, decode, encode, now_ms};
 use self::view::View;
 use crate::metrics::{Metrics, SinkLabel};
+use crate::sinks::file::FileSink;
 
 const PENDING: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("pending");
 const DEAD: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("dead");
@@ -65,6 +67,8 @@ pub struct Item {
     pub sink: Arc<str>,
     pub record: Record,
     pub payload: Bytes,
+    /// The sink's file, for a file sink: written within the commit while it is caught up.
+    pub file: Option<Arc<FileSink>>,
 }
 
 pub struct Outbox {
@@ -95,6 +99,9 @@ struct State {
     unpersisted: AtomicBool,
     /// Wakes an idle committer to persist such a settle.
     persist_soon: Notify,
+    /// Each camera's sequence number stored ahead of its results written straight to files
+    /// ([`direct`]), as far as this run has stored one.
+    reserved: Mutex<HashMap<String, u64>>,
 }
 
 /// How long after a failed write the outbox counts as short of disk.
@@ -219,6 +226,7 @@ impl Outbox {
             coming: AtomicU64::new(0),
             unpersisted: AtomicBool::new(false),
             persist_soon: Notify::new(),
+            reserved: Default::default(),
         });
         state.view.set(per_sink, dead);
         // A full queue makes committers wait (async) for the disk, never blocks a worker thread.
@@ -297,8 +305,11 @@ impl Outbox {
             Ok(())
         })?;
         seqs.floor = floor;
+        let mut reserved = self.state.reserved.lock().expect("reserved lock");
         for c in cameras {
             seqs.by_camera.remove(c);
+            // Its row is gone: a frame it sends again reserves again.
+            reserved.remove(c);
         }
         Ok(())
     }
@@ -607,6 +618,7 @@ mod tests {
                 error: None,
             },
             payload: Bytes::from_static(b"result"),
+            file: None,
         }
     }
 

@@ -85,7 +85,7 @@ mod tests {
             error: None,
         };
         let items = (0..sinks)
-            .map(|s| Item { sink: format!("s{s}").into(), record: record.clone(), payload: Bytes::new() })
+            .map(|s| Item { sink: format!("s{s}").into(), record: record.clone(), payload: Bytes::new(), file: None })
             .collect();
         Commit { items, done: tokio::sync::oneshot::channel().0, behind, coming: None }
     }
