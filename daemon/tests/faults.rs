@@ -454,7 +454,9 @@ fn a_poison_result_is_dead_lettered_and_the_rest_flow() {
 
 /// The outbox's disk fills: frames cannot be committed and their acks are withheld, past the
 /// broker's in-flight window (mosquitto: 20). Once space is freed, frames flow again without a
-/// restart, and every frame published has its result.
+/// restart, and every frame published has its result. Each result goes to an MQTT sink, which
+/// only the outbox can hold, and to a file on another disk, which the result reaches only
+/// after the outbox took the MQTT one.
 #[test]
 fn frames_flow_again_once_the_outbox_disk_has_room() {
     let tmp = tempfile::tempdir().unwrap();
@@ -464,7 +466,7 @@ fn frames_flow_again_once_the_outbox_disk_has_room() {
     let cfg = format!(
         "[server]\nshutdown_grace = \"1s\"\n\n[mqtt]\nurl = \"{}\"\nclient_id = \"edgefn-disk-{}\"\nmax_frame = \"64 KiB\"\n\n\
          [[pipeline]]\nname = \"echo\"\nsource.mqtt = \"cameras/+/frames\"\nfunctions = [\"echo\"]\npolicy = \"block\"\n\
-         sinks = [{{ file = {{ path = {:?} }} }}]\n",
+         sinks = [{{ file = {{ path = {:?} }} }}, {{ mqtt = {{ topic = \"results/{{camera}}\" }} }}]\n",
         broker.url(),
         broker.port,
         results.to_str().unwrap()

@@ -175,24 +175,30 @@ pub fn persist(db: &Database, state: &State) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Commits `batch`: what goes into the outbox, with the sequence reservations, in one
+/// transaction first, then each caught-up file sink's results into its file. A failed
+/// transaction so leaves no line behind in a file for its retry to write again; a file that
+/// cannot be written has its results stored in a second transaction.
 fn write_batch(db: &Db, state: &State, metrics: &Metrics, batch: &[Commit]) -> anyhow::Result<Vec<Arc<str>>> {
     let chosen = direct::caught_up(batch, &state.view);
     let reserve = direct::reservations(batch, &chosen, &state.reserved.lock().expect("reserved lock"));
+    let items = || batch.iter().flat_map(|c| &c.items);
+    let stored: Vec<&Item> = items().zip(&chosen).filter(|(_, c)| !**c).map(|(i, _)| i).collect();
     let mut touched = Vec::new();
-    if !reserve.is_empty() {
-        touched = db.with(|db| store(db, state, metrics, &[], &reserve))?;
+    // Written to files alone, a batch needs no transaction, unless settles wait to be
+    // persisted: under a steady load the idle persist never comes.
+    if !stored.is_empty() || !reserve.is_empty() || state.unpersisted.load(Ordering::Acquire) {
+        touched = db.with(|db| store(db, state, metrics, &stored, &reserve))?;
         let mut reserved = state.reserved.lock().expect("reserved lock");
         for (camera, mark) in reserve {
             reserved.insert(camera.to_string(), mark);
         }
     }
     let written = direct::write(batch, &chosen, metrics);
-    let stored: Vec<&Item> =
-        batch.iter().flat_map(|c| &c.items).zip(&written).filter(|(_, w)| !**w).map(|(i, _)| i).collect();
-    // Written to files alone, a batch needs no transaction, unless settles wait to be
-    // persisted: under a steady load the idle persist never comes.
-    if !stored.is_empty() || state.unpersisted.load(Ordering::Acquire) {
-        touched.extend(db.with(|db| store(db, state, metrics, &stored, &HashMap::new()))?);
+    let failed: Vec<&Item> =
+        items().zip(chosen.iter().zip(&written)).filter(|(_, (c, w))| **c && !**w).map(|(i, _)| i).collect();
+    if !failed.is_empty() {
+        touched.extend(db.with(|db| store(db, state, metrics, &failed, &HashMap::new()))?);
     }
     Ok(touched)
 }
