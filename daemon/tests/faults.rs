@@ -16,15 +16,6 @@ fn sighup(d: &Daemon) {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
 }
 
-/// Waits until the log says `what` `n` times.
-fn wait_log(d: &Daemon, what: &str, n: usize, secs: u64) {
-    let until = Instant::now() + Duration::from_secs(secs);
-    while d.log().matches(what).count() < n {
-        assert!(Instant::now() < until, "no {n}× `{what}` in {secs} s:\n{}", d.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// An open `/v1/events` stream, as the page holds it; returns once the first status arrived.
 fn open_event_stream(d: &Daemon) -> TcpStream {
     let mut s = TcpStream::connect(d.addr).unwrap();
@@ -60,7 +51,7 @@ fn a_reload_with_the_page_open_keeps_serving() {
     let mut page = open_event_stream(&d);
 
     sighup(&d);
-    wait_log(&d, "edgefn ready", 2, 30);
+    d.wait_log("edgefn ready", 2, 30);
     d.assert_alive();
     assert_eq!(d.post("/v1/pipelines/echo?camera=a", b"after").status, 200);
     let r = d.post("/v1/pipelines/echo?camera=a", b"again");
@@ -106,7 +97,7 @@ fn a_reload_that_cannot_apply_keeps_the_old_generation() {
     )
     .unwrap();
     sighup(&d);
-    wait_log(&d, "reload failed", 1, 30);
+    d.wait_log("reload failed", 1, 30);
     d.assert_alive();
     let health = d.get("/healthz").json();
     assert_eq!(health["status"], "degraded", "{health}");
@@ -116,7 +107,7 @@ fn a_reload_that_cannot_apply_keeps_the_old_generation() {
     // A good config again: the reload applies and the failure is cleared.
     std::fs::write(&config, good).unwrap();
     sighup(&d);
-    wait_log(&d, "edgefn ready", 2, 30);
+    d.wait_log("edgefn ready", 2, 30);
     let health = d.get("/healthz").json();
     assert_eq!(health["status"], "ok", "{health}");
     assert_eq!(d.post("/v1/pipelines/echo?camera=a", b"three").status, 200);
@@ -493,7 +484,7 @@ fn frames_flow_again_once_the_outbox_disk_has_room() {
     for i in 1..41 {
         broker.publish_raw("cameras/a/frames", &["-s"], Some(&frame(i)));
     }
-    wait_log(&d, "outbox commit failed", 1, 30);
+    d.wait_log("outbox commit failed", 1, 30);
     std::fs::remove_file(filler).unwrap();
     for i in 41..61 {
         broker.publish_raw("cameras/a/frames", &["-s"], Some(&frame(i)));

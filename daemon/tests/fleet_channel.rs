@@ -353,14 +353,6 @@ fn publish_raw(fleet: &Fleet, envelope: &[u8]) {
     fleet.broker.publish_raw(DEPLOY, &["-s"], Some(envelope));
 }
 
-fn wait_log(board: &Daemon, needle: &str, count: usize) {
-    let until = Instant::now() + Duration::from_secs(20);
-    while board.log().matches(needle).count() < count {
-        assert!(Instant::now() < until, "no {count}× `{needle}` in:\n{}", board.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn messages_signed_by_cosign_are_taken_and_replayed_expired_tampered_or_unsigned_ones_change_nothing() {
     let gate = "gate_calls = 20\ngate_min_calls = 10\ngate_time = \"2s\"";
@@ -423,33 +415,33 @@ fn messages_signed_by_cosign_are_taken_and_replayed_expired_tampered_or_unsigned
     // A newer message moves the board's sequence on; the old one, sent again, is a replay.
     let m2 = message(&[&v2, "--rollout", "r2", "--percent", "0"]);
     publish_raw(&fleet, &envelope(&m2, &sign(&m2, "cosign.key")));
-    wait_log(board, "not in this wave", 1);
+    board.wait_log("not in this wave", 1, 20);
     publish_raw(&fleet, &envelope(&m1, &sig1));
-    wait_log(board, "deploy message refused: replayed", 1);
+    board.wait_log("deploy message refused: replayed", 1, 20);
 
     // Expired: valid for a second, sent after two.
     let m3 = message(&[&v1, "--rollout", "r3", "--expires", "1s"]);
     let s3 = sign(&m3, "cosign.key");
     std::thread::sleep(Duration::from_secs(2));
     publish_raw(&fleet, &envelope(&m3, &s3));
-    wait_log(board, "deploy message refused: expired", 1);
+    board.wait_log("deploy message refused: expired", 1, 20);
 
     // Tampered: a fresh message's signature over other bytes (the image swapped for v1).
     let m4 = message(&[&v2, "--rollout", "r4"]);
     let s4 = sign(&m4, "cosign.key");
     let swapped = String::from_utf8(m4.clone()).unwrap().replace(digest(&v2), digest(&v1));
     publish_raw(&fleet, &envelope(swapped.as_bytes(), &s4));
-    wait_log(board, "deploy message refused: bad signature", 1);
+    board.wait_log("deploy message refused: bad signature", 1, 20);
 
     // Unsigned, and signed by a key the board does not trust.
     let m5 = message(&[&v1, "--rollout", "r5"]);
     publish_raw(&fleet, &envelope(&m5, ""));
-    wait_log(board, "deploy message refused: unsigned", 1);
+    board.wait_log("deploy message refused: unsigned", 1, 20);
     tool_ok("cosign", &fleet.dir, &["generate-key-pair", "--output-key-prefix", "other"], &NO_PASSWORD);
     publish_raw(&fleet, &envelope(&m5, &sign(&m5, "other.key")));
-    wait_log(board, "deploy message refused: bad signature", 2);
+    board.wait_log("deploy message refused: bad signature", 2, 20);
     publish_raw(&fleet, b"{\"image\": \"oci://evil/x:latest\"}");
-    wait_log(board, "deploy message refused: not a signed deploy message", 1);
+    board.wait_log("deploy message refused: not a signed deploy message", 1, 20);
 
     // None of them changed what serves, or counted a deployment.
     std::thread::sleep(Duration::from_millis(500));
@@ -469,7 +461,7 @@ fn messages_signed_by_cosign_are_taken_and_replayed_expired_tampered_or_unsigned
     // An ordered rollback of r1 takes the board back to v1, which it still has.
     let back = message(&[&v2, "--rollout", "r1", "--rollback"]);
     publish_raw(&fleet, &envelope(&back, &sign(&back, "cosign.key")));
-    wait_log(board, "rollout undone", 1);
+    board.wait_log("rollout undone", 1, 20);
     let f = function(board);
     assert_eq!(f["digest"], digest(&v1), "{f}");
     assert!(f["rolled_back"].as_array().unwrap().iter().any(|d| d == digest(&v2)), "{f}");
@@ -536,5 +528,5 @@ fn a_deploy_message_through_daprd_reaches_a_board_subscribed_by_its_sidecar() {
     let out = fleet.edgefn(&["fleet", "message", "f", &v2, "--rollout", "through-dapr-2"]);
     std::fs::write(fleet.dir.join("m2.json"), &out.stdout).unwrap();
     assert!(publish("m2.json", "other.key").status.success());
-    wait_log(board, "deploy message refused: bad signature", 1);
+    board.wait_log("deploy message refused: bad signature", 1, 20);
 }

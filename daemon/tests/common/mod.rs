@@ -320,6 +320,15 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Waits until the log says `what` `n` times, up to `secs`.
+    pub fn wait_log(&self, what: &str, n: usize, secs: u64) {
+        let until = Instant::now() + Duration::from_secs(secs);
+        while self.log().matches(what).count() < n {
+            assert!(Instant::now() < until, "no {n}× `{what}` in {secs} s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Polls `metric` until `pred` holds, up to `secs`.
     pub fn wait_metric(&self, series: &str, secs: u64, pred: impl Fn(f64) -> bool) -> f64 {
         let until = Instant::now() + Duration::from_secs(secs);
