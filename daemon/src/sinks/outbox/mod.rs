@@ -1,5 +1,6 @@
 //! The durable outbox: every result is committed here before its frame is acknowledged, and
-//! sits here until its sink has delivered it.
+//! sits here until its sink has delivered it; but a result for a file sink with nothing
+//! waiting here goes straight to its file within the commit ([`direct`]).
 //!
 //! One redb file under the state dir. Pending results are keyed `(sink, id)`, so each sink
 //! drains its own queue in id order. Commits go through the [`committer`] thread, one fsync
