@@ -132,6 +132,13 @@ fn function(board: &Daemon) -> serde_json::Value {
     all["functions"].as_array().unwrap().iter().find(|f| f["name"] == "f").cloned().unwrap_or_default()
 }
 
+/// Whether `board` serves `digest` for `f` in `state`, from one read: two reads could see the
+/// old version committed and then the new one on trial.
+fn serves(board: &Daemon, digest: &str, state: &str) -> bool {
+    let f = function(board);
+    f["digest"] == digest && f["state"] == state
+}
+
 /// Whether the board's store holds the manifest `digest` (it pulled that version).
 fn stored(board: &Daemon, digest: &str) -> bool {
     board.dir.join("state/fleet/blobs/sha256").join(digest.trim_start_matches("sha256:")).exists()
@@ -381,7 +388,7 @@ fn messages_signed_by_cosign_are_taken_and_replayed_expired_tampered_or_unsigned
     let out = fleet.edgefn(&["fleet", "publish", "m1.json", "--signature", "m1.sig"]);
     assert!(out.status.success(), "fleet publish: {}", String::from_utf8_lossy(&out.stderr));
     let until = Instant::now() + Duration::from_secs(30);
-    while function(board)["state"] != "committed" || function(board)["digest"] != digest(&v2) {
+    while !serves(board, digest(&v2), "committed") {
         assert!(Instant::now() < until, "v2 not committed: {}\n{}", function(board), board.log());
         let _ = board.post("/v1/functions/f", b"ping");
     }
@@ -512,7 +519,7 @@ fn a_deploy_message_through_daprd_reaches_a_board_subscribed_by_its_sidecar() {
     let out = publish("m.json", "cosign.key");
     assert!(out.status.success(), "publish through daprd: {}", String::from_utf8_lossy(&out.stderr));
     let until = Instant::now() + Duration::from_secs(60);
-    while function(board)["digest"] != digest(&v2) || function(board)["state"] != "committed" {
+    while !serves(board, digest(&v2), "committed") {
         assert!(
             Instant::now() < until,
             "v2 never served: {}\n{}\n{}",
