@@ -49,6 +49,7 @@ pub async fn run(source: ConfigSource, mut cfg: Config) -> anyhow::Result<()> {
     let health = Health::start(generation.api.clone());
 
     loop {
+        crate::memory::release_startup_code();
         systemd::ready(&generation.status_line());
         let reload = loop {
             tokio::select! {

@@ -392,6 +392,11 @@ pub fn anon_kib(pid: u32) -> u64 {
     status_kib(pid, "RssAnon")
 }
 
+/// Its file-backed part (`RssFile`): code and mapped files, which the kernel can drop and read again.
+pub fn file_kib(pid: u32) -> u64 {
+    status_kib(pid, "RssFile")
+}
+
 /// Over the mappings of process `pid` whose path ends with `file`: their size and what of
 /// them is resident, in KiB (`/proc/PID/smaps`).
 pub fn mapped_kib(pid: u32, file: &str) -> (u64, u64) {
