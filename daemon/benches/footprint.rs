@@ -5,7 +5,8 @@
 //! - start to healthy: edgefn until `/healthz` answers (functions and the model loaded, warm
 //!   AOT cache), daprd until `/v1.0/healthz/outbound` answers (components up);
 //! - idle RSS 5 s after that; edgefn's split into anonymous and file-backed (code, libraries
-//!   and the model file, pages the kernel can drop and read again).
+//!   and the model file, pages the kernel can drop and read again); and edgefn's again, idle
+//!   after 100 grayscale and 10 classify calls (what serving brings back in and keeps).
 //!
 //! Each is started 5 times, alternately; medians are printed with their ratio.
 
@@ -55,7 +56,7 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames/gray" }} }}]
     drop(Daemon::start_env(&edgefn_dir, &cfg, &envs));
 
     let (mut e_start, mut e_rss, mut d_start, mut d_rss) = (vec![], vec![], vec![], vec![]);
-    let (mut e_anon, mut e_model) = (vec![], vec![]);
+    let (mut e_anon, mut e_model, mut e_served, mut e_served_anon) = (vec![], vec![], vec![], vec![]);
     for i in 0..RUNS {
         let t = Instant::now();
         let d = Daemon::start_env(&edgefn_dir, &cfg, &envs);
@@ -65,6 +66,17 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames/gray" }} }}]
         e_rss.push(common::rss_kib(pid) as f64 / 1024.0);
         e_anon.push(common::anon_kib(pid) as f64 / 1024.0);
         e_model.push(common::mapped_kib(pid, "efficientnet_lite0.tflite").1 as f64 / 1024.0);
+        // And idle again after work: what serving frames brings back in and keeps.
+        let (frame, cat) = (common::camera_jpeg(), common::asset("chelsea.png"));
+        for _ in 0..10 {
+            assert_eq!(d.post("/v1/functions/classify", &cat).status, 200);
+            for _ in 0..10 {
+                assert_eq!(d.post("/v1/functions/grayscale", &frame).status, 200);
+            }
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        e_served.push(common::rss_kib(pid) as f64 / 1024.0);
+        e_served_anon.push(common::anon_kib(pid) as f64 / 1024.0);
         drop(d);
 
         let dir = tmp.path().join(format!("daprd-{i}"));
@@ -87,5 +99,10 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames/gray" }} }}]
     println!(
         "  edgefn's RSS:     {anon:.1} MiB anonymous, {:.1} MiB file-backed ({model:.1} MiB of it the model file)",
         er - anon
+    );
+    let (served, served_anon) = (median(e_served), median(e_served_anon));
+    println!(
+        "  edgefn idle after 100 grayscale and 10 classify calls: {served:.1} MiB ({served_anon:.1} anonymous, {:.1} file-backed)",
+        served - served_anon
     );
 }

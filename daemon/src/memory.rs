@@ -48,11 +48,14 @@ pub fn release_startup_code() {
 }
 
 /// The address ranges in `smaps` that [`release_startup_code`] may drop: mapped read-only
-/// from `exe` or a shared library, without a page that is a private copy (relocated data).
-/// Wasm modules' code is left alone: wasmtime maps it itself.
+/// from `exe` or a shared library, with pages resident and none a private copy (relocated
+/// data). Wasm modules' code is left alone: wasmtime maps it itself. Under qemu-user, smaps
+/// is made up: nothing resident and no private copies, even of relocated data, whose
+/// release crashed the daemon; so nothing counts as resident there.
 fn releasable(smaps: &str, exe: &str) -> Vec<(usize, usize)> {
     let mut found = Vec::new();
-    let mut current = None;
+    // The candidate being read: its range, and whether some of it is resident.
+    let mut current: Option<((usize, usize), bool)> = None;
     for line in smaps.lines() {
         let mut fields = line.split_ascii_whitespace();
         let range = fields.next().and_then(|r| r.split_once('-'));
@@ -62,9 +65,13 @@ fn releasable(smaps: &str, exe: &str) -> Vec<(usize, usize)> {
             let perms = fields.next().unwrap_or_default();
             let path = fields.nth(3).unwrap_or_default();
             let program = path == exe || path.ends_with(".so") || path.contains(".so.");
-            current = ((perms == "r-xp" || perms == "r--p") && program).then_some((start, end));
+            current = ((perms == "r-xp" || perms == "r--p") && program).then_some(((start, end), false));
+        } else if let Some(kib) = line.strip_prefix("Rss:")
+            && let Some((_, resident)) = current.as_mut()
+        {
+            *resident = kib.trim() != "0 kB";
         } else if let Some(kib) = line.strip_prefix("Anonymous:")
-            && let Some(range) = current.take()
+            && let Some((range, true)) = current.take()
             && kib.trim() == "0 kB"
         {
             found.push(range);
@@ -79,7 +86,6 @@ mod tests {
     fn only_unwritten_read_only_mappings_of_the_program_and_its_libraries_are_released() {
         let smaps = "\
 1000-2000 r--p 00000000 fe:01 11 /usr/bin/edgefn
-Rss:                   8 kB
 Anonymous:             0 kB
 2000-5000 r-xp 00001000 fe:01 11 /usr/bin/edgefn
 Anonymous:             0 kB
@@ -100,7 +106,11 @@ Anonymous:             0 kB
 c000-d000 r-xp 00000000 00:00 0 [vdso]
 Anonymous:             0 kB
 ";
-        let found = super::releasable(smaps, "/usr/bin/edgefn");
+        let with_rss = smaps.replace("Anonymous:", "Rss: 4 kB\nAnonymous:");
+        let found = super::releasable(&with_rss, "/usr/bin/edgefn");
         assert_eq!(found, [(0x1000, 0x2000), (0x2000, 0x5000), (0x8000, 0x9000), (0x9000, 0xa000)]);
+        // Nothing resident (qemu-user's smaps, which also shows relocated data as clean).
+        assert_eq!(super::releasable(&smaps.replace("Anonymous:", "Rss: 0 kB\nAnonymous:"), "/usr/bin/edgefn"), []);
+        assert_eq!(super::releasable(smaps, "/usr/bin/edgefn"), [], "no Rss line: not known to be resident");
     }
 }
