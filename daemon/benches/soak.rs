@@ -165,17 +165,18 @@ fn main() {
     let (mut next_kill, mut next_broker, mut next_reload, mut next_sample) =
         (kill_every, broker_every, reload_every, Duration::ZERO);
     let (mut kills, mut broker_restarts, mut reloads) = (0, 0, 0);
-    let mut rss: Vec<(u64, u64)> = Vec::new();
+    // (seconds, RSS, its anonymous part) per sample.
+    let mut rss: Vec<(u64, u64, u64)> = Vec::new();
     while started.elapsed() < total {
         let t = started.elapsed();
         if t >= next_sample {
-            rss.push((t.as_secs(), common::rss_kib(d.child.id())));
             let pid = d.child.id();
+            rss.push((t.as_secs(), common::rss_kib(pid), common::anon_kib(pid)));
             println!(
                 "soak: t={:>5} s  rss {:>7} KiB (anon {:>6}, file {:>6}, {:>2} threads)  frames in {:>8}",
                 t.as_secs(),
                 rss.last().unwrap().1,
-                common::status_kib(pid, "RssAnon"),
+                rss.last().unwrap().2,
                 common::status_kib(pid, "RssFile"),
                 common::status_kib(pid, "Threads"),
                 published.acked.lock().unwrap().len()
@@ -236,13 +237,17 @@ fn main() {
         frames_in.len()
     );
     // Warm-up: the first fifth of the run (the first reloads replace the starting generation).
-    let steady: Vec<u64> = rss.iter().filter(|(t, _)| *t > secs / 5).map(|(_, kib)| *kib).collect();
-    if let (Some(lo), Some(hi)) = (steady.iter().min(), steady.iter().max()) {
-        println!(
-            "soak: rss after warm-up {lo}..{hi} KiB: spread {:.1} % (flat means within 5 %)",
-            (*hi - *lo) as f64 * 100.0 / *lo as f64
-        );
-    }
+    // The anonymous part is what a leak grows; file-backed code pages come and go (each
+    // reload lets go of what ran only to start).
+    let steady: Vec<_> = rss.iter().filter(|(t, ..)| *t > secs / 5).collect();
+    let spread = |what: &str, kib: Vec<u64>| {
+        if let (Some(lo), Some(hi)) = (kib.iter().min(), kib.iter().max()) {
+            let pct = (hi - lo) as f64 * 100.0 / *lo as f64;
+            println!("soak: {what} after warm-up {lo}..{hi} KiB: spread {pct:.1} % (flat means within 5 %)");
+        }
+    };
+    spread("rss", steady.iter().map(|s| s.1).collect());
+    spread("anonymous", steady.iter().map(|s| s.2).collect());
     drop(sidecar);
     if missing.iter().any(|(_, n)| *n > 0) {
         eprintln!("soak: LOST frames (in, no result) per sink: {missing:?}\n{}", common::tail(&d.log(), 80));
