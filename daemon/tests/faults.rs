@@ -512,12 +512,21 @@ fn echo_to_sidecar(dapr: &FakeDapr, outbox: &str, sinks: &str) -> String {
     )
 }
 
-/// Bytes the state dir takes on disk (the larger of length and allocated blocks per file).
-fn disk_usage(dir: &std::path::Path) -> u64 {
+/// Bytes the state dir takes on disk (the larger of length and allocated blocks per file),
+/// and what each file took, to say which one grew.
+fn disk_usage(dir: &std::path::Path) -> (u64, String) {
     use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir)
-        .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len().max(m.blocks() * 512)).sum())
-        .unwrap_or(0)
+    let files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| Some((e.file_name().to_string_lossy().into_owned(), e.metadata().ok()?)))
+                .map(|(name, m)| (name, m.len().max(m.blocks() * 512)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let listing = files.iter().map(|(name, bytes)| format!("{name} {bytes}")).collect::<Vec<_>>().join(", ");
+    (files.iter().map(|(_, bytes)| bytes).sum(), listing)
 }
 
 /// Two sinks that never deliver: a misnamed pub/sub (retried for ever, 404) and a topic the
@@ -552,21 +561,30 @@ fn a_misnamed_pubsub_at_full_rate_keeps_the_state_dir_under_max_bytes() {
             })
         })
         .collect();
-    let (mut peak, until) = (0u64, Instant::now() + Duration::from_secs(15));
+    let (mut peak, mut at_peak, until) = (0u64, String::new(), Instant::now() + Duration::from_secs(15));
+    let mut measure = || {
+        let (bytes, listing) = disk_usage(&state);
+        if bytes > peak {
+            (peak, at_peak) = (bytes, listing);
+        }
+    };
     while Instant::now() < until {
-        peak = peak.max(disk_usage(&state));
+        measure();
         std::thread::sleep(Duration::from_millis(100));
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let frames: u64 = posters.into_iter().map(|p| p.join().unwrap()).sum();
-    peak = peak.max(disk_usage(&state));
+    measure();
     let status = d.get("/v1/status").json();
-    eprintln!("{frames} frames of 100 KiB; state dir peak {peak} bytes; outbox {}", status["outbox"]);
+    eprintln!("{frames} frames of 100 KiB; state dir peak {peak} bytes ({at_peak}); outbox {}", status["outbox"]);
     assert!(frames * 100 * 1024 > 4 * max, "only {frames} frames: the test did not fill the cap");
     // Dead letters are the first to go over the cap, so count those made, not those left.
     let made = d.metric("edgefn_outbox_dead_total{sink=\"dapr:upstream/refused\"}");
     assert!(made > 0.0, "no dead letters were made: {status}");
-    assert!(peak <= max, "the state dir reached {peak} bytes, over max_bytes ({max}), after {frames} frames");
+    assert!(
+        peak <= max,
+        "the state dir reached {peak} bytes ({at_peak}), over max_bytes ({max}), after {frames} frames"
+    );
 }
 
 /// Results for a sink no longer configured have no worker to read them, and dead letters are

@@ -530,31 +530,33 @@ fn a_missing_pubsub_is_named_at_start() {
 
 #[test]
 fn outbox_caps_evict_the_oldest_and_count_them() {
+    // Gray PNGs of about 16 KiB: 60 of them take twice what a 2 MiB cap leaves for results.
+    const FRAMES: u32 = 60;
     let tmp = tempfile::tempdir().unwrap();
     let broker = Broker::start(&tmp.path().join("broker"));
     let dapr = FakeDapr::start(&["upstream"], None);
     dapr.set_mode(Mode::Fail500);
     let cfg =
-        format!("{}\n[outbox]\nmax_bytes = \"100 KiB\"\nmax_age = \"3s\"\n", config(&broker, &dapr, "block", 4, ""));
+        format!("{}\n[outbox]\nmax_bytes = \"2 MiB\"\nmax_age = \"3s\"\n", config(&broker, &dapr, "block", 4, ""));
     let d = Daemon::start_in(tmp.path(), &cfg);
     d.wait_metric("edgefn_mqtt_connected", 10, |v| v == 1.0);
     let frame = small_jpeg(tmp.path());
-    finish(publisher(&broker, "cam1", &frame, 30, 0));
-    d.wait_metric("edgefn_results_total{pipeline=\"doorcam-gray\",camera=\"cam1\"}", 60, |v| v == 30.0);
+    finish(publisher(&broker, "cam1", &frame, FRAMES, 0));
+    d.wait_metric("edgefn_results_total{pipeline=\"doorcam-gray\",camera=\"cam1\"}", 60, |v| v == FRAMES as f64);
 
     // Over max_bytes: the oldest went, counted; what is left fits the cap.
     let evicted = d.metric(&format!("edgefn_outbox_evicted_total{{sink=\"{SINK}\"}}"));
     let depth = d.metric(&format!("edgefn_outbox_depth{{sink=\"{SINK}\"}}"));
     assert!(evicted > 0.0 && depth > 0.0, "evicted {evicted}, depth {depth}");
-    assert_eq!(evicted + depth, 30.0, "every result is either waiting or counted as evicted");
+    assert_eq!(evicted + depth, FRAMES as f64, "every result is either waiting or counted as evicted");
     let result_size = std::fs::metadata(&frame).unwrap().len(); // a gray PNG is about the JPEG's size
-    assert!(depth * (result_size as f64) < 2.0 * 100.0 * 1024.0, "{depth} results kept under a 100 KiB cap");
+    assert!(depth * (result_size as f64) < 2.0 * 1024.0 * 1024.0, "{depth} results kept under a 2 MiB cap");
 
     // Past max_age: evicted instead of delivered, also counted.
     std::thread::sleep(Duration::from_secs(4));
     dapr.set_mode(Mode::Ok);
     d.wait_metric(&format!("edgefn_outbox_depth{{sink=\"{SINK}\"}}"), 60, |v| v == 0.0);
-    assert_eq!(d.metric(&format!("edgefn_outbox_evicted_total{{sink=\"{SINK}\"}}")), 30.0);
+    assert_eq!(d.metric(&format!("edgefn_outbox_evicted_total{{sink=\"{SINK}\"}}")), FRAMES as f64);
     assert_eq!(distinct(&dapr), 0, "expired results were delivered");
 }
 

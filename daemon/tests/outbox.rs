@@ -45,12 +45,12 @@ fn bury(outbox: &Outbox, sink: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_over_the_cap_is_refused_not_evicted_by_its_own_commit() {
     let tmp = tempfile::tempdir().unwrap();
-    let outbox = open(tmp.path(), 64 << 10);
+    let outbox = open(tmp.path(), 2 << 20);
     let small = item("s", 1, 1000);
     assert!(outbox.too_large(&small).is_none());
     outbox.commit(vec![small]).await.unwrap();
-    let big = item("s", 2, 20 << 10);
-    let why = outbox.too_large(&big).expect("a 20 KiB result fits a 64 KiB outbox's budget?");
+    let big = item("s", 2, 500 << 10);
+    let why = outbox.too_large(&big).expect("a 500 KiB result fits a 2 MiB outbox's budget?");
     assert!(why.contains("outbox.max_bytes"), "{why}");
     let err = outbox.commit(vec![big]).await.expect_err("committed a result the cap evicts at once");
     assert!(format!("{err:#}").contains("do not fit outbox.max_bytes"), "{err:#}");

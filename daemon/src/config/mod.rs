@@ -113,8 +113,9 @@ impl Mqtt {
     }
 }
 
-/// Below this, one ordinary result could not fit the outbox at all.
-const MIN_OUTBOX_BYTES: u64 = 64 << 10;
+/// What a new outbox file takes (redb starts it with 1 MiB of pages), with room to work: the
+/// file may not grow past `max_bytes` (`sinks::outbox::capped`).
+const MIN_OUTBOX_BYTES: u64 = 2 << 20;
 
 impl Default for Mqtt {
     fn default() -> Self {
@@ -481,7 +482,10 @@ impl Config {
         if let Some(m) = &self.mqtt {
             m.validate()?;
         }
-        anyhow::ensure!(self.outbox.max_bytes.as_u64() >= MIN_OUTBOX_BYTES, "outbox.max_bytes must be at least 64 KiB");
+        anyhow::ensure!(
+            self.outbox.max_bytes.as_u64() >= MIN_OUTBOX_BYTES,
+            "outbox.max_bytes must be at least 2 MiB: the outbox file takes 1 MiB from the start"
+        );
         anyhow::ensure!(!self.outbox.max_age.is_zero(), "outbox.max_age must be positive");
         anyhow::ensure!(
             self.outbox.commit_window <= MAX_COMMIT_WINDOW,

@@ -47,10 +47,10 @@ impl Evicted {
 }
 
 /// What pending results and dead letters may cost together, of `max_bytes`: a little under a
-/// quarter, so that the whole file stays under `max_bytes`. redb copies on write (until a
-/// transaction commits, the pages it frees cannot be reused: up to twice what is live) and
-/// grows its file by doubling. Measured with a 4 MiB cap: counting to half took the file to
-/// 4 MiB + 20 KiB, counting to 15/32 did too (the next doubling), a quarter does not.
+/// quarter. redb copies on write (until a transaction commits, the pages it frees cannot be
+/// reused: up to twice what is live) and grows its file by doubling, which the file may not do
+/// past `max_bytes` ([`super::capped`]). With this margin a refused growth, and the reopening
+/// it costs, is rare: with a 4 MiB cap, counting to half took the file there every time.
 pub fn budget(state: &State) -> u64 {
     budget_of(state.max_bytes.load(Ordering::Relaxed))
 }

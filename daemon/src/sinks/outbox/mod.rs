@@ -11,6 +11,7 @@
 //! Caps keep the disk safe ([`eviction`]): `max_bytes` bounds pending results and dead letters
 //! together, and whatever is older than `max_age` is evicted, in every sink, configured or not.
 
+mod capped;
 mod committer;
 mod db;
 mod direct;
@@ -86,7 +87,8 @@ pub struct Outbox {
 struct State {
     next_id: AtomicU64,
     bytes: AtomicU64,
-    max_bytes: AtomicU64,
+    /// Shared with the file, which may not grow past it.
+    max_bytes: Arc<AtomicU64>,
     max_age_ms: AtomicU64,
     /// The last commit error, shown in health until a commit succeeds.
     error: Mutex<Option<String>>,
@@ -184,7 +186,8 @@ impl Outbox {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let db = Db::open(path)?;
+        let max_bytes = Arc::new(AtomicU64::new(cfg.max_bytes.as_u64()));
+        let db = Db::open(path, max_bytes.clone())?;
         let (next_id, seqs, bytes, per_sink, dead) = db.with(|db| {
             let txn = db.begin_write()?;
             let pending = txn.open_table(PENDING)?;
@@ -218,7 +221,7 @@ impl Outbox {
         let state = Arc::new(State {
             next_id: AtomicU64::new(next_id),
             bytes: AtomicU64::new(bytes),
-            max_bytes: AtomicU64::new(cfg.max_bytes.as_u64()),
+            max_bytes,
             max_age_ms: AtomicU64::new(cfg.max_age.as_millis() as u64),
             error: Mutex::new(None),
             failed_at: Mutex::new(None),
