@@ -6,7 +6,8 @@
 //!   AOT cache), daprd until `/v1.0/healthz/outbound` answers (components up);
 //! - idle RSS 5 s after that; edgefn's split into anonymous and file-backed (code, libraries
 //!   and the model file, pages the kernel can drop and read again); and edgefn's again, idle
-//!   after 100 grayscale and 10 classify calls (what serving brings back in and keeps).
+//!   after 100 grayscale and 10 classify calls: 2 s after the last (what serving brought
+//!   back in) and 35 s after (once the daemon let go of the code that served).
 //!
 //! Each is started 5 times, alternately; medians are printed with their ratio.
 
@@ -57,6 +58,7 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames/gray" }} }}]
 
     let (mut e_start, mut e_rss, mut d_start, mut d_rss) = (vec![], vec![], vec![], vec![]);
     let (mut e_anon, mut e_model, mut e_served, mut e_served_anon) = (vec![], vec![], vec![], vec![]);
+    let (mut e_quiet, mut e_quiet_anon) = (vec![], vec![]);
     for i in 0..RUNS {
         let t = Instant::now();
         let d = Daemon::start_env(&edgefn_dir, &cfg, &envs);
@@ -77,6 +79,9 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames/gray" }} }}]
         std::thread::sleep(Duration::from_secs(2));
         e_served.push(common::rss_kib(pid) as f64 / 1024.0);
         e_served_anon.push(common::anon_kib(pid) as f64 / 1024.0);
+        std::thread::sleep(Duration::from_secs(33));
+        e_quiet.push(common::rss_kib(pid) as f64 / 1024.0);
+        e_quiet_anon.push(common::anon_kib(pid) as f64 / 1024.0);
         drop(d);
 
         let dir = tmp.path().join(format!("daprd-{i}"));
@@ -104,5 +109,10 @@ sinks = [{{ dapr = {{ pubsub = "upstream", topic = "frames/gray" }} }}]
     println!(
         "  edgefn idle after 100 grayscale and 10 classify calls: {served:.1} MiB ({served_anon:.1} anonymous, {:.1} file-backed)",
         served - served_anon
+    );
+    let (quiet, quiet_anon) = (median(e_quiet), median(e_quiet_anon));
+    println!(
+        "  and 35 s after the last call:                           {quiet:.1} MiB ({quiet_anon:.1} anonymous, {:.1} file-backed)",
+        quiet - quiet_anon
     );
 }

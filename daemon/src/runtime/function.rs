@@ -273,6 +273,7 @@ impl Function {
     pub(super) fn record(&self, elapsed: Duration, failed: Option<&str>) {
         use std::sync::atomic::Ordering::Relaxed;
         self.calls.fetch_add(1, Relaxed);
+        crate::memory::called();
         // What the version itself broke counts against it; a busy pool, a missing model or a
         // frame it rightly rejected does not.
         if failed.is_some_and(|k| matches!(k, "trap" | "deadline" | "memory_limit" | "output_too_large")) {

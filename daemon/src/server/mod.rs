@@ -47,9 +47,10 @@ pub async fn run(source: ConfigSource, mut cfg: Config) -> anyhow::Result<()> {
     let mut generation = prepare(&cfg, &shared, None).await?.serve(listener);
     generation.start_workers();
     let health = Health::start(generation.api.clone());
+    let idle = tokio::spawn(crate::memory::release_when_idle());
 
     loop {
-        crate::memory::release_startup_code();
+        crate::memory::release_code();
         systemd::ready(&generation.status_line());
         let reload = loop {
             tokio::select! {
@@ -72,6 +73,7 @@ pub async fn run(source: ConfigSource, mut cfg: Config) -> anyhow::Result<()> {
             health.phase(Some("stopping: flushing the outbox"));
             generation.stop().await;
             health.stop();
+            idle.abort();
             tracing::info!("edgefn stopped");
             return Ok(());
         };
