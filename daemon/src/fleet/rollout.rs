@@ -330,6 +330,9 @@ pub async fn deploy(ctx: &Arc<Context>, name: &str, image: &str, origin: Origin<
             Ok(()) => ("committed", None),
             Err(why) => ("rolled_back", Some(why.clone())),
         };
+        // Counted before the state shows it: whoever sees "committed" in /v1/status then finds
+        // it counted in /metrics (fleet_channel.rs read the two between the steps, and failed).
+        count(&ctx.runtime, &name, outcome);
         let recorded = match verdict {
             Ok(()) => {
                 tracing::info!(function = %name, digest = %trial.digest, "committed: passed its gate");
@@ -355,7 +358,6 @@ pub async fn deploy(ctx: &Arc<Context>, name: &str, image: &str, origin: Origin<
                 })
             }
         };
-        count(&ctx.runtime, &name, outcome);
         if let Err(e) = recorded {
             tracing::error!(function = %name, "cannot record the rollout's outcome: {e:#}");
         }
@@ -399,6 +401,7 @@ pub async fn roll_back(ctx: &Arc<Context>, name: &str, id: &str) -> anyhow::Resu
         let old = tokio::task::spawn_blocking(move || rt.load_version(&n, &pulled.module)).await??;
         ctx.runtime.switch(old);
     }
+    count(&ctx.runtime, name, "rolled_back"); // before the state shows it, as above
     board.update(name, |r| {
         r.trial = None;
         r.previous = None;
@@ -407,7 +410,6 @@ pub async fn roll_back(ctx: &Arc<Context>, name: &str, id: &str) -> anyhow::Resu
         r.last = Some(format!("rolled_back: {why}"));
     })?;
     tracing::warn!(function = %name, digest = %undone.digest, back_to = ?before.as_ref().map(|b| &b.digest), "rolled back: {why}");
-    count(&ctx.runtime, name, "rolled_back");
     ctx.report(step("rolled_back", Some(why)));
     Ok(before)
 }
