@@ -35,6 +35,8 @@ pub fn gray_png(pixels: &[u8], width: usize, out: &mut Vec<u8>) -> Result<(), St
         zlib = stored.finish().map_err(err)?.into_inner();
     }
 
+    // The signature and the IHDR, IDAT and IEND chunks: 57 bytes around the deflated rows.
+    out.reserve(zlib.len() + 64);
     let fail = |e: png::EncodingError| format!("cannot encode: {e}");
     let (w, h) = (u32::try_from(width), u32::try_from(height));
     let (Ok(w), Ok(h)) = (w, h) else { return Err("image too large for PNG".into()) };
