@@ -15,7 +15,12 @@ out="${1:-$here/out}"
 cd "$here"
 mkdir -p "$out/fixtures"
 
-# Rust: the fixtures crate's binaries are fixtures.
+# Rust: the fixtures crate's binaries are fixtures. The flags are .cargo/config.toml's
+# (+simd128 among them); cargo lets any of these variables replace them without a word.
+for v in RUSTFLAGS CARGO_ENCODED_RUSTFLAGS CARGO_BUILD_RUSTFLAGS CARGO_TARGET_WASM32_WASIP1_RUSTFLAGS; do
+  [ -z "${!v:-}" ] || echo "functions/build.sh: ignoring $v=${!v}: the functions build with .cargo/config.toml's flags" >&2
+  unset "$v"
+done
 crates=(--workspace)
 [ -n "$fixtures" ] || crates+=(--exclude fixtures)
 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc RUSTC_BOOTSTRAP=1 \

@@ -1,12 +1,29 @@
 //! Ahead-of-time compilation: a restart compiles nothing, a packaged `.cwasm` loads, one built
-//! for another architecture is refused with a sentence that says so, and no other native code
-//! is ever mapped.
+//! for another architecture is refused with a sentence that says so, no other native code
+//! is ever mapped, and the Rust functions arrive built for simd128.
 
 mod common;
 
 use std::process::Stdio;
 
 use common::{Daemon, asset, wasm};
+
+/// grayscale's JPEG decode and PNG encode and classify's resize and unfilter have simd128
+/// kernels. A `RUSTFLAGS` in the environment silently replaces `.cargo/config.toml`'s flags,
+/// `+simd128` with them, and the functions would still build and pass, only slower; so an
+/// engine that refuses SIMD must refuse them.
+#[test]
+fn the_rust_functions_are_built_for_simd128() {
+    let mut scalar = wasmtime::Config::new();
+    scalar.wasm_simd(false).wasm_relaxed_simd(false);
+    let scalar = wasmtime::Engine::new(&scalar).unwrap();
+    for name in ["grayscale", "classify"] {
+        let module = std::fs::read(common::functions_dir().join(format!("{name}.wasm"))).unwrap();
+        wasmtime::Module::validate(&wasmtime::Engine::default(), &module).unwrap();
+        let refused = wasmtime::Module::validate(&scalar, &module).expect_err(&format!("{name} has no SIMD code"));
+        assert!(format!("{refused:#}").contains("SIMD"), "{name}: {refused:#}");
+    }
+}
 
 #[test]
 fn second_start_compiles_nothing() {
