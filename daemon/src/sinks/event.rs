@@ -7,6 +7,8 @@
 //! A JSON output is checked and copied as it is, never parsed into a tree: 16 MiB of `[0,0,…]`
 //! as a `serde_json::Value` would take over 256 MiB.
 
+use std::sync::LazyLock;
+
 use base64::Engine;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -34,6 +36,14 @@ enum Data<'a> {
     Json(&'a RawValue),
     Text(&'a str),
 }
+
+/// Base64 with AVX2 or NEON where the CPU has them: a 41 KB frame's encoding was the largest
+/// share of the daemon's own CPU for a file sink's line (perf: 4 % of it, scalar).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+static BASE64: LazyLock<base64::engine::Simd> =
+    LazyLock::new(|| base64::engine::Simd::standard(base64::engine::general_purpose::PAD));
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+static BASE64: LazyLock<base64::engine::GeneralPurpose> = LazyLock::new(|| base64::engine::general_purpose::STANDARD);
 
 /// A payload that is a whole CloudEvent already (the fleet's `deployment` events).
 const CLOUDEVENT: &str = "application/cloudevents+json";
@@ -92,7 +102,7 @@ pub fn append_envelope(out: &mut String, record: &Record, payload: &[u8]) {
     out.reserve(head.len() + payload.len().div_ceil(3) * 4 + 18);
     out.push_str(&head[..head.len() - 1]);
     out.push_str(r#","data_base64":""#);
-    base64::engine::general_purpose::STANDARD.encode_string(payload, out);
+    BASE64.encode_string(payload, out);
     out.push_str(r#""}"#);
 }
 
@@ -129,5 +139,17 @@ mod tests {
         assert_eq!((v["data_base64"].as_str(), v["datacontenttype"].as_str()), (Some("/wAB"), Some("image/png")));
         let whole = r#"{"specversion":"1.0","type":"io.edgefn.deployment","id":"x"}"#;
         assert_eq!(envelope(&record(CLOUDEVENT), whole.as_bytes()), whole);
+    }
+
+    /// The SIMD engine writes what the scalar one does, padding included, at every length
+    /// around its vector and chunk sizes and at a camera frame's.
+    #[test]
+    fn image_payloads_are_standard_padded_base64() {
+        let bytes: Vec<u8> = (0..41_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        for len in (0..=200).chain([767, 768, 769, 1024, 3071, 41_000]) {
+            let v: serde_json::Value = serde_json::from_str(&envelope(&record("image/jpeg"), &bytes[..len])).unwrap();
+            let expected = base64::engine::general_purpose::STANDARD.encode(&bytes[..len]);
+            assert_eq!(v["data_base64"].as_str(), Some(expected.as_str()), "{len} bytes");
+        }
     }
 }
