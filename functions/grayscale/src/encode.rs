@@ -57,8 +57,8 @@ fn paeth(above: &[u8], row: &[u8], out: &mut [u8]) {
     let Some((&first, _)) = row.split_first() else { return };
     // Left and above-left are 0 at the row's start, so the prediction is `above`.
     out[0] = first.wrapping_sub(above[0]);
-    let lefts = row.iter().zip(&above[..]).zip(&above[1..]);
-    for ((out, &cur), ((&left, &upper_left), &up)) in out[1..].iter_mut().zip(&row[1..]).zip(lefts) {
+    let neighbours = row.iter().zip(&above[..]).zip(&above[1..]);
+    for ((out, &cur), ((&left, &upper_left), &up)) in out[1..].iter_mut().zip(&row[1..]).zip(neighbours) {
         let (a, b, c) = (i16::from(left), i16::from(up), i16::from(upper_left));
         let (pa, pb, pc) = ((b - c).abs(), (a - c).abs(), (a + b - 2 * c).abs());
         let predicted = if pa <= pb && pa <= pc {
