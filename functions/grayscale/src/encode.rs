@@ -15,7 +15,8 @@ pub fn gray_png(pixels: &[u8], width: usize, out: &mut Vec<u8>) -> Result<(), St
     // Paeth-filtered rows deflate to about 40 % of the pixels on camera frames.
     let mut deflate = fdeflate::Compressor::new(Vec::with_capacity(pixels.len() / 2)).map_err(err)?;
     let mut filtered = vec![0u8; width + 1];
-    filtered[0] = png::Filter::Paeth as u8;
+    // Each filtered row starts with its filter type; Paeth is type 4 in the PNG specification.
+    filtered[0] = 4;
     let zeros = vec![0u8; width];
     let mut above = zeros.as_slice();
     for row in pixels.chunks_exact(width.max(1)).take(height) {
